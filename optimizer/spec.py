@@ -1,0 +1,331 @@
+"""The ModelOptimization spec: the single source of truth.
+
+The CLI validates YAML with these models, the CRD's OpenAPI schema is generated from them
+(`optimizer.crd`), and their field descriptions become `kubectl explain` text. This module must
+stay import-light (pydantic only): the operator image imports it without torch.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "mlopt.io/v1alpha1"
+KIND = "ModelOptimization"
+
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True)
+
+
+class ModelFormat(str, Enum):
+    auto = "auto"
+    torchscript = "torchscript"
+    exported_program = "exported-program"
+    state_dict = "state-dict"
+    onnx = "onnx"
+
+
+class Recipe(str, Enum):
+    """Variant recipes. The names are the contract with users; never rename one."""
+
+    onnx_fp32 = "onnx-fp32"
+    ort_int8_dynamic = "ort-int8-dynamic"
+    ort_int8_static = "ort-int8-static"
+    ort_int8_static_dynamic = "ort-int8-static-dynamic"
+    torch_int8_dynamic = "torch-int8-dynamic"
+    torch_int8_static = "torch-int8-static"
+    torch_int8_static_dynamic = "torch-int8-static-dynamic"
+    onnx_fp16 = "onnx-fp16"
+
+
+class Calibration(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    int64 = "int64"
+    int32 = "int32"
+
+
+class InputSpec(_Strict):
+    name: str = Field(description="Input name, used as the ONNX graph input name.", min_length=1)
+    shape: list[int] = Field(
+        description="Example shape used for export and benchmarking, e.g. [1, 1, 32, 100].",
+        min_length=1,
+    )
+    dtype: DType = Field(DType.float32, description="Element type of the input tensor.")
+    dynamicAxes: dict[int, str] = Field(
+        default_factory=dict,
+        description="Axes that may change size at inference time, e.g. {0: batch, 3: width}. "
+        "The exported model is checked at a second shape along these axes.",
+    )
+    valueRange: list[float] | None = Field(
+        None,
+        description="[low, high] of generated random values (defaults: [0, 1] for floats, "
+        "[0, 100] for integers).",
+        min_length=2,
+        max_length=2,
+    )
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dims(cls, shape: list[int]) -> list[int]:
+        if any(dim < 1 for dim in shape):
+            raise ValueError("every dimension must be a positive integer, e.g. [1, 1, 32, 100]")
+        return shape
+
+    @model_validator(mode="after")
+    def _axes_inside_shape(self) -> "InputSpec":
+        for axis in self.dynamicAxes:
+            if not 0 <= axis < len(self.shape):
+                raise ValueError(
+                    f"dynamicAxes names axis {axis}, but shape {self.shape} has axes "
+                    f"0..{len(self.shape) - 1}"
+                )
+        return self
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        description="Where the model comes from: zoo:<name> (see `mlopt models`), a local path, "
+        "file://..., or https://... .",
+        min_length=1,
+    )
+    format: ModelFormat = Field(
+        ModelFormat.auto,
+        description="auto (from the file suffix), torchscript, exported-program (.pt2), "
+        "state-dict (.pt/.pth/.safetensors, needs entrypoint) or onnx.",
+    )
+    entrypoint: str | None = Field(
+        None,
+        description="For state-dict models: the class that builds the network, as "
+        "package.module:Class (importable in the worker's environment).",
+    )
+    arguments: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments passed to the entrypoint class.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    sha256: str | None = Field(
+        None,
+        description="Expected SHA-256 of the model file; the run fails if it differs.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
+    maxSizeMB: int = Field(
+        2048, description="Refuse model files larger than this (downloads included).", ge=1
+    )
+    inputs: list[InputSpec] | None = Field(
+        None,
+        description="The model's inputs. Optional for zoo models (they declare their own).",
+        min_length=1,
+    )
+
+    @model_validator(mode="after")
+    def _entrypoint_rules(self) -> "ModelSpec":
+        if self.format == ModelFormat.state_dict.value and not self.entrypoint:
+            raise ValueError(
+                "format state-dict needs entrypoint: set model.entrypoint to package.module:Class"
+            )
+        if self.entrypoint and not _ENTRYPOINT.match(self.entrypoint):
+            raise ValueError(
+                f"entrypoint {self.entrypoint!r} must look like package.module:Class"
+            )
+        if not self.source.startswith("zoo:") and not self.inputs:
+            raise ValueError(
+                "model.inputs is required for models outside the zoo, e.g. "
+                "[{name: image, shape: [1, 3, 224, 224]}]"
+            )
+        return self
+
+
+class VariantSpec(_Strict):
+    name: str = Field(description="Unique name of this variant in the results.", min_length=1)
+    recipe: Recipe = Field(description="How the variant is made; see `mlopt recipes`.")
+    calibration: Calibration = Field(
+        Calibration.minmax,
+        description="Static INT8 only: how activation ranges are calibrated.",
+    )
+    perChannel: bool = Field(True, description="Static INT8 only: per-channel weight scales.")
+    opTypes: list[str] | None = Field(
+        None,
+        description="ONNX op types to quantize (ort-int8-dynamic defaults to "
+        "LSTM, GRU, MatMul, Gemm, Attention: ConvInteger is slower than FP32 Conv on CPU).",
+    )
+
+
+class DataSpec(_Strict):
+    source: str = Field(
+        "random",
+        description="Calibration and evaluation data: random, zoo:<dataset>, or a .npz file "
+        "with one array per input name and an optional 'labels' array.",
+    )
+    samples: int = Field(64, description="Samples used for calibration and evaluation.", ge=2)
+
+
+class BenchmarkSpec(_Strict):
+    device: Device = Field(Device.cpu, description="cpu or cuda.")
+    threads: int = Field(1, description="Intra-op threads for every runtime.", ge=1, le=256)
+    warmup: int = Field(10, description="Untimed runs before timing.", ge=0)
+    runs: int = Field(50, description="Timed runs per variant.", ge=1)
+
+
+class AcceptanceSpec(_Strict):
+    maxAccuracyDrop: float = Field(
+        0.01,
+        description="Largest accepted drop of accuracy against FP32 (absolute, 0.01 = 1 point). "
+        "Without labels, accuracy is agreement with the FP32 model's argmax.",
+        ge=0,
+        le=1,
+    )
+
+
+class Tolerance(_Strict):
+    atol: float = Field(1e-4, ge=0, description="Absolute tolerance.")
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance.")
+
+
+class ExportSpec(_Strict):
+    opset: int = Field(18, ge=11, le=23, description="ONNX opset of the exported model.")
+    exporter: Literal["auto", "dynamo", "legacy"] = Field(
+        "auto",
+        description="auto tries torch.onnx's dynamo exporter and falls back to the legacy "
+        "TorchScript exporter when the dynamo export fails or fails the parity check.",
+    )
+    tolerance: Tolerance = Field(
+        default_factory=Tolerance, description="Parity check tolerance for every output."
+    )
+    outputTolerances: dict[str, Tolerance] = Field(
+        default_factory=dict, description="Per-output tolerance overrides, by output name."
+    )
+
+
+class Toleration(_Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class ResourceList(_Strict):
+    cpu: str | None = Field(None, description="e.g. '2' or '500m'.")
+    memory: str | None = Field(None, description="e.g. '4Gi'.")
+
+
+class Resources(_Strict):
+    requests: ResourceList = Field(
+        default_factory=lambda: ResourceList(cpu="1", memory="2Gi"),
+        description="Requested CPU and memory for the optimization pod.",
+    )
+    limits: ResourceList = Field(
+        default_factory=lambda: ResourceList(cpu="2", memory="8Gi"),
+        description="CPU and memory limits for the optimization pod.",
+    )
+
+
+class JobSpec(_Strict):
+    """How the operator runs the optimization in the cluster (ignored by the local CLI)."""
+
+    image: str | None = Field(
+        None, description="Worker image; defaults to the operator's CPU or GPU worker image."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Pod resources.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    activeDeadlineSeconds: int = Field(
+        3600, ge=1, description="The Job is stopped after this many seconds."
+    )
+    backoffLimit: int = Field(0, ge=0, le=10, description="Retries of a failed pod.")
+
+
+class ModelOptimizationSpec(_Strict):
+    model: ModelSpec = Field(description="The model to optimize.")
+    variants: list[VariantSpec] | None = Field(
+        None,
+        description="Variants to build and measure; omitted = the recommended set for the device.",
+    )
+    data: DataSpec = Field(default_factory=DataSpec, description="Calibration/evaluation data.")
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec, description="Timing setup.")
+    acceptance: AcceptanceSpec = Field(
+        default_factory=AcceptanceSpec, description="Budget that the best variant must meet."
+    )
+    export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
+    output: str = Field(
+        "mlopt-results",
+        description="Directory for results.json, report.md, charts and models (CLI: --output).",
+    )
+    job: JobSpec = Field(default_factory=JobSpec, description="Cluster Job settings.")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantSpec] | None) -> list[VariantSpec] | None:
+        names = [v.name for v in variants or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        return variants
+
+
+class Metadata(BaseModel):
+    """Kubernetes object metadata; only `name` matters to the CLI, the rest is kept."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Name of the optimization (DNS-1123 label).", max_length=63)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if not _DNS1123.match(name):
+            raise ValueError("use lower-case letters, digits and '-', e.g. crnn-int8")
+        return name
+
+
+class ModelOptimization(_Strict):
+    apiVersion: Literal["mlopt.io/v1alpha1"] = Field(description="Always mlopt.io/v1alpha1.")
+    kind: Literal["ModelOptimization"] = Field(description="Always ModelOptimization.")
+    metadata: Metadata
+    spec: ModelOptimizationSpec
+    status: dict[str, Any] | None = Field(None, description="Written by the operator; ignored.")
+
+    def variants(self) -> list[VariantSpec]:
+        """The spec's variants, or the recommended set for its device."""
+        if self.spec.variants:
+            return self.spec.variants
+        return default_variants(self.spec.benchmark.device)
+
+
+RECOMMENDED: dict[str, list[Recipe]] = {
+    Device.cpu.value: [
+        Recipe.onnx_fp32,
+        Recipe.ort_int8_dynamic,
+        Recipe.ort_int8_static,
+        Recipe.ort_int8_static_dynamic,
+        Recipe.torch_int8_dynamic,
+        Recipe.torch_int8_static,
+        Recipe.torch_int8_static_dynamic,
+        Recipe.onnx_fp16,
+    ],
+    Device.cuda.value: [Recipe.onnx_fp32, Recipe.onnx_fp16, Recipe.ort_int8_static_dynamic],
+}
+
+
+def default_variants(device: str) -> list[VariantSpec]:
+    return [VariantSpec(name=r.value, recipe=r) for r in RECOMMENDED[device]]
