@@ -1,0 +1,122 @@
+"""results.json: the one versioned record of a run. Status, report, table and charts project it.
+
+Torch-free on purpose: the operator reads the worker's summary with these models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+BASELINE_NAME = "pytorch-fp32"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class VariantStatus(str, Enum):
+    ok = "ok"  # built, verified, measured and within the acceptance budget
+    failed = "failed"  # could not be built, exported or verified; `error` says why
+    rejected = "rejected"  # measured, but outside the accuracy budget; `error` says by how much
+    skipped = "skipped"  # not applicable here (e.g. FP16 on CPU); `error` says why
+
+
+class Latency(_Record):
+    mean: float
+    std: float
+    p50: float
+    p90: float
+    p99: float
+    runs: int
+
+
+class Fidelity(_Record):
+    maxAbsDiff: float
+    cosine: float
+    argmaxAgreement: float
+
+
+class Lineage(_Record):
+    """Where a variant came from, so any number can be reproduced (Olive's 'footprint')."""
+
+    parent: str
+    recipe: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class VariantResult(_Record):
+    name: str
+    recipe: str
+    status: VariantStatus
+    runtime: str | None = None  # "onnxruntime" or "pytorch"
+    provider: str | None = None  # the execution provider actually bound
+    sizeBytes: int | None = None
+    latencyMs: Latency | None = None
+    speedup: float | None = None  # baseline mean latency / this mean latency
+    fidelity: Fidelity | None = None
+    accuracy: float | None = None
+    artifact: str | None = None  # path of the saved model, relative to the output dir
+    opCounts: dict[str, int] = Field(default_factory=dict)  # ONNX ops after ORT optimization
+    lineage: Lineage | None = None
+    notes: list[str] = Field(default_factory=list)  # warnings a user should read
+    error: str | None = None
+
+
+class StepTiming(_Record):
+    step: str
+    seconds: float
+
+
+class Environment(_Record):
+    cpu: str
+    cpuFlags: list[str]
+    python: str
+    packages: dict[str, str]
+    threads: int
+    device: str
+    availableProviders: list[str]
+
+
+class Results(_Record):
+    schemaVersion: int = SCHEMA_VERSION
+    name: str
+    model: dict[str, Any]
+    accuracyMetric: str
+    dataset: str
+    baseline: VariantResult
+    variants: list[VariantResult]
+    best: str | None
+    bestReason: str
+    environment: Environment
+    steps: list[StepTiming] = Field(default_factory=list)
+
+    def variant(self, name: str) -> VariantResult:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(name)
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Readers never see a half-written file: write a sibling temp file, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_results(path: Path) -> Results:
+    return Results.model_validate_json(Path(path).read_text())
