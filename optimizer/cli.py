@@ -1,0 +1,114 @@
+"""`mlopt`: optimize a model from a spec on this machine, validate specs, list the zoo, run the operator.
+
+Exit codes: 0 done; 1 the run failed (model or data cannot be loaded); 2 invalid spec or usage.
+Heavy imports (torch, onnxruntime) happen inside commands, so `mlopt operator` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from optimizer.spec_loader import SpecError, load_spec
+
+
+def _optimize(args: argparse.Namespace, console: Console) -> int:
+    from optimizer.console import QuietReporter, RichReporter, print_results
+    from optimizer.load import ModelLoadError
+    from optimizer.pipeline import optimize
+
+    spec = load_spec(args.spec)
+    output = Path(args.output or spec.spec.output)
+    if not args.output and not output.is_absolute():
+        output = Path.cwd() / output
+    reporter = QuietReporter() if args.quiet else RichReporter(console)
+    try:
+        results = optimize(spec, output, Path(args.spec).resolve().parent, reporter)
+    except (ModelLoadError, _data_error()) as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}")
+        return 1
+    if not args.quiet:
+        print_results(console, results)
+        console.print(f"wrote {output}/results.json, report.md, size.png, latency.png and models/")
+    return 0
+
+
+def _data_error():
+    from optimizer.data import DataError
+
+    return DataError
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    spec = load_spec(args.spec)
+    variants = ", ".join(v.name for v in spec.variants())
+    console.print(f"{args.spec}: valid ModelOptimization [bold]{spec.metadata.name}[/] — variants: {variants}")
+    return 0
+
+
+def _models(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from optimizer.zoo import ZOO
+
+    table = Table(title="mlopt model zoo (model.source: zoo:<name>)")
+    for column in ("name", "inputs", "data", "metric", "summary"):
+        table.add_column(column)
+    for entry in ZOO.values():
+        inputs = ", ".join(f"{i.name} {i.dtype} {list(i.shape)}" for i in entry.inputs)
+        table.add_row(entry.name, inputs, entry.data, entry.metric, entry.summary)
+    console.print(table)
+    return 0
+
+
+def _operator(args: argparse.Namespace, console: Console) -> int:
+    import mlopt_operator
+
+    return mlopt_operator.main(args.rest)
+
+
+def _worker(args: argparse.Namespace, console: Console) -> int:
+    from optimizer.worker import main as worker_main
+
+    return worker_main()
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mlopt", description="Make PyTorch models smaller and faster.")
+    commands = root.add_subparsers(dest="command", required=True)
+    optimize = commands.add_parser("optimize", help="run a ModelOptimization spec on this machine")
+    optimize.add_argument("spec", help="path to the YAML spec")
+    optimize.add_argument("--output", "-o", help="output directory (overrides spec.output)")
+    optimize.add_argument("--quiet", "-q", action="store_true", help="no progress and no table (for scripts)")
+    optimize.set_defaults(handler=_optimize)
+    validate = commands.add_parser("validate", help="check a spec without running it")
+    validate.add_argument("spec")
+    validate.set_defaults(handler=_validate)
+    commands.add_parser("models", help="list the model zoo").set_defaults(handler=_models)
+    operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    operator.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the operator")
+    operator.set_defaults(handler=_operator)
+    commands.add_parser("worker", help="the Kubernetes Job entrypoint (reads MLOPT_SPEC)").set_defaults(handler=_worker)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # logs and pipes: don't squeeze the table to 80 columns
+    try:
+        return args.handler(args, console)
+    except SpecError as error:
+        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, markup=False)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted: nothing was written to the output directory")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

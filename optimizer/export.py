@@ -1,0 +1,180 @@
+"""Step 2, export: PyTorch -> ONNX, checked, shape-inferred, and proven equal to PyTorch.
+
+The dynamo exporter is tried first; it is known to bake export-time lengths into some graphs
+(bidirectional LSTM/GRU, pytorch#191855), so the parity check runs at a second shape along every
+declared dynamic axis and, with `exporter: auto`, a failure falls back to the legacy exporter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.spec import ExportSpec, InputSpec, Tolerance
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+class ExportError(RuntimeError):
+    """No exporter produced a model that runs and matches PyTorch; the message has the details."""
+
+
+class ParityError(AssertionError):
+    """Outputs differ beyond tolerance; the message names the output, shape, max |Δ| and index."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str
+    output_names: list[str]
+    checked_shapes: list[dict[str, list[int]]]
+    notes: list[str] = field(default_factory=list)
+
+
+def random_feed(inputs: list[InputSpec], shapes: dict[str, list[int]] | None = None, seed: int = 0):
+    """Seeded inputs within each input's valueRange (floats [0, 1], integers [0, 100) by default)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in inputs:
+        shape = (shapes or {}).get(spec.name, spec.shape)
+        dtype = _NUMPY_DTYPES[spec.dtype]
+        if np.issubdtype(dtype, np.integer):
+            low, high = spec.valueRange or (0, 100)
+            feed[spec.name] = rng.integers(int(low), int(high), size=shape, endpoint=False).astype(dtype)
+        else:
+            low, high = spec.valueRange or (0.0, 1.0)
+            feed[spec.name] = rng.uniform(low, high, size=shape).astype(dtype)
+    return feed
+
+
+def parity_shapes(inputs: list[InputSpec]) -> list[dict[str, list[int]]]:
+    """The declared shapes, plus one with every dynamic axis doubled (batch 1 -> 2)."""
+    declared = {spec.name: list(spec.shape) for spec in inputs}
+    if not any(spec.dynamicAxes for spec in inputs):
+        return [declared]
+    second = {
+        spec.name: [size * 2 if axis in spec.dynamicAxes else size for axis, size in enumerate(spec.shape)]
+        for spec in inputs
+    }
+    return [declared, second]
+
+
+def compare_outputs(
+    expected: list[np.ndarray],
+    actual: list[np.ndarray],
+    names: list[str],
+    default: Tolerance,
+    per_output: dict[str, Tolerance],
+    where: str,
+) -> float:
+    """Raise ParityError on the first output outside tolerance; return the max |Δ| seen."""
+    if len(expected) != len(actual):
+        raise ParityError(f"{where}: PyTorch gives {len(expected)} outputs, ONNX {len(actual)}")
+    worst = 0.0
+    for name, ref, got in zip(names, expected, actual):
+        if ref.shape != got.shape:
+            raise ParityError(f"{where}: output {name!r} has shape {list(got.shape)}, PyTorch {list(ref.shape)}")
+        tol = per_output.get(name, default)
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        diff = np.abs(ref64 - got64)
+        excess = diff - (tol.atol + tol.rtol * np.abs(ref64))
+        worst = max(worst, float(diff.max(initial=0.0)))
+        if excess.size and excess.max() > 0:
+            index = tuple(int(i) for i in np.unravel_index(int(np.argmax(excess)), excess.shape))
+            raise ParityError(
+                f"{where}: output {name!r} differs from PyTorch: max |Δ| = {diff.max():.3g} "
+                f"at index {index} (PyTorch {ref64[index]:.6g}, ONNX {got64[index]:.6g}); "
+                f"tolerance atol={tol.atol:g} + rtol={tol.rtol:g}·|ref|"
+            )
+    return worst
+
+
+def check_parity(torch_runner, onnx_runner, inputs, spec: ExportSpec, samples: int = 3) -> list[dict]:
+    """Compare PyTorch and ONNX on several seeded inputs at each parity shape."""
+    shapes = parity_shapes(inputs)
+    for shape_index, shapes_by_name in enumerate(shapes):
+        for sample in range(samples if shape_index == 0 else 2):
+            feed = random_feed(inputs, shapes_by_name, seed=1000 * shape_index + sample)
+            where = "inputs " + ", ".join(f"{n}={s}" for n, s in shapes_by_name.items())
+            try:
+                actual = onnx_runner(feed)
+            except Exception as error:  # ORT raises its own exception types per failure
+                raise ParityError(f"{where}: ONNX Runtime failed: {str(error).splitlines()[0][:300]}") from None
+            compare_outputs(
+                torch_runner(feed), actual, onnx_runner.output_names, spec.tolerance, spec.outputTolerances, where
+            )
+    return shapes
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx prints pages of progress and deprecation text; keep the user's terminal readable."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, opset: int) -> None:
+    import torch
+
+    example = tuple(torch.from_numpy(a) for a in random_feed(inputs).values())
+    names = [spec.name for spec in inputs]
+    with _quiet_exporter():
+        if exporter == "dynamo":
+            dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamicAxes} or None for spec in inputs)
+            torch.onnx.export(
+                module, example, str(path), input_names=names, opset_version=opset, dynamo=True,
+                dynamic_shapes=dynamic if any(dynamic) else None, external_data=False,
+            )
+        else:
+            dynamic_axes = {spec.name: {a: n for a, n in spec.dynamicAxes.items()} for spec in inputs if spec.dynamicAxes}
+            torch.onnx.export(
+                module, example, str(path), input_names=names, opset_version=opset, dynamo=False,
+                dynamic_axes=dynamic_axes or None,
+            )
+
+
+def _check_and_infer(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+
+
+def export_onnx(torch_runner, inputs: list[InputSpec], spec: ExportSpec, workdir: Path, threads: int = 1) -> ExportResult:
+    """Export with the configured exporter(s); return the first model that passes the parity check."""
+    from optimizer.runtime import OrtRunner
+
+    order = ["dynamo", "legacy"] if spec.exporter == "auto" else [spec.exporter]
+    failures: list[str] = []
+    for exporter in order:
+        path = workdir / f"exported-{exporter}.onnx"
+        try:
+            _export_once(torch_runner.module, inputs, path, exporter, spec.opset)
+            _check_and_infer(path)
+            onnx_runner = OrtRunner(path, threads=threads)
+            shapes = check_parity(torch_runner, onnx_runner, inputs, spec)
+        except ParityError as error:
+            failures.append(f"{exporter} exporter: {error}")
+            continue
+        except Exception as error:
+            failures.append(f"{exporter} exporter failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            continue
+        notes = [f"fell back to the {exporter} exporter because the " + "; ".join(failures)] if failures else []
+        return ExportResult(path, exporter, onnx_runner.output_names, shapes, notes)
+    raise ExportError(" | ".join(failures))

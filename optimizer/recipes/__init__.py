@@ -1,0 +1,70 @@
+"""Step 3, variants: one recipe per way of making a model smaller or faster.
+
+Each recipe is a small function `(BuildContext, VariantSpec) -> Built` registered under its
+contract name (`optimizer.spec.Recipe`). "How is X made?" has exactly one answer: its module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from optimizer.spec import Recipe, VariantSpec
+
+
+class NotApplicable(Exception):
+    """The recipe does not apply to this model or device; the variant is recorded as skipped."""
+
+
+@dataclass
+class BuildContext:
+    loaded: object  # optimizer.load.LoadedModel
+    fp32_onnx: Path | None  # the verified export (or the ONNX source)
+    export_error: str | None  # why there is no fp32_onnx
+    dataset: object  # optimizer.data.Dataset
+    workdir: Path
+    threads: int
+    device: str
+    cpu_flags: frozenset[str]
+    cache: dict = field(default_factory=dict)  # shared intermediate files, e.g. the pre-processed model
+
+    def require_onnx(self) -> Path:
+        if self.fp32_onnx is None:
+            raise RuntimeError(f"needs the ONNX export, which failed: {self.export_error}")
+        return self.fp32_onnx
+
+    @property
+    def has_vnni(self) -> bool:
+        return bool(self.cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@dataclass
+class Built:
+    runner: object  # optimizer.runtime.TorchRunner | OrtRunner
+    artifact: Path
+    parent: str
+    options: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.artifact.stat().st_size
+
+
+RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
+
+
+def registry() -> dict[str, RecipeFunction]:
+    from optimizer.recipes import ort, torch_ao
+
+    return {
+        Recipe.onnx_fp32.value: ort.onnx_fp32,
+        Recipe.ort_int8_dynamic.value: ort.ort_int8_dynamic,
+        Recipe.ort_int8_static.value: ort.ort_int8_static,
+        Recipe.ort_int8_static_dynamic.value: ort.ort_int8_static_dynamic,
+        Recipe.onnx_fp16.value: ort.onnx_fp16,
+        Recipe.torch_int8_dynamic.value: torch_ao.torch_int8_dynamic,
+        Recipe.torch_int8_static.value: torch_ao.torch_int8_static,
+        Recipe.torch_int8_static_dynamic.value: torch_ao.torch_int8_static_dynamic,
+    }

@@ -1,0 +1,102 @@
+"""PyTorch recipes (torch.ao.quantization): the research note's dynamic, static and static+dynamic.
+
+torch.ao.quantization is deprecated in torch 2.13 (its PT2E flow moved to torchao) but still
+works; we pin torch and test these recipes. Static quantization uses FX graph mode, which fuses
+Conv+BN+ReLU and places quant/dequant stubs itself, so any FX-traceable model works without edits.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+from optimizer.recipes import BuildContext, Built, NotApplicable
+from optimizer.runtime import TorchRunner
+from optimizer.spec import VariantSpec
+
+ENGINE = "x86"  # fbgemm + onednn kernels, the right choice for x86-64 servers
+
+
+def _require_eager(ctx: BuildContext):
+    if ctx.device == "cuda":
+        raise NotApplicable("not applicable on CUDA: PyTorch's INT8 kernels (torch.ao) run on CPU only")
+    if not ctx.loaded.is_eager:
+        raise NotApplicable(
+            f"needs the model's Python class; a {ctx.loaded.format} model supports the ONNX recipes "
+            "(give a state-dict with model.entrypoint to also get PyTorch quantization)"
+        )
+    import torch
+
+    torch.backends.quantized.engine = ENGINE
+    return copy.deepcopy(ctx.loaded.module).eval()
+
+
+def _save(ctx: BuildContext, variant: VariantSpec, module):
+    """Save the state_dict, as the research note measured model files."""
+    import torch
+
+    path = ctx.workdir / f"{variant.name}.pt"
+    torch.save(module.state_dict(), path)
+    return path
+
+
+def _dynamic(module):
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(module, {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+
+
+def _static(ctx: BuildContext, module):
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    names = [spec.name for spec in ctx.loaded.inputs]
+    first = ctx.dataset.calibration[0]
+    example = tuple(torch.from_numpy(first[n]) for n in names)
+    try:
+        prepared = prepare_fx(module, get_default_qconfig_mapping(ENGINE), example)
+    except Exception as error:
+        raise RuntimeError(
+            f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
+            "use the ort-int8-static recipe instead"
+        ) from None
+    with torch.inference_mode():
+        for item in ctx.dataset.calibration:
+            prepared(*(torch.from_numpy(item[n]) for n in names))
+    return convert_fx(prepared)
+
+
+def _built(ctx: BuildContext, variant: VariantSpec, module, options: dict) -> Built:
+    runner = TorchRunner(module, [spec.name for spec in ctx.loaded.inputs])
+    return Built(runner, _save(ctx, variant, module), parent="pytorch-fp32", options={"engine": ENGINE, **options})
+
+
+def torch_int8_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
+    module = _require_eager(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = _dynamic(module)
+    return _built(ctx, variant, quantized, {"dynamic": ["Linear", "LSTM", "GRU"]})
+
+
+def torch_int8_static(ctx: BuildContext, variant: VariantSpec) -> Built:
+    module = _require_eager(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = _static(ctx, module)
+    return _built(ctx, variant, quantized, {"mode": "fx", "qconfig": f"default {ENGINE}"})
+
+
+def torch_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    module = _require_eager(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # FX static leaves LSTM/GRU as float modules between dequant/quant; swap those for
+        # dynamically quantized ones, as the note's "static + dynamic" column did.
+        quantized = quantize_dynamic(_static(ctx, module), {torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+    return _built(ctx, variant, quantized, {"mode": "fx", "dynamic": ["LSTM", "GRU"]})

@@ -1,0 +1,176 @@
+"""Step 8, report: report.md (tables in the research note's style) and bar charts of size and latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optimizer.console import format_size
+from optimizer.results import Results, VariantResult
+
+# The research note's two tables: conversion, then one column per quantization method.
+CONVERSION = [("PyTorch FP32", "pytorch-fp32"), ("ONNX Runtime FP32", "onnx-fp32")]
+QUANTIZATION = {
+    "PyTorch": [("Original", "pytorch-fp32"), ("Dynamic", "torch-int8-dynamic"), ("Static", "torch-int8-static"),
+                ("Static + Dynamic", "torch-int8-static-dynamic")],
+    "ONNX Runtime": [("Original", "onnx-fp32"), ("Dynamic", "ort-int8-dynamic"), ("Static", "ort-int8-static"),
+                     ("Static + Dynamic", "ort-int8-static-dynamic")],
+}
+
+
+def mean_std(variant: VariantResult | None) -> str:
+    """'24.4 ms ± 410 µs', as the research note writes latencies."""
+    if variant is None or variant.latencyMs is None:
+        return "—"
+    lat = variant.latencyMs
+    std = f"{lat.std * 1000:.0f} µs" if lat.std < 1 else f"{lat.std:.2f} ms"
+    return f"{lat.mean:.2f} ms ± {std}"
+
+
+def size_mb(variant: VariantResult | None) -> str:
+    return format_size(variant.sizeBytes if variant else None)
+
+
+def _by_recipe(results: Results) -> dict[str, VariantResult]:
+    found = {results.baseline.recipe: results.baseline}
+    for variant in results.variants:
+        if variant.status in ("ok", "rejected"):
+            found.setdefault(variant.recipe, variant)
+    return found
+
+
+def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResult], device: str) -> list[str]:
+    cells = [found.get(recipe) for _, recipe in columns]
+    return [
+        "| | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        "| model file | " + " | ".join(size_mb(c) for c in cells) + " |",
+        f"| {device.upper()} inference | " + " | ".join(mean_std(c) for c in cells) + " |",
+        "| speedup vs PyTorch FP32 | " + " | ".join("—" if c is None or c.speedup is None else f"{c.speedup:.2f}x" for c in cells) + " |",
+    ]
+
+
+def _fmt(value, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def variants_table(results: Results) -> list[str]:
+    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree | {results.accuracyMetric} | status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for v in [results.baseline, *results.variants]:
+        lat, fid = v.latencyMs, v.fidelity
+        status = f"**{v.status} ★ best**" if v.name == results.best else v.status
+        lines.append(
+            f"| {v.name} | {v.recipe} | {v.runtime or '—'} | {size_mb(v)} | {mean_std(v)} | "
+            f"{_fmt(lat and lat.p50, '{:.2f}')} | {_fmt(lat and lat.p90, '{:.2f}')} | {_fmt(lat and lat.p99, '{:.2f}')} | "
+            f"{_fmt(v.speedup, '{:.2f}x')} | {_fmt(fid and fid.maxAbsDiff, '{:.2g}')} | {_fmt(fid and fid.cosine, '{:.5f}')} | "
+            f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} | {_fmt(v.accuracy, '{:.2%}')} | {status} |"
+        )
+    return lines
+
+
+def _notes(results: Results) -> list[str]:
+    lines = []
+    for v in results.variants:
+        for text in ([v.error] if v.error else []) + v.notes:
+            lines.append(f"- **{v.name}**: {text}")
+    return lines or ["- none"]
+
+
+def _op_mix(results: Results) -> list[str]:
+    lines = ["| variant | ops after ONNX Runtime optimization |", "|---|---|"]
+    for v in results.variants:
+        if v.opCounts:
+            lines.append(f"| {v.name} | " + ", ".join(f"{op} ×{n}" for op, n in list(v.opCounts.items())[:12]) + " |")
+    return lines
+
+
+def markdown(results: Results) -> str:
+    env = results.environment
+    found = _by_recipe(results)
+    device = env.device
+    out = [
+        f"# mlopt report: {results.name}",
+        "",
+        f"Model `{results.model['source']}` ({results.model['format']}); data: {results.dataset}; "
+        f"{env.threads} thread(s) on {device}, {results.baseline.latencyMs.runs if results.baseline.latencyMs else 0} timed runs per variant.",
+        "",
+        f"**Best: {results.best or 'none'}** — {results.bestReason}.",
+        "",
+        "## ONNX conversion",
+        "",
+        *_columns_table(CONVERSION, found, device),
+        "",
+    ]
+    for runtime, columns in QUANTIZATION.items():
+        out += [f"## Quantization with {runtime}", "", *_columns_table(columns, found, device), ""]
+    out += [
+        "## All variants",
+        "",
+        *variants_table(results),
+        "",
+        f"Accuracy metric: `{results.accuracyMetric}`"
+        + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement" else "."),
+        "Latency is measured in one process on the same input after warm-up; sizes are the saved files "
+        "(PyTorch variants: state_dict).",
+        "",
+        "## Notes and warnings",
+        "",
+        *_notes(results),
+        "",
+        "## Operator mix",
+        "",
+        *_op_mix(results),
+        "",
+        "## Environment",
+        "",
+        f"- CPU: {env.cpu}; INT8-relevant flags: {', '.join(env.cpuFlags) or 'none'}",
+        f"- Python {env.python}; " + ", ".join(f"{k} {v}" for k, v in env.packages.items()),
+        f"- ONNX Runtime providers available: {', '.join(env.availableProviders)}",
+        "",
+        "## Pipeline steps",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
+        *[f"| {s.step} | {s.seconds:.1f} |" for s in results.steps],
+        "",
+        "Charts: `size.png`, `latency.png`. Machine-readable: `results.json`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def charts(results: Results, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in Jobs or CI
+    import matplotlib.pyplot as plt
+
+    measured = [v for v in [results.baseline, *results.variants] if v.latencyMs and v.sizeBytes]
+    names = [v.name for v in measured]
+    colors = ["#2a9d8f" if v.name == results.best else ("#adb5bd" if v.status != "ok" else "#457b9d") for v in measured]
+    paths = []
+    for filename, title, values, errors, unit in (
+        ("size.png", "Model file size", [v.sizeBytes / 1e6 for v in measured], None, "MB"),
+        ("latency.png", f"Latency ({results.environment.device}, {results.environment.threads} thread)",
+         [v.latencyMs.mean for v in measured], [v.latencyMs.std for v in measured], "ms (mean ± std)"),
+    ):
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+        bars = ax.bar(names, values, yerr=errors, color=colors, capsize=3)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=8)
+        ax.axhline(values[0], color="#e63946", linestyle="--", linewidth=1, label="PyTorch FP32 baseline")
+        ax.set_title(f"{results.name}: {title}")
+        ax.set_ylabel(unit)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30)
+        plt.setp(ax.get_xticklabels(), ha="right")
+        fig.tight_layout()
+        path = directory / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(results: Results, directory: Path) -> None:
+    charts(results, directory)
+    (directory / "report.md").write_text(markdown(results))

@@ -1,0 +1,149 @@
+"""Runners: one interface over PyTorch and ONNX Runtime, so every variant is timed the same way.
+
+A runner maps a feed (input name -> numpy array) to a list of numpy outputs. `bind(feed)`
+returns a zero-argument callable that runs one inference on pre-converted inputs: that is
+what the benchmark times, so input conversion never counts as model time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+Feed = dict[str, np.ndarray]
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider is not the one ONNX Runtime actually bound."""
+
+
+def _as_numpy(outputs) -> list[np.ndarray]:
+    import torch
+
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    flat = []
+    for item in outputs:
+        if isinstance(item, (tuple, list)):
+            flat.extend(_as_numpy(item))
+        else:
+            flat.append(item.detach().float().cpu().numpy() if item.is_floating_point() else item.cpu().numpy())
+    return flat
+
+
+@dataclass
+class TorchRunner:
+    module: object
+    input_names: list[str]
+    device: str = "cpu"
+    runtime: str = "pytorch"
+
+    @property
+    def provider(self) -> str:
+        return "CUDA" if self.device == "cuda" else "CPU"
+
+    def _tensors(self, feed: Feed):
+        import torch
+
+        return [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
+
+    def __call__(self, feed: Feed) -> list[np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            return _as_numpy(self.module(*self._tensors(feed)))
+
+    def bind(self, feed: Feed) -> Callable[[], object]:
+        import torch
+
+        tensors = self._tensors(feed)
+        module = self.module
+
+        def run_once():
+            with torch.inference_mode():
+                result = module(*tensors)
+            if self.device == "cuda":
+                torch.cuda.synchronize()  # CUDA launches are async: time the work, not the launch
+            return result
+
+        return run_once
+
+
+@dataclass
+class OrtRunner:
+    path: Path
+    threads: int = 1
+    device: str = "cpu"
+    optimized_path: Path | None = None  # where ORT writes its optimized graph (for op counts)
+    runtime: str = "onnxruntime"
+    session: object = field(init=False, repr=False)
+
+    def __post_init__(self):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if self.optimized_path:
+            options.optimized_model_filepath = str(self.optimized_path)
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+        if self.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ProviderError(
+                "benchmark.device is cuda, but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                "or use the GPU worker image"
+            )
+        self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        bound = self.session.get_providers()[0]
+        if bound != wanted[0]:
+            # ORT falls back to CPU silently when CUDA fails to initialise: refuse to time that.
+            raise ProviderError(f"asked for {wanted[0]}, but ONNX Runtime bound {bound}")
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, feed: Feed) -> list[np.ndarray]:
+        return [np.asarray(o, dtype=np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o)
+                for o in self.session.run(None, {n: feed[n] for n in self.input_names})]
+
+    def bind(self, feed: Feed) -> Callable[[], object]:
+        if self.device != "cuda":
+            session, inputs = self.session, {n: feed[n] for n in self.input_names}
+            return lambda: session.run(None, inputs)
+        binding = self.session.io_binding()
+        for name in self.input_names:
+            binding.bind_cpu_input(name, feed[name])
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+
+        def run_once():
+            binding.synchronize_inputs()
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        return run_once
+
+
+def op_counts(onnx_path: Path) -> dict[str, int]:
+    """Op types in an ONNX graph (after ORT optimization when given the optimized file)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    counts = Counter(node.op_type for node in model.graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
