@@ -1,0 +1,105 @@
+"""The few Kubernetes API calls the operator makes, as plain JSON dicts in and out.
+
+Raw REST through the kubernetes client's ApiClient (auth, TLS, kubeconfig / in-cluster config):
+the Job is built as a dict, and typed client models would only convert it back and forth.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from optimizer.crd import GROUP, PLURAL, VERSION
+
+from .job import LABEL_GENERATION, LABEL_NAME
+
+
+class Cluster:
+    def __init__(self) -> None:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        self.client = kubernetes.client.ApiClient()
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        request = self.client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.client.call_api(*request, _request_timeout=30)
+        response.read()
+        text = response.data.decode() if response.data else ""
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=text, data=None)
+        return json.loads(text) if text else {}
+
+    def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """A JSON merge patch: None values remove fields left from an older generation."""
+        self._request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def jobs(self, namespace: str, name: str, generation: int | None = None) -> list[dict[str, Any]]:
+        selector = f"{LABEL_NAME}={name}"
+        if generation is not None:
+            selector += f",{LABEL_GENERATION}={generation}"
+        found = self._request(
+            "GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", query=[("labelSelector", selector)]
+        )
+        return found["items"]
+
+    def pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        found = self._request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            query=[("labelSelector", f"batch.kubernetes.io/job-name={job_name}")],
+        )
+        return found["items"]
+
+    def create_job(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The created Job, or None when a Job of that name exists already."""
+        namespace = job["metadata"]["namespace"]
+        try:
+            return self._request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=job)
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Background propagation: the garbage collector then removes the Job's pods."""
+        try:
+            self._request(
+                "DELETE",
+                f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+                body={"propagationPolicy": "Background"},
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise

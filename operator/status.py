@@ -1,0 +1,235 @@
+"""The resource's status, as a pure function of its Job and the Job's pods.
+
+The worker's summary (its termination message) carries the results; Kubernetes carries the rest:
+exit codes and OOMKilled in container states, DeadlineExceeded / BackoffLimitExceeded in Job
+conditions, image pull problems in waiting states, scheduling problems in pod conditions.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from optimizer.summary import parse_summary
+
+from .job import CONTAINER
+
+TERMINAL = ("Succeeded", "Failed")
+_WAITING_PROBLEMS = {
+    "ErrImagePull": "cannot pull the worker image",
+    "ImagePullBackOff": "cannot pull the worker image",
+    "InvalidImageName": "the worker image name is invalid",
+    "CreateContainerConfigError": "the worker container cannot be configured",
+    "CreateContainerError": "the worker container cannot be created",
+}
+_VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
+
+
+def human_size(size_bytes: int) -> str:
+    if size_bytes >= 1e6:
+        return f"{size_bytes / 1e6:.1f} MB"
+    return f"{size_bytes / 1e3:.1f} kB"
+
+
+def human_latency(ms: float) -> str:
+    return f"{ms:.3g} ms"
+
+
+def _exit_meaning(code: int) -> str:
+    if code > 128:
+        try:
+            return f"exit code {code}, killed by {signal.Signals(code - 128).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def _condition(job: dict[str, Any], types: tuple[str, ...]) -> dict[str, Any] | None:
+    for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("type") in types and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def _worker_state(pod: dict[str, Any] | None) -> dict[str, Any]:
+    for status in (pod or {}).get("status", {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return status.get("state") or {}
+    return {}
+
+
+def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not pods:
+        return None
+    return max(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+
+
+def _latest_terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ended = [p for p in pods if _worker_state(p).get("terminated")]
+    return _worker_state(_latest(ended)).get("terminated") if ended else None
+
+
+def _variant(entry: dict[str, Any]) -> dict[str, Any]:
+    out = {key: entry[key] for key in _VARIANT_KEYS if entry.get(key) is not None}
+    latency = entry.get("latencyMs") or {}
+    if "p50" in latency and "mean" in latency:
+        out["latencyMs"] = {"p50": latency["p50"], "mean": latency["mean"]}
+    return out
+
+
+def _from_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The results part of status: baseline, variants, best and its printer-column strings."""
+    out: dict[str, Any] = {"message": summary.get("message") or ""}
+    if summary.get("reason"):
+        out["reason"] = summary["reason"]
+    if summary.get("results"):
+        out["results"] = summary["results"]
+    if isinstance(summary.get("baseline"), dict):
+        out["baseline"] = _variant(summary["baseline"])
+    variants = [_variant(v) for v in summary.get("variants") or [] if isinstance(v, dict)]
+    if variants or "variants" in summary:
+        out["variants"] = variants
+    if summary.get("truncated"):
+        out["message"] += " (some variants left out of status; see results)"
+    best_name = summary.get("best")
+    if best_name:
+        out["best"] = best_name
+        best = next((v for v in [*variants, out.get("baseline") or {}] if v.get("name") == best_name), {})
+        if best.get("sizeBytes") is not None:
+            out["bestSize"] = human_size(best["sizeBytes"])
+        if best.get("latencyMs"):
+            out["bestLatency"] = human_latency(best["latencyMs"]["mean"])
+        if best.get("speedup") is not None:
+            out["bestSpeedup"] = f"{best['speedup']:.2f}x"
+    return out
+
+
+def _memory_limit(job: dict[str, Any]) -> str | None:
+    for container in job.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []:
+        if container.get("name") == CONTAINER:
+            return (container.get("resources") or {}).get("limits", {}).get("memory")
+    return None
+
+
+def _log_tail(terminated: dict[str, Any]) -> str:
+    """FallbackToLogsOnError puts the log tail in the message when there is no summary."""
+    lines = [line for line in (terminated.get("message") or "").strip().splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else ""
+
+
+def _failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """Why a failed Job failed, most specific cause first."""
+    failed = _condition(job, ("Failed", "FailureTarget")) or {}
+    terminated = _latest_terminated(pods)
+    waiting = _worker_state(_latest(pods)).get("waiting") or {}
+    out: dict[str, Any] = {"phase": "Failed"}
+    if terminated and terminated.get("exitCode") is not None:
+        out["exitCode"] = terminated["exitCode"]
+    summary = parse_summary(terminated.get("message", "")) if terminated else None
+    deadline = job.get("spec", {}).get("activeDeadlineSeconds")
+    if failed.get("reason") == "DeadlineExceeded":
+        message = f"the Job ran longer than spec.job.activeDeadlineSeconds ({deadline} s) and was stopped"
+        if waiting.get("reason") in _WAITING_PROBLEMS:
+            message += f"; the worker never started: {waiting['reason']}: {waiting.get('message', '')}"
+        return {**out, "reason": "DeadlineExceeded", "message": message}
+    if summary and summary.get("phase") == "Failed":
+        return {**out, **_from_summary(summary), "reason": summary.get("reason") or "OptimizationFailed"}
+    if terminated and terminated.get("reason") == "OOMKilled":
+        limit = _memory_limit(job)
+        return {
+            **out,
+            "reason": "OOMKilled",
+            "message": f"the worker ran out of memory (limit {limit}); raise spec.job.resources.limits.memory",
+        }
+    reason = failed.get("reason") or "JobFailed"
+    if terminated:
+        attempts = job.get("status", {}).get("failed") or 1
+        message = f"the worker failed ({_exit_meaning(terminated.get('exitCode', -1))}) after {attempts} attempt(s)"
+        tail = _log_tail(terminated)
+        if tail:
+            message += f"; last log line: {tail}"
+        if reason == "BackoffLimitExceeded":
+            message += f"; spec.job.backoffLimit is {job.get('spec', {}).get('backoffLimit', 0)}"
+        return {**out, "reason": reason, "message": message}
+    return {**out, "reason": reason, "message": failed.get("message") or "the Job failed"}
+
+
+def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
+    """Pending: why the worker has not started yet, when Kubernetes says."""
+    if pod is None:
+        return {"phase": "Pending", "reason": "JobCreated", "message": "waiting for the worker pod"}
+    waiting = _worker_state(pod).get("waiting") or {}
+    if waiting.get("reason") in _WAITING_PROBLEMS:
+        detail = waiting.get("message") or ""
+        return {
+            "phase": "Pending",
+            "reason": waiting["reason"],
+            "message": f"{_WAITING_PROBLEMS[waiting['reason']]}: {detail}".rstrip(": "),
+        }
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return {
+                "phase": "Pending",
+                "reason": condition.get("reason") or "Unschedulable",
+                "message": condition.get("message") or "the worker pod cannot be scheduled",
+            }
+    return {"phase": "Pending", "reason": "PodPending", "message": "the worker pod is starting"}
+
+
+def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """phase, reason, message, exitCode, times and results for the resource that owns `job`."""
+    job_status = job.get("status") or {}
+    status: dict[str, Any] = {"jobName": job["metadata"]["name"]}
+    if job_status.get("startTime"):
+        status["startTime"] = job_status["startTime"]
+    complete = _condition(job, ("Complete", "SuccessCriteriaMet"))
+    failed = _condition(job, ("Failed", "FailureTarget"))
+    if complete or failed:
+        status["completionTime"] = job_status.get("completionTime") or (complete or failed).get(
+            "lastTransitionTime"
+        )
+    if failed:
+        return {**status, **_failure(job, pods)}
+    if complete:
+        terminated = _latest_terminated(pods) or {}
+        summary = parse_summary(terminated.get("message", ""))
+        status.update({"phase": "Succeeded", "reason": "Completed", "exitCode": terminated.get("exitCode", 0)})
+        if summary is None:
+            return {**status, "message": "the worker ended without a summary; see its logs"}
+        return {**status, **_from_summary(summary), "reason": summary.get("reason") or "Completed"}
+    pod = _latest(pods)
+    terminated = _worker_state(pod).get("terminated")
+    if terminated:  # this attempt ended, the Job has not decided yet (or will retry)
+        return {
+            **status,
+            "phase": "Running",
+            "reason": "AttemptEnded",
+            "message": f"the worker ended ({_exit_meaning(terminated.get('exitCode', -1))}); "
+            "waiting for the Job to retry or finish",
+        }
+    if _worker_state(pod).get("running") or (pod or {}).get("status", {}).get("phase") == "Running":
+        return {**status, "phase": "Running", "reason": "WorkerRunning", "message": "the worker is optimizing the model"}
+    return {**status, **_waiting(pod)}
+
+
+def conditions(
+    status: dict[str, Any], generation: int, previous: list[dict[str, Any]] | None, now: str
+) -> list[dict[str, Any]]:
+    """Running / Succeeded / Failed conditions; lastTransitionTime moves only when status flips."""
+    phase = status.get("phase", "Pending")
+    before = {c["type"]: c for c in previous or []}
+    out = []
+    for kind in ("Running", "Succeeded", "Failed"):
+        true = phase == kind
+        condition = {
+            "type": kind,
+            "status": "True" if true else "False",
+            "reason": (status.get("reason") or phase) if true else phase,
+            "message": (status.get("message") or "") if true else "",
+            "observedGeneration": generation,
+        }
+        old = before.get(kind)
+        unchanged = old is not None and old.get("status") == condition["status"]
+        condition["lastTransitionTime"] = old["lastTransitionTime"] if unchanged else now
+        out.append(condition)
+    return out

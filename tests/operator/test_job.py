@@ -1,0 +1,146 @@
+import json
+
+import pytest
+
+from mlopt_operator.job import build_job, job_name
+from mlopt_operator.settings import Settings
+from optimizer.spec_loader import SpecError, parse_spec
+
+SETTINGS = Settings(worker_image="mlopt/worker:test", gpu_worker_image="mlopt/worker-gpu:test")
+
+
+def resource(**spec):
+    return {
+        "apiVersion": "mlopt.io/v1alpha1",
+        "kind": "ModelOptimization",
+        "metadata": {"name": "digits", "namespace": "team", "uid": "u-1", "generation": 3,
+                     "resourceVersion": "42", "annotations": {"a": "b"}},
+        "spec": {"model": {"source": "zoo:digits"}, **spec},
+        "status": {"phase": "Running"},
+    }
+
+
+def pod(job):
+    return job["spec"]["template"]["spec"]
+
+
+def worker(job):
+    (container,) = pod(job)["containers"]
+    return container
+
+
+def env(job):
+    return {e["name"]: e["value"] for e in worker(job)["env"]}
+
+
+def test_one_job_per_generation_owned_and_labelled():
+    job = build_job(resource(), SETTINGS)
+    assert job["metadata"]["name"] == "digits-g3"
+    assert job["metadata"]["namespace"] == "team"
+    labels = {"mlopt.io/name": "digits", "mlopt.io/generation": "3"}
+    assert labels.items() <= job["metadata"]["labels"].items()
+    assert labels.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    (owner,) = job["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "name": "digits",
+                     "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
+
+
+def test_worker_gets_the_spec_snapshot_of_this_generation():
+    job = build_job(resource(benchmark={"runs": 5}), SETTINGS)
+    assert worker(job)["command"] == ["mlopt", "worker"]
+    snapshot = json.loads(env(job)["MLOPT_SPEC"])
+    assert snapshot == {
+        "apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization",
+        "metadata": {"name": "digits", "namespace": "team", "generation": 3},
+        "spec": {"model": {"source": "zoo:digits"}, "benchmark": {"runs": 5}},
+    }
+    parse_spec(snapshot)  # what the worker will do with it
+    assert env(job)["MLOPT_OUTPUT"] == "/scratch/results"
+
+
+def test_locked_down_pod():
+    job = build_job(resource(), SETTINGS)
+    spec = pod(job)
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = worker(job)["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert {"name": "scratch", "emptyDir": {}} in spec["volumes"]
+    assert {"name": "scratch", "mountPath": "/scratch"} in worker(job)["volumeMounts"]
+    # Everything that writes points into the scratch volume.
+    for name in ("HOME", "TMPDIR", "MLOPT_CACHE", "MPLCONFIGDIR", "MLOPT_OUTPUT"):
+        assert env(job)[name].startswith("/scratch")
+    assert worker(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_job_settings_and_resources_from_the_spec():
+    job = build_job(
+        resource(job={
+            "image": "registry.example/worker:1",
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}},
+            "nodeSelector": {"pool": "batch"},
+            "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+            "activeDeadlineSeconds": 600,
+            "backoffLimit": 2,
+        }),
+        SETTINGS,
+    )
+    assert worker(job)["image"] == "registry.example/worker:1"
+    assert worker(job)["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
+    assert pod(job)["nodeSelector"] == {"pool": "batch"}
+    assert pod(job)["tolerations"] == [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}]
+    assert job["spec"]["activeDeadlineSeconds"] == 600
+    assert job["spec"]["backoffLimit"] == 2
+
+
+def test_defaults_cpu_image_and_spec_defaults():
+    job = build_job(resource(), SETTINGS)
+    assert worker(job)["image"] == "mlopt/worker:test"
+    assert worker(job)["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    assert "nvidia.com/gpu" not in worker(job)["resources"]["limits"]
+    assert "ttlSecondsAfterFinished" not in job["spec"]
+
+
+def test_cuda_uses_the_gpu_image_and_asks_for_a_gpu():
+    job = build_job(resource(benchmark={"device": "cuda"}), SETTINGS)
+    assert worker(job)["image"] == "mlopt/worker-gpu:test"
+    assert worker(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(job)["tolerations"]
+
+
+def test_deterministic_exit_codes_fail_the_job_without_retries():
+    job = build_job(resource(job={"backoffLimit": 3}), SETTINGS)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob",
+                        "onExitCodes": {"containerName": "worker", "operator": "In", "values": [1, 2]}}
+
+
+def test_ttl_from_settings():
+    job = build_job(resource(), Settings(job_ttl_seconds=3600))
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+
+
+def test_invalid_spec_builds_no_job():
+    with pytest.raises(SpecError, match="dynamicAxes"):
+        build_job(resource(model={"source": "m.pt", "inputs": [{"name": "x", "shape": [1], "dynamicAxes": {"4": "b"}}]}),
+                  SETTINGS)
+
+
+def test_long_names_stay_within_63_characters_and_unique():
+    a, b = "a" * 60 + "x", "a" * 60 + "y"
+    assert len(job_name(a, 12)) <= 63 and job_name(a, 12).endswith("-g12")
+    assert job_name(a, 12) != job_name(b, 12)
+
+
+def test_settings_from_env():
+    settings = Settings.from_env({"MLOPT_WORKER_IMAGE": "w:1", "MLOPT_GPU_WORKER_IMAGE": "g:1",
+                                  "MLOPT_JOB_TTL_SECONDS": "60"})
+    assert (settings.worker_image, settings.gpu_worker_image, settings.job_ttl_seconds) == ("w:1", "g:1", 60)
+    assert Settings.from_env({}).image_pull_policy == "IfNotPresent"

@@ -1,0 +1,168 @@
+import json
+
+from mlopt_operator.status import conditions, human_latency, human_size, status_from_job
+from optimizer.summary import failure_summary
+
+SUCCESS = json.dumps({
+    "v": 1, "phase": "Succeeded", "message": "best ort-int8-static-dynamic: 6.07x faster, 7.9 MB",
+    "best": "ort-int8-static-dynamic",
+    "baseline": {"name": "pytorch-fp32", "recipe": "pytorch", "status": "ok", "sizeBytes": 31400000,
+                 "latencyMs": {"p50": 24.1, "mean": 24.4}, "speedup": 1.0, "accuracy": 0.98},
+    "variants": [
+        {"name": "onnx-fp32", "recipe": "onnx-fp32", "status": "ok", "sizeBytes": 31500000,
+         "latencyMs": {"p50": 13.0, "mean": 13.2}, "speedup": 1.85, "accuracy": 0.98, "argmaxAgreement": 1.0},
+        {"name": "ort-int8-static-dynamic", "recipe": "ort-int8-static-dynamic", "status": "ok",
+         "sizeBytes": 7912345, "latencyMs": {"p50": 3.98, "mean": 4.02}, "speedup": 6.07, "accuracy": 0.975},
+        {"name": "onnx-fp16", "recipe": "onnx-fp16", "status": "skipped", "error": "FP16 needs CUDA"},
+    ],
+    "results": "/scratch/results/results.json",
+})
+
+
+def job(*conditions_, failed=0, backoff=0, deadline=3600, memory="8Gi"):
+    return {
+        "metadata": {"name": "crnn-g1", "labels": {"mlopt.io/generation": "1"}},
+        "spec": {"backoffLimit": backoff, "activeDeadlineSeconds": deadline,
+                 "template": {"spec": {"containers": [{"name": "worker", "resources": {"limits": {"memory": memory}}}]}}},
+        "status": {"startTime": "2026-01-01T00:00:00Z", "failed": failed,
+                   "conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                                   "lastTransitionTime": "2026-01-01T00:05:00Z"} for t, r, m in conditions_]},
+    }
+
+
+def pod(state, name="crnn-g1-abcde", created="2026-01-01T00:00:01Z", phase="Running", pod_conditions=()):
+    return {"metadata": {"name": name, "creationTimestamp": created},
+            "status": {"phase": phase, "conditions": list(pod_conditions),
+                       "containerStatuses": [{"name": "worker", "state": state}] if state else []}}
+
+
+def terminated(code, message="", reason="Error"):
+    return {"terminated": {"exitCode": code, "reason": reason, "message": message}}
+
+
+def test_pending_without_pods():
+    status = status_from_job(job(), [])
+    assert status["phase"] == "Pending" and status["jobName"] == "crnn-g1"
+
+
+def test_running():
+    status = status_from_job(job(), [pod({"running": {"startedAt": "x"}})])
+    assert status["phase"] == "Running"
+    assert status["startTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_succeeded_with_results_and_printer_strings():
+    status = status_from_job(job(("Complete", "", "")), [pod(terminated(0, SUCCESS, "Completed"), phase="Succeeded")])
+    assert status["phase"] == "Succeeded"
+    assert status["exitCode"] == 0
+    assert status["completionTime"] == "2026-01-01T00:05:00Z"
+    assert status["best"] == "ort-int8-static-dynamic"
+    assert (status["bestSize"], status["bestLatency"], status["bestSpeedup"]) == ("7.9 MB", "4.02 ms", "6.07x")
+    assert status["baseline"]["latencyMs"] == {"p50": 24.1, "mean": 24.4}
+    assert [v["name"] for v in status["variants"]] == ["onnx-fp32", "ort-int8-static-dynamic", "onnx-fp16"]
+    assert status["variants"][0]["argmaxAgreement"] == 1.0
+    assert status["variants"][2] == {"name": "onnx-fp16", "recipe": "onnx-fp16", "status": "skipped",
+                                     "error": "FP16 needs CUDA"}
+    assert status["results"] == "/scratch/results/results.json"
+    assert "6.07x" in status["message"]
+
+
+def test_status_fits_the_crd_status_model():
+    from optimizer.crd import ModelOptimizationStatus
+
+    status = status_from_job(job(("Complete", "", "")), [pod(terminated(0, SUCCESS, "Completed"))])
+    status["conditions"] = conditions(status, 1, None, "2026-01-01T00:05:00Z")
+    ModelOptimizationStatus.model_validate({**status, "observedGeneration": 1})
+
+
+def test_model_that_cannot_load():
+    summary = failure_summary("ModelLoadFailed", "cannot read model.pt: no such file")
+    status = status_from_job(job(("Failed", "PodFailurePolicy", "exit code 1")), [pod(terminated(1, summary), phase="Failed")])
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "ModelLoadFailed"
+    assert "no such file" in status["message"]
+    assert status["exitCode"] == 1
+
+
+def test_oom_killed():
+    status = status_from_job(job(("Failed", "BackoffLimitExceeded", ""), memory="3Gi"),
+                             [pod(terminated(137, "", "OOMKilled"), phase="Failed")])
+    assert status["reason"] == "OOMKilled"
+    assert "3Gi" in status["message"] and "limits.memory" in status["message"]
+    assert status["exitCode"] == 137
+
+
+def test_killed_worker_reports_exit_code_and_backoff():
+    log_tail = "step 3/8 benchmark\nquantizing ort-int8-static\n"
+    status = status_from_job(job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+                                 failed=1), [pod(terminated(137, log_tail), phase="Failed")])
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert status["exitCode"] == 137
+    assert "exit code 137, killed by SIGKILL" in status["message"]
+    assert "quantizing ort-int8-static" in status["message"]
+    assert "backoffLimit is 0" in status["message"]
+
+
+def test_deadline_exceeded():
+    status = status_from_job(job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"),
+                                 deadline=60), [])
+    assert status["reason"] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds (60 s)" in status["message"]
+
+
+def test_deadline_while_the_image_cannot_be_pulled():
+    waiting = {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"nope:1\""}}
+    status = status_from_job(job(("Failed", "DeadlineExceeded", "")), [pod(waiting, phase="Pending")])
+    assert status["reason"] == "DeadlineExceeded" and "ImagePullBackOff" in status["message"]
+
+
+def test_image_pull_failure_is_explained_while_pending():
+    waiting = {"waiting": {"reason": "ErrImagePull", "message": "pull access denied for nope"}}
+    status = status_from_job(job(), [pod(waiting, phase="Pending")])
+    assert status["phase"] == "Pending"
+    assert status["reason"] == "ErrImagePull"
+    assert "cannot pull the worker image: pull access denied" in status["message"]
+
+
+def test_unschedulable_is_explained():
+    cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}
+    status = status_from_job(job(), [pod(None, phase="Pending", pod_conditions=[cond])])
+    assert status["reason"] == "Unschedulable" and "nvidia.com/gpu" in status["message"]
+
+
+def test_failed_attempt_before_retry_is_still_running():
+    status = status_from_job(job(backoff=2), [pod(terminated(137), phase="Failed")])
+    assert status["phase"] == "Running" and "137" in status["message"]
+
+
+def test_latest_pod_wins():
+    old = pod(terminated(137), name="a", created="2026-01-01T00:00:01Z", phase="Failed")
+    new = pod({"running": {}}, name="b", created="2026-01-01T00:01:00Z")
+    assert status_from_job(job(backoff=1), [new, old])["phase"] == "Running"
+
+
+def test_new_failure_conditions_of_the_job_controller_count():
+    """Current Job controllers set FailureTarget before Failed (and SuccessCriteriaMet before Complete)."""
+    status = status_from_job(job(("FailureTarget", "BackoffLimitExceeded", "")), [pod(terminated(3), phase="Failed")])
+    assert status["phase"] == "Failed" and status["exitCode"] == 3
+    status = status_from_job(job(("SuccessCriteriaMet", "CompletionsReached", "")), [pod(terminated(0, SUCCESS))])
+    assert status["phase"] == "Succeeded"
+
+
+def test_conditions_keep_transition_time_until_status_flips():
+    first = conditions({"phase": "Running", "reason": "WorkerRunning", "message": "m"}, 2, None, "t1")
+    assert {c["type"]: c["status"] for c in first} == {"Running": "True", "Succeeded": "False", "Failed": "False"}
+    assert all(c["observedGeneration"] == 2 and c["lastTransitionTime"] == "t1" for c in first)
+    second = conditions({"phase": "Succeeded", "reason": "Completed", "message": "done"}, 2, first, "t2")
+    times = {c["type"]: c["lastTransitionTime"] for c in second}
+    assert times == {"Running": "t2", "Succeeded": "t2", "Failed": "t1"}
+    assert next(c for c in second if c["type"] == "Succeeded")["reason"] == "Completed"
+
+
+def test_human_strings():
+    assert human_size(7_912_345) == "7.9 MB"
+    assert human_size(34_200) == "34.2 kB"
+    assert human_latency(4.0234) == "4.02 ms"
+    assert human_latency(0.04521) == "0.0452 ms"
