@@ -32,11 +32,16 @@ def _require_eager(ctx: BuildContext):
 
 
 def _save(ctx: BuildContext, variant: VariantSpec, module):
-    """Save the state_dict, as the research note measured model files."""
+    """Save as TorchScript: it loads without the model's class and without unpickling code
+    (a quantized state_dict needs torch.load(weights_only=False), which we never ask of users)."""
     import torch
 
     path = ctx.workdir / f"{variant.name}.pt"
-    torch.save(module.state_dict(), path)
+    first = ctx.dataset.calibration[0]
+    example = tuple(torch.from_numpy(first[spec.name]) for spec in ctx.loaded.inputs)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in 2.13 but the format is what loads safely
+        torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(path))
     return path
 
 

@@ -1,0 +1,111 @@
+"""Small real models written as user code, and one pipeline run shared by many tests.
+
+The models live in a file written to tmp, exactly as a user's `model.py` beside their spec.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+USER_MODELS = textwrap.dedent(
+    '''
+    import torch
+    import torch.nn as nn
+
+
+    class ConvLstm(nn.Module):
+        """A CRNN in miniature: conv+bn+relu, pooling, a linear map, a bidirectional LSTM."""
+
+        def __init__(self, classes: int = 6):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 16, 3, padding=1)
+            self.bn = nn.BatchNorm2d(16)
+            self.relu = nn.ReLU()
+            self.pool = nn.MaxPool2d(2)
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.bn2 = nn.BatchNorm2d(16)
+            self.relu2 = nn.ReLU()
+            self.map = nn.Linear(16 * 4, 32)
+            self.rnn = nn.LSTM(32, 32, bidirectional=True)
+            self.dense = nn.Linear(64, classes)
+
+        def forward(self, x):
+            x = self.relu2(self.bn2(self.conv2(self.pool(self.relu(self.bn(self.conv(x)))))))
+            b, c, h, w = x.shape
+            seq = x.reshape(b, c * h, w).permute(2, 0, 1)
+            out, _ = self.rnn(self.map(seq))
+            return self.dense(out)
+
+
+    class ShapeBaker(nn.Module):
+        """Branches in Python on its row count: exporters record only the branch taken at export,
+        so the ONNX model is right at the export shape and wrong at a larger one."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.shape[1] > 3:
+                return self.linear(x) * 2.0
+            return self.linear(x)
+    '''
+)
+
+
+def save_user_model(directory: Path, cls: str, **kwargs) -> Path:
+    import importlib.util
+    import sys
+
+    import torch
+
+    source = directory / "user_models.py"
+    source.write_text(USER_MODELS)
+    spec = importlib.util.spec_from_file_location("user_models", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules.pop("user_models", None)  # the loader under test must import it itself
+    torch.manual_seed(0)
+    model = getattr(module, cls)(**kwargs)
+    if hasattr(model, "bn"):  # give BatchNorm real statistics so it is not an identity
+        model.train()
+        with torch.no_grad():
+            for _ in range(4):
+                model(torch.rand(4, 1, 8, 16))
+    weights = directory / f"{cls.lower()}.pt"
+    torch.save(model.eval().state_dict(), weights)
+    return weights
+
+
+def write_spec(directory: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    path = directory / name
+    document = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "test"}, "spec": spec}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+CONV_LSTM_INPUTS = [{"name": "image", "shape": [1, 1, 8, 16], "dynamicAxes": {0: "batch", 3: "width"}}]
+
+
+@pytest.fixture(scope="session")
+def conv_lstm_run(tmp_path_factory):
+    """One full pipeline run over every recipe on the miniature CRNN (user state_dict + entrypoint)."""
+    from optimizer.console import QuietReporter
+    from optimizer.pipeline import optimize
+    from optimizer.spec_loader import load_spec
+
+    directory = tmp_path_factory.mktemp("conv_lstm")
+    weights = save_user_model(directory, "ConvLstm")
+    spec_path = write_spec(directory, {
+        "model": {"source": weights.name, "entrypoint": "user_models:ConvLstm", "inputs": CONV_LSTM_INPUTS},
+        "data": {"source": "random", "samples": 16},
+        "benchmark": {"warmup": 2, "runs": 10},
+        "acceptance": {"maxAccuracyDrop": 0.2},
+    })
+    output = directory / "out"
+    results = optimize(load_spec(spec_path), output, directory, QuietReporter())
+    return results, output

@@ -1,0 +1,98 @@
+"""Model loading: every supported format, and refusal of anything that would run code."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import pytest
+import torch
+
+from optimizer.load import ModelLoadError, detect_format, load_model
+from optimizer.spec import ModelSpec
+
+from .conftest import save_user_model
+
+INPUTS = [{"name": "image", "shape": [1, 1, 8, 16]}]
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create a file: proof that code ran
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as handle:
+        pickle.dump({"weight": _RunsCode(str(marker))}, handle)
+    spec = ModelSpec(source=str(path), entrypoint="user_models:ConvLstm", inputs=INPUTS)
+    save_user_model(tmp_path, "ConvLstm")
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(spec, tmp_path)
+    assert "weights_only=True" in str(caught.value)
+    assert not marker.exists()
+
+
+def test_pickled_whole_module_is_refused(tmp_path):
+    save_user_model(tmp_path, "ConvLstm")
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "whole.pt")  # torch.save(model), not model.state_dict()
+    spec = ModelSpec(source="whole.pt", entrypoint="user_models:ConvLstm", inputs=INPUTS)
+    with pytest.raises(ModelLoadError, match="state_dict"):
+        load_model(spec, tmp_path)
+
+
+def test_state_dict_with_entrypoint_and_sha256_pin(tmp_path):
+    weights = save_user_model(tmp_path, "ConvLstm")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    loaded = load_model(ModelSpec(source=weights.name, entrypoint="user_models:ConvLstm", inputs=INPUTS, sha256=digest), tmp_path)
+    assert loaded.format == "state-dict" and loaded.is_eager and not loaded.module.training
+    with pytest.raises(ModelLoadError, match="sha256 does not match"):
+        load_model(ModelSpec(source=weights.name, entrypoint="user_models:ConvLstm", inputs=INPUTS, sha256="0" * 64), tmp_path)
+
+
+def test_safetensors_torchscript_and_exported_program(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = save_user_model(tmp_path, "ConvLstm")
+    state = torch.load(weights, weights_only=True)
+    save_file(state, tmp_path / "w.safetensors")
+    loaded = load_model(ModelSpec(source="w.safetensors", entrypoint="user_models:ConvLstm", inputs=INPUTS), tmp_path)
+    module = loaded.module
+    example = torch.rand(1, 1, 8, 16)
+    torch.jit.save(torch.jit.trace(module, example), tmp_path / "scripted.pt")
+    torch.export.save(torch.export.export(module, (example,)), tmp_path / "exported.pt2")
+    assert detect_format(tmp_path / "scripted.pt") == "torchscript"
+    assert detect_format(tmp_path / "exported.pt2") == "exported-program"
+    assert detect_format(weights) == "state-dict"
+    expected = module(example)
+    for name, fmt in (("scripted.pt", "torchscript"), ("exported.pt2", "exported-program")):
+        other = load_model(ModelSpec(source=name, inputs=INPUTS), tmp_path)
+        assert other.format == fmt and not other.is_eager
+        torch.testing.assert_close(other.module(example), expected)
+
+
+@pytest.mark.parametrize("spec, words", [
+    (dict(source="missing.pt", entrypoint="user_models:ConvLstm"), "no file at"),
+    (dict(source="convlstm.pt"), "set model.entrypoint"),
+    (dict(source="convlstm.pt", entrypoint="no_such_module:Net"), "cannot be imported"),
+    (dict(source="convlstm.pt", entrypoint="user_models:ConvLstm", arguments={"colours": 3}), "model.arguments"),
+    (dict(source="convlstm.pt", entrypoint="user_models:ShapeBaker"), "do not fit"),
+    (dict(source="zoo:no-such-model"), "no-such-model"),
+    (dict(source="http://example.com/m.pt", entrypoint="a:B"), "plain http is refused"),
+])
+def test_load_errors_say_what_to_do(tmp_path, spec, words):
+    save_user_model(tmp_path, "ConvLstm")
+    with pytest.raises(ModelLoadError, match=words):
+        load_model(ModelSpec(inputs=INPUTS, **spec), tmp_path)
+
+
+def test_size_limit(tmp_path):
+    weights = save_user_model(tmp_path, "ConvLstm")
+    with weights.open("ab") as handle:
+        handle.write(b"\0" * (1024 * 1024 + 1))
+    with pytest.raises(ModelLoadError, match="maxSizeMB"):
+        load_model(ModelSpec(source=weights.name, entrypoint="user_models:ConvLstm", inputs=INPUTS, maxSizeMB=1), tmp_path)

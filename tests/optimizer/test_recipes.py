@@ -1,0 +1,80 @@
+"""Every recipe, on a real miniature CRNN, through the real pipeline (one shared run)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import torch
+
+from optimizer.results import Results
+
+
+def test_every_recipe_is_recorded(conv_lstm_run):
+    results, _ = conv_lstm_run
+    by_recipe = {v.recipe: v for v in results.variants}
+    assert set(by_recipe) == {"onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic",
+                              "torch-int8-dynamic", "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16"}
+    built = [v for v in results.variants if v.recipe != "onnx-fp16"]
+    assert all(v.status in ("ok", "rejected") for v in built), [(v.name, v.error) for v in built]
+    assert by_recipe["onnx-fp16"].status == "skipped" and "not applicable on CPU" in by_recipe["onnx-fp16"].error
+
+
+def test_measurements_and_lineage(conv_lstm_run):
+    results, output = conv_lstm_run
+    for v in [results.baseline, *[v for v in results.variants if v.status != "skipped"]]:
+        assert v.latencyMs.runs == 10 and v.latencyMs.p50 <= v.latencyMs.p99
+        assert v.sizeBytes > 0 and v.speedup > 0
+        assert 0.9 < v.fidelity.cosine <= 1.0 + 1e-9
+    for v in results.variants:
+        if v.status != "skipped":
+            assert (output / v.artifact).is_file() and (output / v.artifact).stat().st_size == v.sizeBytes
+            assert v.lineage.recipe == v.recipe
+    assert results.baseline.fidelity.maxAbsDiff == 0 and results.baseline.accuracy == 1.0
+
+
+def test_onnx_fp32_matches_pytorch(conv_lstm_run):
+    results, _ = conv_lstm_run
+    fp32 = results.variant("onnx-fp32")
+    assert fp32.fidelity.maxAbsDiff < 1e-4 and fp32.fidelity.argmaxAgreement == 1.0
+
+
+def test_ort_int8_graphs_hold_the_ops_each_recipe_promises(conv_lstm_run):
+    results, output = conv_lstm_run
+    ops = lambda name: {n.op_type for n in onnx.load(str(output / results.variant(name).artifact)).graph.node}
+    dynamic = ops("ort-int8-dynamic")
+    assert "DynamicQuantizeLSTM" in dynamic and "ConvInteger" not in dynamic  # Conv left FP32 by default
+    static = ops("ort-int8-static")
+    assert "QuantizeLinear" in static and "DequantizeLinear" in static and "LSTM" in static
+    static_dynamic = ops("ort-int8-static-dynamic")
+    assert "DynamicQuantizeLSTM" in static_dynamic and "QuantizeLinear" in static_dynamic
+    assert results.variant("ort-int8-static").lineage.options["calibration"] == "minmax"
+    # after ORT optimization on this CPU, the QDQ pairs fuse into integer kernels
+    assert any(op.startswith("QLinear") or op == "QGemm" for op in results.variant("ort-int8-static").opCounts)
+
+
+def test_int8_models_are_smaller(conv_lstm_run):
+    results, _ = conv_lstm_run
+    base = results.baseline.sizeBytes
+    assert results.variant("ort-int8-static-dynamic").sizeBytes < 0.5 * base
+    # TorchScript adds ~40 kB of code, which only matters for a model this small
+    assert results.variant("torch-int8-static-dynamic").sizeBytes < 0.8 * base
+
+
+def test_torch_variants_are_torchscript_with_quantized_kernels(conv_lstm_run):
+    results, output = conv_lstm_run
+    graph = lambda name: str(torch.jit.load(str(output / results.variant(name).artifact)).inlined_graph)
+    assert "quantized::linear_dynamic" in graph("torch-int8-dynamic")
+    static_dynamic = graph("torch-int8-static-dynamic")
+    assert "quantized::conv2d_relu" in static_dynamic  # Conv+BN+ReLU fused and quantized
+    assert "quantized_lstm" in static_dynamic or "quantized::" in static_dynamic
+
+
+def test_results_json_is_versioned_and_complete(conv_lstm_run):
+    _, output = conv_lstm_run
+    data = json.loads((output / "results.json").read_text())
+    assert data["schemaVersion"] == 1
+    results = Results.model_validate(data)
+    assert results.environment.packages["torch"].startswith("2.13")
+    assert [s.step for s in results.steps] == ["load", "data", "export", "variants", "evaluate", "benchmark", "select", "report"]
+    assert results.best is None or results.variant(results.best).status == "ok"
