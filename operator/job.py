@@ -142,6 +142,8 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
         ],
         "volumes": [{"name": "scratch", "emptyDir": {}}],
     }
+    if spec.spec.benchmark.device == "cuda" and settings.gpu_runtime_class:
+        pod_spec["runtimeClassName"] = settings.gpu_runtime_class
     if spec.spec.job.nodeSelector:
         pod_spec["nodeSelector"] = dict(spec.spec.job.nodeSelector)
     tolerations = _tolerations(spec)

@@ -16,6 +16,8 @@ class Settings:
     # Finished Jobs are kept by default: their pods' logs explain a run, and a Job that vanished
     # must not look like "not started yet" to an operator that restarts.
     job_ttl_seconds: int | None = None
+    # Clusters whose GPU nodes use a separate container runtime handler (e.g. "nvidia").
+    gpu_runtime_class: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -26,4 +28,5 @@ class Settings:
             gpu_worker_image=env.get("MLOPT_GPU_WORKER_IMAGE") or cls.gpu_worker_image,
             image_pull_policy=env.get("MLOPT_IMAGE_PULL_POLICY") or cls.image_pull_policy,
             job_ttl_seconds=int(ttl) if ttl else None,
+            gpu_runtime_class=env.get("MLOPT_GPU_RUNTIME_CLASS") or None,
         )

@@ -113,6 +113,10 @@ def test_cuda_uses_the_gpu_image_and_asks_for_a_gpu():
     assert worker(job)["image"] == "mlopt/worker-gpu:test"
     assert worker(job)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(job)["tolerations"]
+    assert "runtimeClassName" not in pod(job)
+    job = build_job(resource(benchmark={"device": "cuda"}), Settings(gpu_runtime_class="nvidia"))
+    assert pod(job)["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in pod(build_job(resource(), Settings(gpu_runtime_class="nvidia")))
 
 
 def test_deterministic_exit_codes_fail_the_job_without_retries():
