@@ -16,7 +16,7 @@ from optimizer.spec_loader import SpecError, load_spec
 
 
 def _optimize(args: argparse.Namespace, console: Console) -> int:
-    from optimizer.console import QuietReporter, RichReporter, print_results
+    from optimizer.console import LogReporter, QuietReporter, RichReporter, print_results
     from optimizer.load import ModelLoadError
     from optimizer.pipeline import optimize
 
@@ -24,7 +24,10 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     output = Path(args.output or spec.spec.output)
     if not args.output and not output.is_absolute():
         output = Path.cwd() / output
-    reporter = QuietReporter() if args.quiet else RichReporter(console)
+    if args.quiet:
+        reporter = QuietReporter()
+    else:  # bars for people at a terminal; plain lines for logs and pipes
+        reporter = RichReporter(console) if console.is_terminal else LogReporter()
     try:
         results = optimize(spec, output, Path(args.spec).resolve().parent, reporter)
     except (ModelLoadError, _data_error()) as error:

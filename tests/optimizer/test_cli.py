@@ -1,0 +1,134 @@
+"""The `mlopt` command end to end, as a user runs it: real processes, real files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import CONV_LSTM_INPUTS, save_user_model, write_spec
+
+MLOPT = str(Path(sys.executable).with_name("mlopt"))
+
+
+def mlopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([MLOPT, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def test_optimize_digits_end_to_end(tmp_path):
+    spec = write_spec(tmp_path, {
+        "model": {"source": "zoo:digits"},
+        "variants": [{"name": "onnx-fp32", "recipe": "onnx-fp32"},
+                     {"name": "ort-int8-static", "recipe": "ort-int8-static", "calibration": "percentile"},
+                     {"name": "torch-int8-static", "recipe": "torch-int8-static"}],
+        "data": {"source": "zoo:digits", "samples": 32},
+        "benchmark": {"warmup": 2, "runs": 10},
+        "acceptance": {"maxAccuracyDrop": 0.05},
+        "output": "spec-output",
+    })
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "best:" in done.stdout and "pytorch-fp32" in done.stdout  # the terminal table
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "size.png", "latency.png", "models"}
+    assert not (tmp_path / "spec-output").exists()  # --output overrides spec.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["accuracyMetric"] == "top1"
+    assert results["baseline"]["accuracy"] > 0.9  # a trained model on real held-out data
+    assert all(abs(v["accuracy"] - results["baseline"]["accuracy"]) < 0.05 for v in results["variants"])
+    report = (out / "report.md").read_text()
+    assert "## ONNX conversion" in report and "| model file |" in report and "ort-int8-static" in report
+    assert (out / "size.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # staging cleaned up
+
+
+def test_quiet_prints_nothing_and_spec_output_is_used(tmp_path):
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                                 "benchmark": {"warmup": 1, "runs": 3}, "output": "results-here"})
+    done = mlopt("optimize", str(spec), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert (tmp_path / "results-here" / "results.json").is_file()
+
+
+def test_invalid_spec_exits_2_names_fields_and_writes_nothing(tmp_path):
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:crnn"}, "benchmark": {"runs": "many"}, "extra": 1})
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "spec.benchmark.runs" in done.stderr and "spec.extra" in done.stderr and "fix:" in done.stderr
+    assert not (tmp_path / "out").exists()
+    assert mlopt("validate", str(spec), cwd=tmp_path).returncode == 2
+
+
+def test_unloadable_model_exits_1_with_reason(tmp_path):
+    spec = write_spec(tmp_path, {"model": {"source": "missing.pt", "entrypoint": "m:Net", "inputs": CONV_LSTM_INPUTS}})
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "no file at" in done.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_validate_and_models(tmp_path):
+    done = mlopt("validate", str(Path(__file__).parents[2] / "examples" / "crnn.yaml"), cwd=tmp_path)
+    assert done.returncode == 0 and "valid" in done.stdout and "ort-int8-static-dynamic" in done.stdout
+    listing = mlopt("models", cwd=tmp_path)
+    assert listing.returncode == 0
+    for name in ("crnn", "digits"):
+        assert name in listing.stdout
+
+
+def test_one_failing_variant_does_not_stop_the_others(tmp_path):
+    # Export fails (the model breaks at a second shape), so ONNX variants fail; PyTorch ones still run.
+    weights = save_user_model(tmp_path, "ShapeBaker")
+    spec = write_spec(tmp_path, {
+        "model": {"source": weights.name, "entrypoint": "user_models:ShapeBaker",
+                  "inputs": [{"name": "x", "shape": [1, 2, 4], "dynamicAxes": {0: "batch", 1: "rows"}}]},
+        "variants": [{"name": "onnx-fp32", "recipe": "onnx-fp32"}, {"name": "dyn", "recipe": "torch-int8-dynamic"}],
+        "benchmark": {"warmup": 1, "runs": 3},
+    })
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    by_name = {v["name"]: v for v in results["variants"]}
+    assert by_name["onnx-fp32"]["status"] == "failed"
+    assert "x=[2, 4, 4]" in by_name["onnx-fp32"]["error"]
+    assert by_name["dyn"]["status"] == "ok" and by_name["dyn"]["latencyMs"]["mean"] > 0
+
+
+def test_interrupted_run_leaves_no_results(tmp_path):
+    from optimizer.console import QuietReporter
+    from optimizer.pipeline import optimize
+    from optimizer.spec_loader import load_spec
+
+    class InterruptAtBenchmark(QuietReporter):
+        def log(self, message):
+            if message.startswith("benchmark"):
+                raise KeyboardInterrupt
+
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}]})
+    with pytest.raises(KeyboardInterrupt):
+        optimize(load_spec(spec), tmp_path / "out", tmp_path, InterruptAtBenchmark())
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_worker_writes_summary_and_results(tmp_path):
+    spec = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "w"},
+            "spec": {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                     "benchmark": {"warmup": 1, "runs": 3}}}
+    env = {**os.environ, "MLOPT_SPEC": json.dumps(spec), "MLOPT_OUTPUT": str(tmp_path / "out"),
+           "MLOPT_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    done = subprocess.run([MLOPT, "worker"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["phase"] == "Succeeded" and summary["variants"][0]["name"] == "fp32"
+    assert (tmp_path / "out" / "results.json").is_file()
+    env["MLOPT_SPEC"] = json.dumps({**spec, "spec": {"model": {"source": "zoo:nope"}}})
+    failed = subprocess.run([MLOPT, "worker"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert failed.returncode == 1
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["phase"] == "Failed" and summary["reason"] == "ModelLoadFailed" and "nope" in summary["message"]
