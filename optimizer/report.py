@@ -30,7 +30,7 @@ def size_mb(variant: VariantResult | None) -> str:
     return format_size(variant.sizeBytes if variant else None)
 
 
-def _by_recipe(results: Results) -> dict[str, VariantResult]:
+def by_recipe(results: Results) -> dict[str, VariantResult]:
     found = {results.baseline.recipe: results.baseline}
     for variant in results.variants:
         if variant.status in ("ok", "rejected"):
@@ -86,7 +86,7 @@ def _op_mix(results: Results) -> list[str]:
 
 def markdown(results: Results) -> str:
     env = results.environment
-    found = _by_recipe(results)
+    found = by_recipe(results)
     device = env.device
     out = [
         f"# mlopt report: {results.name}",
