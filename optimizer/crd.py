@@ -123,7 +123,11 @@ _RULES: dict[str, list[dict[str, str]]] = {
 # Schema details that pydantic validators enforce in code, stated here for the API server.
 _FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
     ("ModelSpec", "entrypoint"): {"pattern": _ENTRYPOINT.pattern},
-    ("InputSpec", "shape"): {"items": {"type": "integer", "minimum": 1}},
+    ("InputSpec", "shape"): {"items": {"type": "integer", "minimum": 1}, "maxItems": 8},
+    # The API server refuses CEL rules over unbounded lists and maps (their estimated cost is too
+    # high), so the inputs' rule needs these bounds; they are generous for real models.
+    ("ModelSpec", "inputs"): {"maxItems": 16},
+    ("InputSpec", "dynamicAxes"): {"maxProperties": 8},
     # Unique variant names, enforced by the API server without a quadratic CEL rule.
     ("ModelOptimizationSpec", "variants"): {
         "x-kubernetes-list-type": "map",

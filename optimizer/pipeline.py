@@ -97,7 +97,7 @@ def _context(run: Run, cpu_flags: list[str]) -> BuildContext:
     return BuildContext(
         loaded=run.loaded, fp32_onnx=fp32, export_error=run.export_error, dataset=run.dataset,
         workdir=run.scratch, threads=run.spec.spec.benchmark.threads, device=run.spec.spec.benchmark.device,
-        cpu_flags=frozenset(cpu_flags),
+        cpu_flags=frozenset(cpu_flags), reporter=run.reporter,
     )
 
 

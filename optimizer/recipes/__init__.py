@@ -27,6 +27,7 @@ class BuildContext:
     threads: int
     device: str
     cpu_flags: frozenset[str]
+    reporter: object = None  # optimizer.console reporter: progress for calibration
     cache: dict = field(default_factory=dict)  # shared intermediate files, e.g. the pre-processed model
 
     def require_onnx(self) -> Path:

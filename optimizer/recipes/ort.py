@@ -42,11 +42,14 @@ def _preprocessed(ctx: BuildContext) -> Path:
 class _Calibration:
     """ORT's CalibrationDataReader protocol over the data set's calibration items."""
 
-    def __init__(self, items):
-        self._items = iter(items)
+    def __init__(self, items, advance):
+        self._items, self._advance = iter(items), advance
 
     def get_next(self):
-        return next(self._items, None)
+        item = next(self._items, None)
+        if item is not None:
+            self._advance()
+        return item
 
     def rewind(self):  # some calibrators ask for it; we are only read once
         pass
@@ -94,13 +97,15 @@ def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
     options = {"format": "QDQ", "perChannel": variant.perChannel, "calibration": variant.calibration,
                "activations": "uint8", "weights": "int8", "reduceRange": reduce_range,
                "calibrationSamples": len(ctx.dataset.calibration)}
-    quantize_static(
-        str(_preprocessed(ctx)), str(target), _Calibration(ctx.dataset.calibration),
-        quant_format=QuantFormat.QDQ, per_channel=variant.perChannel, reduce_range=reduce_range,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-        op_types_to_quantize=variant.opTypes,
-        extra_options={"CalibPercentile": 99.999} if variant.calibration == "percentile" else {},
-    )
+    preprocessed, items = _preprocessed(ctx), ctx.dataset.calibration
+    with ctx.reporter.task(f"calibrating {variant.name} ({variant.calibration})", len(items)) as advance:
+        quantize_static(
+            str(preprocessed), str(target), _Calibration(items, advance),
+            quant_format=QuantFormat.QDQ, per_channel=variant.perChannel, reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+            op_types_to_quantize=variant.opTypes,
+            extra_options={"CalibPercentile": 99.999} if variant.calibration == "percentile" else {},
+        )
     return options
 
 

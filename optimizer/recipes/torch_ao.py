@@ -67,9 +67,11 @@ def _static(ctx: BuildContext, module):
             f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
             "use the ort-int8-static recipe instead"
         ) from None
-    with torch.inference_mode():
-        for item in ctx.dataset.calibration:
+    items = ctx.dataset.calibration
+    with ctx.reporter.task("calibrating observers (torch.ao FX)", len(items)) as advance, torch.inference_mode():
+        for item in items:
             prepared(*(torch.from_numpy(item[n]) for n in names))
+            advance()
     return convert_fx(prepared)
 
 

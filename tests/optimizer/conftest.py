@@ -88,6 +88,8 @@ def write_spec(directory: Path, spec: dict, name: str = "spec.yaml") -> Path:
     return path
 
 
+ALL_RECIPES = ["onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic", "torch-int8-dynamic",
+               "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16"]
 CONV_LSTM_INPUTS = [{"name": "image", "shape": [1, 1, 8, 16], "dynamicAxes": {0: "batch", 3: "width"}}]
 
 
@@ -102,6 +104,8 @@ def conv_lstm_run(tmp_path_factory):
     weights = save_user_model(directory, "ConvLstm")
     spec_path = write_spec(directory, {
         "model": {"source": weights.name, "entrypoint": "user_models:ConvLstm", "inputs": CONV_LSTM_INPUTS},
+        "variants": [*({"name": r, "recipe": r} for r in ALL_RECIPES),
+                     {"name": "ort-int8-static-entropy", "recipe": "ort-int8-static", "calibration": "entropy"}],
         "data": {"source": "random", "samples": 16},
         "benchmark": {"warmup": 2, "runs": 10},
         "acceptance": {"maxAccuracyDrop": 0.2},

@@ -9,11 +9,13 @@ import torch
 
 from optimizer.results import Results
 
+from .conftest import ALL_RECIPES
+
 
 def test_every_recipe_is_recorded(conv_lstm_run):
     results, _ = conv_lstm_run
     by_recipe = {v.recipe: v for v in results.variants}
-    assert set(by_recipe) == {"onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic",
+    assert set(by_recipe) == set(ALL_RECIPES) == {"onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic",
                               "torch-int8-dynamic", "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16"}
     built = [v for v in results.variants if v.recipe != "onnx-fp16"]
     assert all(v.status in ("ok", "rejected") for v in built), [(v.name, v.error) for v in built]
@@ -49,6 +51,8 @@ def test_ort_int8_graphs_hold_the_ops_each_recipe_promises(conv_lstm_run):
     static_dynamic = ops("ort-int8-static-dynamic")
     assert "DynamicQuantizeLSTM" in static_dynamic and "QuantizeLinear" in static_dynamic
     assert results.variant("ort-int8-static").lineage.options["calibration"] == "minmax"
+    entropy = results.variant("ort-int8-static-entropy")
+    assert entropy.lineage.options["calibration"] == "entropy" and "QuantizeLinear" in ops("ort-int8-static-entropy")
     # after ORT optimization on this CPU, the QDQ pairs fuse into integer kernels
     assert any(op.startswith("QLinear") or op == "QGemm" for op in results.variant("ort-int8-static").opCounts)
 
