@@ -36,17 +36,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _ref(resource: dict[str, Any]) -> dict[str, Any]:
-    meta = resource["metadata"]
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
-        "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
-    }
-
-
 def _event(resource: dict[str, Any], phase: str, reason: str, message: str) -> None:
     kind = "Warning" if phase == "Failed" else "Normal"
-    kopf.event(_ref(resource), type=kind, reason=reason or phase, message=f"{phase}: {message}"[:1000])
+    kopf.event(resource, type=kind, reason=reason or phase, message=f"{phase}: {message}"[:1000])
 
 
 def _write(cluster: Cluster, resource: dict[str, Any], status: dict[str, Any], generation: int) -> None:
@@ -78,9 +70,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     _state["settings"] = Settings.from_env()
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+# backoff=5: retry a failed Job creation in seconds, not after kopf's default 60 s.
+@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=5)
 def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
     """One Job per generation: adopt it if it exists, else create it; stop older generations."""
     cluster: Cluster = _state["cluster"]

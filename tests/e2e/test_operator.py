@@ -1,0 +1,347 @@
+"""The operator against the real control plane (tests/e2e/control_plane.py), with kubectl.
+
+The operator runs as a local process under its own service account's token, with only the RBAC in
+manifests/base; the test node runs the Jobs' `mlopt worker` containers as local processes.
+Most cases use the small digits model with one variant; only examples/crnn.yaml runs the CRNN.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .control_plane import free_port
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+OPERATOR_NS, OPERATOR_SA = "mlopt-system", "mlopt-operator"
+CRD = REPO / "crds" / "modeloptimizations.mlopt.io.yaml"
+DIGITS_RUNS = 5
+
+
+# --------------------------------------------------------------------------------------------------
+# The operator process
+
+
+class OperatorProcess:
+    """The operator with a kubeconfig holding the service account's token."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, command: list[str] | None = None):
+        self.kubeconfig, self.workdir = kubeconfig, workdir
+        self.command = command or [sys.executable, "-m", "mlopt_operator.main"]
+        self.log = workdir / "operator.log"
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "MLOPT_WORKER_IMAGE": "mlopt/worker:e2e",  # recorded only: the test node runs no images
+        }
+        with open(self.log, "ab") as out:
+            # cwd outside the repo, like an installed operator; own process group, killed by PID.
+            self.process = subprocess.Popen(
+                [*self.command, f"--liveness=http://127.0.0.1:{self.port}/healthz"],
+                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for("the operator's liveness endpoint", self._healthy, 60, self.tail)
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the operator exited ({self.process.returncode}):\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+    def tail(self, lines: int = 60) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "".join(text.splitlines(keepends=True)[-lines:])
+
+
+def wait_for(what: str, check, timeout: float, details=lambda: "", interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{details()}")
+
+
+def token_kubeconfig(control_plane, path: Path) -> Path:
+    """The admin kubeconfig's cluster with the operator service account's token as the user."""
+    admin = yaml.safe_load(control_plane.kubeconfig.read_text())
+    token = control_plane.kubectl("create", "token", OPERATOR_SA, "-n", OPERATOR_NS, "--duration=2h").stdout.strip()
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": OPERATOR_SA, "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": admin["clusters"][0]["name"], "user": OPERATOR_SA}}],
+        "current-context": "operator",
+    }
+    path.write_text(json.dumps(config))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane):
+    """CRD + manifests/base (namespace, service account, RBAC, Deployment) applied as admin."""
+    control_plane.kubectl("apply", "-k", str(REPO / "manifests" / "base"))
+    control_plane.kubectl("wait", "--for=condition=Established", "crd/modeloptimizations.mlopt.io", "--timeout=60s")
+    return control_plane
+
+
+@pytest.fixture(scope="module")
+def operator(installed, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("operator")
+    process = OperatorProcess(token_kubeconfig(installed, workdir / "kubeconfig"), workdir)
+    process.start()
+    yield process
+    process.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def digits(name: str, **spec) -> dict:
+    body = {
+        "model": {"source": "zoo:digits"},
+        "variants": [{"name": "onnx-fp32", "recipe": "onnx-fp32"}],
+        "data": {"samples": 16},
+        "benchmark": {"warmup": 1, "runs": DIGITS_RUNS},
+        **spec,
+    }
+    return {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": name}, "spec": body}
+
+
+def apply(cp, namespace: str, document: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(document), check=check)
+
+
+def get_mo(cp, namespace: str, name: str) -> dict:
+    return cp.kubectl_json("get", "modeloptimization", name, "-n", namespace)
+
+
+def wait_status(cp, operator, namespace: str, name: str, predicate, timeout: float = 240) -> dict:
+    last: dict = {}
+
+    def check():
+        nonlocal last
+        last = get_mo(cp, namespace, name)
+        return last if predicate(last.get("status") or {}) else None
+
+    return wait_for(f"{name}'s status", check, timeout,
+                    lambda: f"status: {json.dumps(last.get('status'), indent=1)}\noperator log:\n{operator.tail()}")
+
+
+def phase_is(*phases):
+    return lambda status: status.get("phase") in phases
+
+
+def jobs(cp, namespace: str, name: str) -> list[dict]:
+    return cp.kubectl_json("get", "jobs", "-n", namespace, "-l", f"mlopt.io/name={name}")["items"]
+
+
+def pods(cp, namespace: str, name: str) -> list[dict]:
+    return cp.kubectl_json("get", "pods", "-n", namespace, "-l", f"mlopt.io/name={name}")["items"]
+
+
+def events(cp, namespace: str, name: str) -> list[dict]:
+    return cp.kubectl_json(
+        "get", "events", "-n", namespace,
+        "--field-selector", f"involvedObject.kind=ModelOptimization,involvedObject.name={name}",
+    )["items"]
+
+
+def worker_pids(marker: str) -> list[int]:
+    """Local processes of the worker whose MLOPT_SPEC names this resource (the test node runs them)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"MLOPT_SPEC=" in environ and marker.encode() in environ and b"worker" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Acceptance
+
+
+def test_runs_under_its_own_service_account_with_only_the_manifests_rbac(operator, control_plane):
+    token_config = str(operator.kubeconfig)
+
+    def can(*args):
+        result = control_plane.kubectl("auth", "can-i", *args, f"--kubeconfig={token_config}", check=False)
+        return result.stdout.strip()
+
+    assert control_plane.kubectl("auth", "whoami", f"--kubeconfig={token_config}", "-o", "json", check=False
+                                 ).stdout.count(f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}") >= 1
+    assert can("create", "jobs.batch", "-A") == "yes"
+    assert can("patch", "modeloptimizations.mlopt.io/status", "-A") == "yes"
+    for verb, resource in (("get", "secrets"), ("create", "pods"), ("delete", "modeloptimizations.mlopt.io"),
+                           ("list", "customresourcedefinitions"), ("update", "jobs.batch")):
+        assert can(verb, resource, "-A") == "no", f"the operator may {verb} {resource}"
+    assert operator.process.poll() is None
+    assert "Forbidden" not in operator.log.read_text(), operator.tail()
+
+
+def test_mlopt_operator_cli_runs_the_operator(installed, tmp_path):
+    """`mlopt operator` (the CLI) starts the same operator; it is healthy under the SA's token."""
+    cli = OperatorProcess(token_kubeconfig(installed, tmp_path / "kubeconfig"), tmp_path,
+                          [str(Path(sys.executable).with_name("mlopt")), "operator"])
+    try:
+        cli.start()
+    finally:
+        cli.stop()
+
+
+def test_schema_violations_are_refused_naming_the_field(operator, control_plane, namespace):
+    result = apply(control_plane, namespace, digits("bad-runs", benchmark={"runs": 0}), check=False)
+    assert result.returncode != 0 and "spec.benchmark.runs" in result.stderr, result.stderr
+    result = apply(control_plane, namespace, digits("bad-field", benchmark={"rnus": 5}), check=False)
+    assert result.returncode != 0 and "rnus" in result.stderr, result.stderr
+    state_dict = digits("bad-state-dict", model={"source": "model.pt", "format": "state-dict",
+                                                 "inputs": [{"name": "x", "shape": [1, 4]}]})
+    result = apply(control_plane, namespace, state_dict, check=False)
+    assert result.returncode != 0 and "model.entrypoint" in result.stderr, result.stderr
+
+
+def test_digits_succeeds_with_results_in_status(operator, control_plane, namespace):
+    apply(control_plane, namespace, digits("digits"))
+    mo = wait_status(control_plane, operator, namespace, "digits", phase_is("Succeeded", "Failed"))
+    status = mo["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["observedGeneration"] == 1 and status["jobName"] == "digits-g1"
+    assert status["baseline"]["name"] == "pytorch-fp32"
+    assert [v["name"] for v in status["variants"]] == ["onnx-fp32"]
+    assert status["startTime"] and status["completionTime"]
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Succeeded"] == "True"
+    reasons = [e["reason"] for e in events(control_plane, namespace, "digits")]
+    assert "JobCreated" in reasons and "Completed" in reasons, reasons
+
+
+@pytest.mark.slow
+def test_example_crnn_succeeds_and_get_prints_the_columns(operator, control_plane, namespace):
+    control_plane.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "crnn.yaml"))
+    mo = wait_status(control_plane, operator, namespace, "crnn", phase_is("Succeeded", "Failed"), timeout=1500)
+    status = mo["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["baseline"]["latencyMs"]["mean"] > 0
+    assert len(status["variants"]) >= 2 and status["best"]
+    table = control_plane.kubectl("get", "modeloptimizations", "-n", namespace).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "BEST", "SIZE", "LATENCY", "SPEEDUP", "AGE"]
+    assert re.search(r"^crnn\s+Succeeded\s+\S+\s+[\d.]+ [kM]B\s+[\d.]+ ms\s+[\d.]+x\s+\S+$", row), table
+    print(table)
+
+
+def test_model_that_cannot_load_fails_with_reason_and_event(operator, control_plane, namespace):
+    spec = digits("no-model", model={"source": "/nonexistent/model.pt", "format": "torchscript",
+                                     "inputs": [{"name": "x", "shape": [1, 4]}]})
+    apply(control_plane, namespace, spec)
+    status = wait_status(control_plane, operator, namespace, "no-model", phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "ModelLoadFailed", status
+    assert "/nonexistent/model.pt" in status["message"]
+    assert status["exitCode"] == 1
+    warnings = [e for e in events(control_plane, namespace, "no-model") if e["type"] == "Warning"]
+    assert any(e["reason"] == "ModelLoadFailed" for e in warnings), warnings
+
+
+def test_killed_worker_fails_with_the_exit_code(operator, control_plane, namespace):
+    name = "killed-worker"
+    apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 10_000_000}))
+    wait_status(control_plane, operator, namespace, name, phase_is("Running"))
+    marker = f'"name":"{name}","namespace":"{namespace}"'
+    pids = wait_for("the worker process", lambda: worker_pids(marker), 60)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed"
+    assert status["exitCode"] == 137, status
+    assert "exit code 137" in status["message"]
+    assert status["reason"] == "BackoffLimitExceeded"
+
+
+def test_restart_during_a_run_adopts_the_job(operator, control_plane, namespace):
+    name = "restart"
+    apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 2000}))
+    wait_status(control_plane, operator, namespace, name, phase_is("Running"))
+    operator.stop(signal.SIGKILL)  # a crash: no chance to clean up
+    assert len(jobs(control_plane, namespace, name)) == 1
+    operator.start()
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status
+    found = jobs(control_plane, namespace, name)
+    assert [j["metadata"]["name"] for j in found] == [f"{name}-g1"]
+    assert len(pods(control_plane, namespace, name)) == 1
+
+
+def test_spec_change_runs_a_new_job_and_observed_generation_follows(operator, control_plane, namespace):
+    name = "edited"
+    apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 10_000_000}))
+    wait_status(control_plane, operator, namespace, name, phase_is("Running"))
+    apply(control_plane, namespace, digits(name))  # runs back to DIGITS_RUNS: generation 2
+    status = wait_status(
+        control_plane, operator, namespace, name,
+        lambda s: s.get("observedGeneration") == 2 and s.get("phase") in ("Succeeded", "Failed"),
+    )["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["jobName"] == f"{name}-g2"
+    wait_for("generation 1's Job and pod to be gone",
+             lambda: [j["metadata"]["name"] for j in jobs(control_plane, namespace, name)] == [f"{name}-g2"]
+             and all(p["metadata"]["labels"]["mlopt.io/generation"] == "2" for p in pods(control_plane, namespace, name)),
+             120)
+    reasons = [e["reason"] for e in events(control_plane, namespace, name)]
+    assert reasons.count("JobCreated") == 2, reasons
+
+
+def test_deleting_the_resource_garbage_collects_job_and_pods(operator, control_plane, namespace):
+    name = "deleted"
+    apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 10_000_000}))
+    wait_status(control_plane, operator, namespace, name, phase_is("Running"))
+    assert jobs(control_plane, namespace, name) and pods(control_plane, namespace, name)
+    control_plane.kubectl("delete", "modeloptimization", name, "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for("the Job and its pods to be garbage-collected",
+             lambda: not jobs(control_plane, namespace, name) and not pods(control_plane, namespace, name), 120)
+    marker = f'"name":"{name}","namespace":"{namespace}"'
+    wait_for("the worker process to stop", lambda: not worker_pids(marker), 60)
+
+
+@pytest.mark.parametrize("overlay", ["kind", "gpu"])
+def test_overlays_pass_a_server_side_dry_run(installed, overlay):
+    result = installed.kubectl("apply", "--dry-run=server", "-k", str(REPO / "manifests" / "overlays" / overlay))
+    assert "deployment.apps/mlopt-operator" in result.stdout
