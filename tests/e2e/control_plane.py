@@ -216,11 +216,22 @@ class Component:
                 continue
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, so a pytest killed with SIGKILL does
+    not leave a cluster running. (Linux ties this to the thread that started the child: start the
+    control plane from a thread that lives as long as it, e.g. the main thread.)"""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def start_component(name: str, argv: list[str], log_dir: Path) -> Component:
     log = log_dir / f"{name}.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # own process group, killed by PID
+                                   start_new_session=True,  # own process group, killed by PID
+                                   preexec_fn=_terminate_with_parent)
     return Component(name, process, log)
 
 

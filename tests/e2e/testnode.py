@@ -15,7 +15,9 @@ It lets the real control plane in tests/e2e/control_plane.py run Jobs to complet
   configMap, secret, downwardAPI and projected (serviceAccountToken via TokenRequest, configMap,
   secret, downwardAPI) volumes, `subPath`, `readOnly`, and `terminationMessagePath` (default
   /dev/termination-log, a bind-mounted temp file; /dev is shadowed by a tmpfs copy so nothing is
-  created in the host's /dev);
+  created in the host's /dev). When a mountPath's parent does not exist on the host, the nearest
+  existing ancestor is shadowed the same way: its entries stay the host's, but NEW files created
+  directly in it land in the container's tmpfs;
 - writes pod status: Running (containerStatuses running, conditions Ready etc., podIP 127.0.0.1,
   which is the truth: containers share the host network), then Succeeded/Failed with
   `state.terminated{exitCode, reason, message, startedAt, finishedAt}`; the message is the
