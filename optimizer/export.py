@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,21 +133,35 @@ def _quiet_exporter():
 def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, opset: int) -> None:
     import torch
 
-    example = tuple(torch.from_numpy(a) for a in random_feed(inputs).values())
     names = [spec.name for spec in inputs]
     with _quiet_exporter():
         if exporter == "dynamo":
+            # torch.export treats size-1 dims as constants: a batch-1 example would pin batch to 1.
+            shapes = {s.name: [max(n, 2) if a in s.dynamicAxes else n for a, n in enumerate(s.shape)] for s in inputs}
+            example = tuple(torch.from_numpy(a) for a in random_feed(inputs, shapes).values())
             dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamicAxes} or None for spec in inputs)
             torch.onnx.export(
                 module, example, str(path), input_names=names, opset_version=opset, dynamo=True,
                 dynamic_shapes=dynamic if any(dynamic) else None, external_data=False,
             )
         else:
+            example = tuple(torch.from_numpy(a) for a in random_feed(inputs).values())
             dynamic_axes = {spec.name: {a: n for a, n in spec.dynamicAxes.items()} for spec in inputs if spec.dynamicAxes}
             torch.onnx.export(
                 module, example, str(path), input_names=names, opset_version=opset, dynamo=False,
                 dynamic_axes=dynamic_axes or None,
             )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _reason(error: BaseException) -> str:
+    """The root cause's first line: exporters wrap the useful message in several layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _check_and_infer(path: Path) -> None:
@@ -173,7 +188,7 @@ def export_onnx(torch_runner, inputs: list[InputSpec], spec: ExportSpec, workdir
             failures.append(f"{exporter} exporter: {error}")
             continue
         except Exception as error:
-            failures.append(f"{exporter} exporter failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            failures.append(f"{exporter} exporter failed: {_reason(error)}")
             continue
         notes = [f"fell back to the {exporter} exporter because the " + "; ".join(failures)] if failures else []
         return ExportResult(path, exporter, onnx_runner.output_names, shapes, notes)

@@ -23,7 +23,8 @@ _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 class _Strict(BaseModel):
     """Unknown fields are errors: a typo must never be silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True)
+    # validate_default: enum defaults become plain strings too, like values read from YAML.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True, validate_default=True)
 
 
 class ModelFormat(str, Enum):

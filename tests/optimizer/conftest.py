@@ -41,6 +41,20 @@ USER_MODELS = textwrap.dedent(
             return self.dense(out)
 
 
+    class DataBranch(nn.Module):
+        """Branches in Python on a tensor value: torch.export refuses that, the legacy tracer
+        records the branch taken (always the same one here), so only the fallback exports it."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > -1e9:
+                return self.linear(x)
+            return -self.linear(x)
+
+
     class ShapeBaker(nn.Module):
         """Branches in Python on its row count: exporters record only the branch taken at export,
         so the ONNX model is right at the export shape and wrong at a larger one."""
