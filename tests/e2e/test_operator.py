@@ -296,6 +296,18 @@ def test_killed_worker_fails_with_the_exit_code(operator, control_plane, namespa
     assert status["reason"] == "BackoffLimitExceeded"
 
 
+def test_deadline_exceeded_is_explained(operator, control_plane, namespace):
+    name = "too-slow"
+    apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 10_000_000},
+                                           job={"activeDeadlineSeconds": 8}))
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "DeadlineExceeded", status
+    assert "activeDeadlineSeconds (8 s)" in status["message"]
+    marker = f'"name":"{name}","namespace":"{namespace}"'
+    wait_for("the worker process to stop", lambda: not worker_pids(marker), 60)
+
+
 def test_restart_during_a_run_adopts_the_job(operator, control_plane, namespace):
     name = "restart"
     apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 2000}))
