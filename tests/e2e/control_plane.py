@@ -446,8 +446,9 @@ class ControlPlane:
 
     def log_tails(self, lines: int = 40) -> str:
         parts = [f"----- {c.name} ({c.log}) -----\n{tail(c.log, lines)}" for c in self.components]
-        container_logs = sorted((self.node_dir / "logs").glob("*.log")) if self.node_dir.exists() else []
-        parts += [f"----- container {log.name} -----\n{tail(log, lines)}" for log in container_logs[-5:]]
+        logs = (self.node_dir / "logs").glob("*.log") if self.node_dir.exists() else []
+        recent = sorted(logs, key=lambda log: log.stat().st_mtime)[-5:]  # the failing test's, most likely
+        parts += [f"----- container {log.name} -----\n{tail(log, lines)}" for log in recent]
         return "\n".join(parts)
 
     def container_log(self, namespace: str, pod: str, container: str) -> str:

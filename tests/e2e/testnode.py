@@ -626,6 +626,7 @@ class PodRunner(threading.Thread):
             self._patch_status(failed_without_running(self.pod, str(err)))
         except Exception as err:  # keep the node alive; make the failure visible in the pod
             print(f"testnode: pod {self.name}: {err!r}", file=sys.stderr, flush=True)
+            self._reap()  # containers already started must not outlive the pod
             self._patch_status(failed_without_running(self.pod, f"test node error: {err!r}"))
         if self.deleted.is_set():
             self.node.delete_now(self.pod)
@@ -708,9 +709,13 @@ class PodRunner(threading.Thread):
             if kill_at is not None and time.monotonic() >= kill_at:
                 self._signal_all(signal.SIGKILL)
             time.sleep(0.2)
+        self._reap()
+
+    def _reap(self) -> None:
         # Children that outlived the main process (daemonized helpers) die with the container.
         self._signal_all(signal.SIGKILL)
         for c in self.containers:
+            c.process.wait()
             self.node.untrack(c.process.pid)
 
     def _signal_all(self, sig: int) -> None:
