@@ -1,0 +1,389 @@
+"""mlopt's default pipeline next to Microsoft Olive's, on the same model and inputs, in one process.
+
+    ~/.cache/mlopt/venv-peers/bin/python benchmarks/peers.py [--model crnn] [--runs 50] [--warmup 10]
+
+Runs mlopt's default pipeline (`optimize`) and the Olive workflows a user would write instead
+(OnnxConversion; OnnxConversion → OnnxStaticQuantization with the same calibration samples;
+OnnxConversion → OnnxDynamicQuantization; default pass options), then times every resulting model
+with the same code mlopt times its own variants with: one ONNX Runtime session each (1 intra-op
+thread, 1 inter-op thread, ORT_ENABLE_ALL), the same input array, `--warmup` untimed and `--runs`
+timed runs; PyTorch FP32 eager is the common baseline. Sizes are the files on disk. Prints a
+markdown table (stdout; progress and Olive's logs go to stderr) ready to paste.
+
+Olive is a benchmark-only dependency, never one of mlopt's: it lives in its own venv
+(benchmarks/requirements-peers.txt; the command is in benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+os.environ.setdefault("OLIVE_DISABLE_TELEMETRY", "1")  # nothing leaves the machine from a benchmark
+
+SETUP = """\
+benchmarks/peers.py needs Microsoft Olive (olive-ai), which is not a dependency of mlopt.
+Create the benchmark environment once, from the repository root:
+
+    python3.11 -m venv ~/.cache/mlopt/venv-peers
+    ~/.cache/mlopt/venv-peers/bin/pip install -e '.[optimizer]' -r benchmarks/requirements-peers.txt
+
+then run:
+
+    ~/.cache/mlopt/venv-peers/bin/python benchmarks/peers.py
+"""
+
+# Olive loads the model and the calibration data through a user script: this one builds the very
+# module the benchmark times (its state dict is saved beside it) and serves mlopt's calibration set.
+OLIVE_USER_SCRIPT = '''\
+import numpy as np
+import torch
+from olive.data.registry import Registry
+
+ZOO_MODEL = {zoo!r}
+
+
+def load_model(model_path):
+    from optimizer.zoo import get_zoo_model
+
+    module = get_zoo_model(ZOO_MODEL).build()
+    module.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return module.eval()
+
+
+class _Samples(torch.utils.data.Dataset):
+    """mlopt's calibration samples, one per item without its batch axis (the DataLoader adds it)."""
+
+    def __init__(self, path, names):
+        data = np.load(path)
+        count = sum(1 for key in data.files if key.startswith(names[0] + "__"))
+        self.items = [{{name: torch.from_numpy(data[f"{{name}}__{{i}}"][0]) for name in names}} for i in range(count)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index], 0
+
+
+@Registry.register_dataset()
+def mlopt_calibration(path, names):
+    return _Samples(path, names)
+'''
+
+
+@dataclass
+class Row:
+    pipeline: str
+    variant: str
+    path: Path | None = None  # an ONNX model, timed with OrtRunner
+    torch_module: object = None  # or a PyTorch module, timed with TorchRunner
+    size: int | None = None
+    latency: object = None  # optimizer.results.Latency
+    agreement: float | None = None  # argmax agreement with PyTorch FP32 on the evaluation set
+    error: str | None = None
+
+
+def one_line(error: BaseException | str, limit: int = 240) -> str:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def onnx_size(path: Path) -> int:
+    """The model file plus any external-data files it points to, as they are on disk."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / location).stat().st_size for location in locations)
+
+
+def version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# --- mlopt ------------------------------------------------------------------------------------
+
+def run_mlopt(zoo: str, args, output: Path) -> tuple[list[Row], object]:
+    from optimizer.console import LogReporter, QuietReporter
+    from optimizer.pipeline import optimize
+    from optimizer.spec_loader import parse_spec
+
+    spec = parse_spec({
+        "apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "peers"},
+        "spec": {"model": {"source": f"zoo:{zoo}"},
+                 "benchmark": {"threads": args.threads, "warmup": args.warmup, "runs": args.runs}},
+    })
+    reporter = QuietReporter() if args.quiet else LogReporter(sys.stderr)
+    results = optimize(spec, output, Path.cwd(), reporter)
+    rows = []
+    if results.best is None:
+        rows.append(Row("mlopt", "best", error=one_line(f"no variant within the budget: {results.bestReason}")))
+        return rows, results
+    # The best variant, then mlopt's own counterparts of Olive's three outputs (when not the best).
+    names = [results.best] + [n for n in ("onnx-fp32", "ort-int8-static", "ort-int8-dynamic") if n != results.best]
+    for name in names:
+        try:
+            variant = results.variant(name)
+        except KeyError:
+            continue
+        label = f"{name} (best)" if name == results.best else name
+        if variant.status not in ("ok", "rejected") or not variant.artifact:
+            rows.append(Row("mlopt", label, error=one_line(variant.error or variant.status)))
+            continue
+        artifact = output / variant.artifact
+        if variant.runtime == "onnxruntime":
+            rows.append(Row("mlopt", label, path=artifact, size=onnx_size(artifact)))
+        else:
+            import torch
+
+            # A PyTorch variant: its saved module, timed with the same TorchRunner as the baseline.
+            module = torch.jit.load(str(artifact))
+            rows.append(Row("mlopt", label, torch_module=module, size=artifact.stat().st_size))
+    return rows, results
+
+
+# --- Olive ------------------------------------------------------------------------------------
+
+OLIVE_FLOWS = {
+    "ONNX conversion": {"conversion": {"type": "OnnxConversion"}},
+    "static quantization": {"conversion": {"type": "OnnxConversion"},
+                            "quantization": {"type": "OnnxStaticQuantization", "data_config": "calibration"}},
+    "dynamic quantization": {"conversion": {"type": "OnnxConversion"},
+                             "quantization": {"type": "OnnxDynamicQuantization"}},
+}
+
+
+def quiet_olive_logging() -> None:
+    """Olive logs to stdout; the table owns stdout, so its logs go to stderr."""
+    for handler in logging.getLogger("olive").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+
+
+def olive_io_config(entry, output_count: int) -> dict:
+    return {
+        "input_names": [spec.name for spec in entry.inputs],
+        "input_shapes": [list(spec.shape) for spec in entry.inputs],
+        "input_types": [str(getattr(spec.dtype, "value", spec.dtype)) for spec in entry.inputs],
+        "output_names": ["output"] if output_count == 1 else [f"output_{i}" for i in range(output_count)],
+        # The same dynamic axes mlopt exports with, so neither side gets a more static graph.
+        "dynamic_axes": {spec.name: {str(k): v for k, v in (spec.dynamicAxes or {}).items()}
+                         for spec in entry.inputs if spec.dynamicAxes},
+    }
+
+
+def run_olive(zoo: str, entry, module, dataset, output_count: int, workdir: Path, quiet: bool) -> list[Row]:
+    import numpy as np
+    import torch
+    from olive.workflows import run as olive_run
+
+    quiet_olive_logging()
+    workdir.mkdir(parents=True, exist_ok=True)
+    weights = workdir / "model.pt"
+    torch.save(module.state_dict(), weights)
+    calibration = workdir / "calibration.npz"
+    np.savez(calibration, **{f"{name}__{i}": array for i, sample in enumerate(dataset.calibration)
+                             for name, array in sample.items()})
+    script = workdir / "olive_user_script.py"
+    script.write_text(OLIVE_USER_SCRIPT.format(zoo=zoo))
+    names = [spec.name for spec in entry.inputs]
+
+    rows = []
+    for label, passes in OLIVE_FLOWS.items():
+        config = {
+            "input_model": {"type": "PyTorchModel", "model_path": str(weights), "model_script": str(script),
+                            "model_loader": "load_model", "io_config": olive_io_config(entry, output_count)},
+            "data_configs": [{
+                "name": "calibration", "type": "DataContainer", "user_script": str(script),
+                "load_dataset_config": {"type": "mlopt_calibration",
+                                        "params": {"path": str(calibration), "names": names}},
+                "dataloader_config": {"batch_size": 1},
+            }],
+            "passes": passes,
+            "cache_dir": str(workdir / "cache"),  # shared: the conversion is run once, as a user's cache would
+            "output_dir": str(workdir / label.replace(" ", "-")),
+            "log_severity_level": 1 if not quiet else 3,
+            "evaluate_input_model": False,
+        }
+        started = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                output = olive_run(config)
+            best = output.get_best_candidate() if output is not None else None
+            if best is None or not best.model_path:
+                raise RuntimeError("the workflow produced no output model")
+            path = Path(best.model_path)
+            if path.is_dir():
+                found = sorted(path.glob("*.onnx"))
+                if not found:
+                    raise RuntimeError(f"no .onnx file in {path}")
+                path = found[0]
+            rows.append(Row("Olive", label, path=path, size=onnx_size(path)))
+            print(f"olive: {label} in {time.perf_counter() - started:.0f} s → {path}", file=sys.stderr)
+        except BaseException as error:  # noqa: BLE001 — a failed pass is a row of the table, not a crash
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            traceback.print_exc(file=sys.stderr)
+            rows.append(Row("Olive", label, error=one_line(error)))
+    return rows
+
+
+# --- timing and table -------------------------------------------------------------------------
+
+def time_rows(rows: list[Row], feed: dict, evaluation: list[dict], reference, input_names, args) -> None:
+    """Every model: same feed, same runner settings, same `measure`; `--rounds` keeps each one's fastest round."""
+    from optimizer.benchmark import measure
+    from optimizer.evaluate import fidelity, run_all
+    from optimizer.runtime import OrtRunner, TorchRunner
+
+    runners = {}
+    for row in rows:
+        if row.error:
+            continue
+        try:
+            if row.path is not None:
+                runners[id(row)] = OrtRunner(row.path, threads=args.threads)
+            elif row.torch_module is not None:
+                runners[id(row)] = TorchRunner(row.torch_module, input_names)
+            else:
+                row.error = "no model to time"
+                continue
+            outputs = run_all(runners[id(row)], evaluation)
+            row.agreement = fidelity(reference, outputs).argmaxAgreement
+        except Exception as error:  # noqa: BLE001
+            row.error = one_line(error)
+            runners.pop(id(row), None)
+    for _ in range(args.rounds):
+        for row in rows:
+            runner = runners.get(id(row))
+            if runner is None:
+                continue
+            print(f"timing {row.pipeline} {row.variant}…", file=sys.stderr)
+            latency = measure(runner.bind(feed), args.warmup, args.runs)
+            if row.latency is None or latency.mean < row.latency.mean:
+                row.latency = latency
+
+
+def fmt_ms(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def table(rows: list[Row], baseline: Row, best: Row | None) -> str:
+    lines = [
+        "| pipeline | variant | size MB | mean ± std ms | p50 ms | speedup vs PyTorch FP32 "
+        "| latency ÷ mlopt best | size ÷ mlopt best | argmax agreement vs FP32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    best_ok = best is not None and best.latency is not None and best.size
+    for row in rows:
+        size = f"{row.size / 1e6:.1f}" if row.size else "—"
+        if row.error or row.latency is None:
+            lines.append(f"| {row.pipeline} | {row.variant} | {size} | error: {row.error or 'not timed'} "
+                         "| — | — | — | — | — |")
+            continue
+        lat = row.latency
+        speedup = f"{baseline.latency.mean / lat.mean:.2f}x" if baseline.latency else "—"
+        lat_ratio = f"{lat.mean / best.latency.mean:.2f}" if best_ok else "—"
+        size_ratio = f"{row.size / best.size:.2f}" if best_ok and row.size else "—"
+        agreement = f"{row.agreement:.1%}" if row.agreement is not None else "—"
+        lines.append(f"| {row.pipeline} | {row.variant} | {size} | {fmt_ms(lat.mean)} ± {fmt_ms(lat.std)} "
+                     f"| {fmt_ms(lat.p50)} | {speedup} | {lat_ratio} | {size_ratio} | {agreement} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="crnn", help="zoo model (default: crnn)")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every model this many times, interleaved, keeping each one's fastest round "
+                             "(steadier on a busy machine; default 1)")
+    parser.add_argument("--output", default=None, help="keep every model here (default: a temp dir)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+
+    try:
+        import olive  # noqa: F401
+    except ImportError as error:
+        print(SETUP, file=sys.stderr)
+        print(f"(import olive: {type(error).__name__}: {error})", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from optimizer.data import load_dataset
+    from optimizer.environment import cpu_info
+    from optimizer.runtime import TorchRunner
+    from optimizer.zoo import get_zoo_model
+
+    output = Path(args.output or tempfile.mkdtemp(prefix="mlopt-peers-")).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+
+    # mlopt first: it also sets torch's thread count for the whole process, as for its own runs.
+    print("mlopt: running the default pipeline…", file=sys.stderr)
+    mlopt_rows, results = [], None
+    try:
+        mlopt_rows, results = run_mlopt(args.model, args, output / "mlopt")
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        mlopt_rows = [Row("mlopt", "default pipeline", error=one_line(error))]
+    torch.set_num_threads(args.threads)
+
+    entry = get_zoo_model(args.model)
+    module = entry.build()
+    # Same samples as mlopt's own run (random data is seeded): calibration for Olive's static pass,
+    # evaluation for agreement, and one fixed input for every timing.
+    dataset = load_dataset(entry.data, 64, entry.inputs, Path.cwd())
+    input_names = [spec.name for spec in entry.inputs]
+    feed = dataset.evaluation[0]
+    baseline_runner = TorchRunner(module, input_names)
+    reference = [baseline_runner(item) for item in dataset.evaluation]
+    output_count = len(reference[0])
+
+    print("olive: running the workflows…", file=sys.stderr)
+    olive_rows = run_olive(args.model, entry, module, dataset, output_count, output / "olive", args.quiet)
+
+    weights = output / "pytorch-fp32.pt"
+    torch.save(module.state_dict(), weights)
+    baseline = Row("PyTorch", "FP32 eager (baseline)", torch_module=module, size=weights.stat().st_size)
+    rows = [baseline, *mlopt_rows, *olive_rows]
+    time_rows(rows, feed, dataset.evaluation, reference, input_names, args)
+    best = next((row for row in mlopt_rows if row.variant.endswith("(best)")), None)
+
+    cpu, flags = cpu_info()
+    shape = ", ".join(f"{name} {list(array.shape)} {array.dtype}" for name, array in feed.items())
+    print(f"### mlopt vs Microsoft Olive on zoo:{args.model}\n")
+    print(f"{cpu} ({', '.join(flags) or 'no INT8 flags'}); Python {platform.python_version()}, "
+          f"torch {version('torch')}, onnxruntime {version('onnxruntime')}, olive-ai {version('olive-ai')}, "
+          f"mlopt {version('mlopt')}. One process, same input ({shape}), {args.threads} thread(s), "
+          f"{args.warmup} warm-ups + {args.runs} timed runs per model"
+          f"{f', fastest of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}; "
+          f"ONNX models in ONNX Runtime (CPUExecutionProvider, ORT_ENABLE_ALL). Olive: default pass options, "
+          f"static calibration on mlopt's {len(dataset.calibration)} calibration samples.\n")
+    print(table(rows, baseline, best))
+    if results is not None:
+        print(f"\nmlopt picked {results.best}: {results.bestReason}.")
+    print(f"\nModels: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
