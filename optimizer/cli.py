@@ -17,7 +17,7 @@ from optimizer.spec_loader import SpecError, load_spec
 
 def _optimize(args: argparse.Namespace, console: Console) -> int:
     from optimizer.console import LogReporter, QuietReporter, RichReporter, print_results
-    from optimizer.load import ModelLoadError
+    from optimizer.errors import OptimizationError
     from optimizer.pipeline import optimize
 
     spec = load_spec(args.spec)
@@ -30,19 +30,13 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
         reporter = RichReporter(console) if console.is_terminal else LogReporter()
     try:
         results = optimize(spec, output, Path(args.spec).resolve().parent, reporter)
-    except (ModelLoadError, _data_error()) as error:
+    except OptimizationError as error:
         Console(stderr=True).print(f"[red]error:[/] {error}")
         return 1
     if not args.quiet:
         print_results(console, results)
         console.print(f"wrote {output}/results.json, report.md, size.png, latency.png and models/")
     return 0
-
-
-def _data_error():
-    from optimizer.data import DataError
-
-    return DataError
 
 
 def _validate(args: argparse.Namespace, console: Console) -> int:
@@ -67,12 +61,6 @@ def _models(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _operator(args: argparse.Namespace, console: Console) -> int:
-    import mlopt_operator
-
-    return mlopt_operator.main(args.rest)
-
-
 def _worker(args: argparse.Namespace, console: Console) -> int:
     from optimizer.worker import main as worker_main
 
@@ -91,14 +79,18 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("spec")
     validate.set_defaults(handler=_validate)
     commands.add_parser("models", help="list the model zoo").set_defaults(handler=_models)
-    operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    operator.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the operator")
-    operator.set_defaults(handler=_operator)
+    # Listed for --help only: main() hands `operator` and all its options to mlopt_operator as they are.
+    commands.add_parser("operator", help="run the Kubernetes operator (kopf); options: mlopt operator --help")
     commands.add_parser("worker", help="the Kubernetes Job entrypoint (reads MLOPT_SPEC)").set_defaults(handler=_worker)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["operator"]:
+        from mlopt_operator.main import main as run_operator
+
+        return run_operator(argv[1:])
     args = parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optimizer.errors import DataLoadError
 from optimizer.spec import InputSpec
 
 RANDOM_SEEDS = {"calibration": 0, "evaluation": 1}
@@ -30,8 +31,7 @@ DIGITS_TEST_FRACTION = 0.3
 DIGITS_SHAPE = (1, 8, 8)  # per sample: one grey channel, 8×8 pixels
 
 
-class DataError(ValueError):
-    """The data source cannot be used; the message names data.source and the fix."""
+DataError = DataLoadError  # the name the data step's callers and tests use
 
 
 @dataclass

@@ -11,11 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimizer.cache import cache_dir
+from optimizer.errors import ModelLoadError
 from optimizer.spec import InputSpec, ModelSpec
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded; the message says why and what to do."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The pipeline: load → data → export → variants → evaluate → benchmark → select → report.
+"""The pipeline: load → data → export → variants → evaluate → benchmark → select → analyze → report.
 
 Each step is a small function; `optimize` runs them in order and times each. The CLI, the Job's
 worker and the tests all call `optimize`. Everything is written to a staging directory beside the
@@ -22,9 +22,9 @@ from optimizer.export import ExportError, ExportResult, export_onnx, random_feed
 from optimizer.load import LoadedModel, load_model
 from optimizer.recipes import BuildContext, Built, NotApplicable, registry
 from optimizer.results import (
-    BASELINE_NAME, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
+    BASELINE_NAME, Analysis, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
 )
-from optimizer.runtime import OrtRunner, TorchRunner, op_counts
+from optimizer.runtime import OrtRunner, TorchRunner, check_device, op_counts
 from optimizer.selection import apply_budget, flag_slow_variants, pick_best
 from optimizer.spec import ModelOptimization, VariantSpec
 
@@ -115,6 +115,8 @@ def _build_one(ctx: BuildContext, variant: VariantSpec, recipes, models_dir: Pat
     artifact = models_dir / f"{variant.name}{built.artifact.suffix}"
     shutil.move(built.artifact, artifact)
     built.artifact = artifact
+    if isinstance(built.runner, OrtRunner):
+        built.runner.path = artifact  # later sessions (scaling, profiling) load it from here
     result.runtime, result.provider = built.runner.runtime, built.runner.provider
     result.sizeBytes, result.artifact = built.size_bytes, f"models/{artifact.name}"
     result.lineage = Lineage(parent=built.parent, recipe=variant.recipe, options=built.options)
@@ -199,6 +201,58 @@ def select_step(run: Run, cpu_flags: list[str]) -> tuple[str | None, str]:
     return pick_best(variants, run.baseline)
 
 
+def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
+    from optimizer.compute import clock_ghz, compute_limits, count_macs
+
+    if not run.loaded.is_eager or run.spec.spec.benchmark.device != "cpu":
+        return None  # hooks need the Python module, on the CPU
+    by_type = count_macs(run.loaded.module, random_feed(run.loaded.inputs), [s.name for s in run.loaded.inputs])
+    if not by_type:
+        return None
+    limits = compute_limits(sum(by_type.values()), flags, clock_ghz())
+    limits["byType"] = by_type
+    if best and best.latencyMs:
+        limit = limits["int8LimitMs"] if "int8" in best.recipe else limits["fp32LimitMs"]
+        limits["bestFractionOfLimit"] = limit / best.latencyMs.mean if limit else None
+    return limits
+
+
+def analyze_step(run: Run, best: str | None, flags: list[str]) -> Analysis:
+    """Explain the pick: arithmetic vs the machine's limit, time per op type, scaling, tuning."""
+    from optimizer.profiling import op_time_split
+    from optimizer.scaling import batchable, scale
+    from optimizer.tuning import tune
+
+    bench, inputs = run.spec.spec.benchmark, run.loaded.inputs
+    analysis = Analysis()
+    best_result, best_built = run.results.get(best), run.built.get(best)
+    analysis.compute = _compute(run, best_result, flags)
+    ort_best = best_built is not None and isinstance(best_built.runner, OrtRunner) and bench.device == "cpu"
+    if ort_best:
+        analysis.profiledVariant = best
+        analysis.profile = op_time_split(best_built.artifact, random_feed(inputs), bench.threads, 20, run.scratch)
+    elif best:
+        analysis.notes.append(f"no op-level profile: {best} does not run on ONNX Runtime's CPU provider")
+    if bench.scalingBatches and bench.device == "cpu":
+        batches = bench.scalingBatches if batchable(inputs) else [inputs[0].shape[0]]
+        if not batchable(inputs):
+            analysis.notes.append("scaling by batch needs dynamic axis 0 on every input; only the declared batch is shown")
+        rows = [(BASELINE_NAME if run.loaded.onnx_path is None else run.baseline.name, run.baseline_runner)]
+        if best_built:
+            rows.append((best, best_built.runner))
+        with run.reporter.task("scaling table", len(rows)) as advance:
+            for name, runner in rows:
+                analysis.scaling += scale(name, runner, inputs, batches, bench.scalingThreads, 1, bench.scalingRuns)
+                advance()
+    if bench.tune and ort_best:
+        with run.reporter.task(f"tuning session options for {best}", 1):
+            analysis.tuning = {"variant": best, **tune(best_built.artifact, random_feed(inputs), bench.threads,
+                                                       min(bench.warmup, 5), min(bench.runs, 20))}
+    elif bench.tune:
+        analysis.notes.append("benchmark.tune applies to ONNX Runtime variants on CPU; the best variant is not one")
+    return analysis
+
+
 def _model_record(run: Run) -> dict:
     record = {"source": run.loaded.source, "format": run.loaded.format,
               "inputs": [spec.model_dump(mode="json") for spec in run.loaded.inputs]}
@@ -229,6 +283,7 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
     try:
         run = Run(spec=spec, base_dir=base_dir, staging=staging, reporter=reporter)
         run.scratch.mkdir()
+        check_device(spec.spec.benchmark.device)
         env = environment.describe(spec.spec.benchmark.threads, spec.spec.benchmark.device)
         _configure_threads(spec.spec.benchmark.threads)
         with _timed(run, "load"):
@@ -245,11 +300,13 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
             benchmark_step(run)
         with _timed(run, "select"):
             best, reason = select_step(run, env.cpuFlags)
+        with _timed(run, "analyze"):
+            analysis = analyze_step(run, best, env.cpuFlags)
         results = Results(
             name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.loaded.metric
             if run.dataset.labels is not None else "agreement", dataset=run.dataset.description,
             baseline=run.baseline, variants=list(run.results.values()), best=best, bestReason=reason,
-            environment=env, steps=run.steps,
+            environment=env, analysis=analysis, steps=run.steps,
         )
         with _timed(run, "report"):
             from optimizer.report import write_report

@@ -84,6 +84,47 @@ def _op_mix(results: Results) -> list[str]:
     return lines
 
 
+def _ms(value) -> str:
+    return "—" if value is None else f"{value:.2f} ms"
+
+
+def _analysis(results: Results) -> list[str]:
+    analysis, out = results.analysis, []
+    if analysis.compute:
+        c = analysis.compute
+        by_type = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(c["byType"].items(), key=lambda kv: -kv[1]))
+        out += ["## Compute", "",
+                f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type}).",
+                f"- Estimated one-core limits at {c['clockGHz'] or 0:.2f} GHz: FP32 {_ms(c['fp32LimitMs'])} "
+                f"({c['fp32MacsPerCycle']} MAC/cycle), INT8 {_ms(c['int8LimitMs'])} ({c['int8MacsPerCycle']} MAC/cycle)."]
+        if c.get("bestFractionOfLimit"):
+            out.append(f"- The best variant runs at {c['bestFractionOfLimit']:.0%} of that limit "
+                       "(an estimate: clock from /proc/cpuinfo, peak rates from the CPU's flags).")
+        out.append("")
+    if analysis.profile:
+        out += [f"## Where the time goes ({analysis.profiledVariant}, ONNX Runtime profiler)", "",
+                "| op type | ms per inference | share |", "|---|---:|---:|"]
+        out += [f"| {row['op']} | {row['ms']:.3f} | {row['share']:.1%} |" for row in analysis.profile[:12]]
+        out.append("")
+    if analysis.scaling:
+        out += ["## Scaling", "", "| variant | batch | threads | latency | throughput (samples/s) |",
+                "|---|---:|---:|---:|---:|"]
+        out += [f"| {r['variant']} | {r['batch']} | {r['threads']} | {r['latencyMs']:.2f} ms | {r['throughput']:.1f} |"
+                for r in analysis.scaling]
+        out.append("")
+    if analysis.tuning:
+        t, chosen = analysis.tuning, analysis.tuning["chosen"]
+        out += [f"## Session tuning ({t['variant']})", "",
+                f"Chosen: intra-op {chosen['intraOpThreads']}, inter-op {chosen['interOpThreads']}, "
+                f"{chosen['executionMode']}, optimization level {chosen['optimizationLevel']} → {chosen['meanMs']:.2f} ms.", "",
+                "| intra | inter | mode | level | mean | p50 |", "|---:|---:|---|---|---:|---:|"]
+        out += [f"| {r['intraOpThreads']} | {r['interOpThreads']} | {r['executionMode']} | {r['optimizationLevel']} | "
+                f"{r['meanMs']:.2f} | {r['p50Ms']:.2f} |" for r in t["tried"]]
+        out.append("")
+    out += [f"- {note}" for note in analysis.notes]
+    return out + ([""] if analysis.notes else [])
+
+
 def markdown(results: Results) -> str:
     env = results.environment
     found = by_recipe(results)
@@ -121,6 +162,7 @@ def markdown(results: Results) -> str:
         "",
         *_op_mix(results),
         "",
+        *_analysis(results),
         "## Environment",
         "",
         f"- CPU: {env.cpu}; INT8-relevant flags: {', '.join(env.cpuFlags) or 'none'}",

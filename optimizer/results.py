@@ -85,6 +85,17 @@ class Environment(_Record):
     availableProviders: list[str]
 
 
+class Analysis(_Record):
+    """Why the numbers are what they are: arithmetic, time per op type, scaling, tuning."""
+
+    compute: dict[str, Any] | None = None  # MACs by layer type, clock, FP32/INT8 limits, best's fraction
+    profiledVariant: str | None = None
+    profile: list[dict[str, Any]] = Field(default_factory=list)  # [{op, ms, share}]
+    scaling: list[dict[str, Any]] = Field(default_factory=list)  # [{variant, batch, threads, latencyMs, throughput}]
+    tuning: dict[str, Any] | None = None  # {variant, chosen, tried}
+    notes: list[str] = Field(default_factory=list)
+
+
 class Results(_Record):
     schemaVersion: int = SCHEMA_VERSION
     name: str
@@ -96,6 +107,7 @@ class Results(_Record):
     best: str | None
     bestReason: str
     environment: Environment
+    analysis: Analysis = Field(default_factory=Analysis)
     steps: list[StepTiming] = Field(default_factory=list)
 
     def variant(self, name: str) -> VariantResult:

@@ -14,11 +14,26 @@ from typing import Callable
 
 import numpy as np
 
+from optimizer.errors import DeviceError
+
 Feed = dict[str, np.ndarray]
 
 
 class ProviderError(RuntimeError):
     """The requested execution provider is not the one ONNX Runtime actually bound."""
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA run up front when PyTorch sees no GPU: timing CPU work as GPU work is a lie."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            "benchmark.device is cuda, but PyTorch sees no CUDA device (torch.cuda.is_available() is False); "
+            "run on a GPU node (the GPU worker image with an nvidia.com/gpu limit) or set benchmark.device: cpu"
+        )
 
 
 def _as_numpy(outputs) -> list[np.ndarray]:

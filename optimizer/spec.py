@@ -186,6 +186,19 @@ class BenchmarkSpec(_Strict):
     threads: int = Field(1, description="Intra-op threads for every runtime.", ge=1, le=256)
     warmup: int = Field(10, description="Untimed runs before timing.", ge=0)
     runs: int = Field(50, description="Timed runs per variant.", ge=1)
+    tune: bool = Field(
+        False,
+        description="Search ONNX Runtime session options (threads, execution mode, optimization "
+        "level) for the best variant and report the choice.",
+    )
+    scalingBatches: list[int] = Field(
+        default_factory=lambda: [1, 8, 32],
+        description="Batch sizes for the scaling table (needs a dynamic axis 0); [] turns it off.",
+    )
+    scalingThreads: list[int] = Field(
+        default_factory=lambda: [1, 2], description="Thread counts for the scaling table."
+    )
+    scalingRuns: int = Field(5, ge=1, description="Timed runs per scaling cell.")
 
 
 class AcceptanceSpec(_Strict):

@@ -38,18 +38,14 @@ def main() -> int:
     except (SpecError, ValueError) as error:
         _write_summary(failure_summary("InvalidSpec", str(error)))
         return 2
-    from optimizer.data import DataError
-    from optimizer.load import ModelLoadError
+    from optimizer.errors import OptimizationError
     from optimizer.pipeline import optimize
 
     output = Path(os.environ.get("MLOPT_OUTPUT", DEFAULT_OUTPUT))
     try:
         results = optimize(spec, output, Path.cwd(), reporter)
-    except ModelLoadError as error:
-        _write_summary(failure_summary("ModelLoadFailed", str(error)))
-        return 1
-    except DataError as error:
-        _write_summary(failure_summary("DataLoadFailed", str(error)))
+    except OptimizationError as error:
+        _write_summary(failure_summary(error.reason, str(error)))
         return 1
     except Exception as error:
         traceback.print_exc()

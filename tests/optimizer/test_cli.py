@@ -132,3 +132,16 @@ def test_worker_writes_summary_and_results(tmp_path):
     assert failed.returncode == 1
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["phase"] == "Failed" and summary["reason"] == "ModelLoadFailed" and "nope" in summary["message"]
+
+
+def test_cuda_without_a_gpu_is_refused_loudly(tmp_path):
+    """A run that asks for CUDA must never quietly time the CPU instead."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal path cannot be exercised here")
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "benchmark": {"device": "cuda"}})
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "benchmark.device is cuda" in done.stderr and "torch.cuda.is_available() is False" in done.stderr
+    assert not (tmp_path / "out").exists()

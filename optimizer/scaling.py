@@ -1,0 +1,47 @@
+"""Latency and throughput at several batch sizes and thread counts (the report's scaling table)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from optimizer.benchmark import measure
+from optimizer.export import random_feed
+from optimizer.runtime import OrtRunner, TorchRunner
+
+
+@contextmanager
+def _torch_threads(threads: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def batchable(inputs) -> bool:
+    return all(0 in spec.dynamicAxes for spec in inputs)
+
+
+def scale(name: str, runner, inputs, batches: list[int], threads: list[int], warmup: int, runs: int) -> list[dict]:
+    """One row per (batch, threads): mean latency and samples per second."""
+    rows = []
+    for thread_count in threads:
+        if isinstance(runner, OrtRunner):
+            timed = OrtRunner(runner.path, threads=thread_count, device=runner.device)
+            context = _torch_threads(thread_count)  # harmless for ORT; keeps one code path
+        else:
+            timed, context = runner, _torch_threads(thread_count)
+        with context:
+            for batch in batches:
+                shapes = {s.name: [batch, *s.shape[1:]] for s in inputs}
+                latency = measure(timed.bind(random_feed(inputs, shapes)), warmup, runs)
+                rows.append({"variant": name, "batch": batch, "threads": thread_count,
+                             "latencyMs": round(latency.mean, 3), "throughput": round(batch * 1000.0 / latency.mean, 1)})
+    return rows
+
+
+def supports(runner) -> bool:
+    return isinstance(runner, (OrtRunner, TorchRunner))
