@@ -45,6 +45,7 @@ class Recipe(str, Enum):
     torch_int8_dynamic = "torch-int8-dynamic"
     torch_int8_static = "torch-int8-static"
     torch_int8_static_dynamic = "torch-int8-static-dynamic"
+    torch_int8_qat = "torch-int8-qat"
     onnx_fp16 = "onnx-fp16"
 
 
@@ -170,6 +171,22 @@ class VariantSpec(_Strict):
         description="ONNX op types to quantize (ort-int8-dynamic defaults to "
         "LSTM, GRU, MatMul, Gemm, Attention: ConvInteger is slower than FP32 Conv on CPU).",
     )
+    excludeNodes: list[str] = Field(
+        default_factory=list,
+        description="ONNX node names to keep in FP32 (ORT recipes). The accuracy fallback fills "
+        "this in for you when a variant misses the budget.",
+    )
+    compareCalibration: bool = Field(
+        False,
+        description="Static INT8 only: build the variant once per calibration method (minmax, "
+        "entropy, percentile) and report the accuracy of each.",
+    )
+    qatSteps: int = Field(
+        100, ge=1, description="torch-int8-qat only: fine-tuning steps with fake quantization."
+    )
+    qatLearningRate: float = Field(
+        1e-4, gt=0, description="torch-int8-qat only: learning rate of the fine-tuning."
+    )
 
 
 class DataSpec(_Strict):
@@ -202,12 +219,34 @@ class BenchmarkSpec(_Strict):
 
 
 class AcceptanceSpec(_Strict):
+    metric: Literal["auto", "top1", "cer", "exact-match", "agreement"] = Field(
+        "auto",
+        description="Accuracy metric: top1 (class labels), cer (character error rate of CTC "
+        "text lines, reported as 1 - CER), exact-match (whole text lines), agreement (with the "
+        "FP32 model's argmax; no labels needed). auto = the zoo model's metric, else top1 when "
+        "the data has labels, else agreement.",
+    )
     maxAccuracyDrop: float = Field(
         0.01,
         description="Largest accepted drop of accuracy against FP32 (absolute, 0.01 = 1 point). "
         "Without labels, accuracy is agreement with the FP32 model's argmax.",
         ge=0,
         le=1,
+    )
+    maxRelativeAccuracyDrop: float | None = Field(
+        None,
+        description="Largest accepted drop relative to FP32's accuracy (0.01 = 1% of it); "
+        "when both are set, a variant must meet both.",
+        ge=0,
+        le=1,
+    )
+    fallback: bool = Field(
+        True,
+        description="When a static INT8 variant misses the budget, find the nodes whose "
+        "quantization hurts most, keep them in FP32 and retry (each try is recorded).",
+    )
+    fallbackSeconds: int = Field(
+        300, ge=1, description="Time budget for the fallback's retries, per variant."
     )
 
 
