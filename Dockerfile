@@ -41,13 +41,15 @@ ENTRYPOINT ["mlopt", "worker"]
 
 # ---- GPU worker ----------------------------------------------------------------------------------
 FROM runtime AS worker-gpu
-# torch's default Linux wheel bundles CUDA 12 and cuDNN 9 as nvidia-* pip packages;
-# onnxruntime-gpu (CUDA execution provider) replaces the CPU onnxruntime and uses the same libs.
+# torch 2.13's default Linux wheel bundles CUDA 13 (nvidia-*-cu13 pip packages), while the
+# onnxruntime-gpu wheel on PyPI is built for CUDA 12 + cuDNN 9: its [cuda,cudnn] extras install
+# those libraries as pip packages (different sonames, so both coexist), and mlopt calls
+# onnxruntime.preload_dlls() before creating a CUDA session. Not built here (no Docker engine).
 ARG ORT_GPU_VERSION=1.31.1
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install "$(ls /wheels/mlopt-*.whl)[optimizer]" \
  && pip uninstall -y onnxruntime \
- && pip install "onnxruntime-gpu==${ORT_GPU_VERSION}" \
+ && pip install "onnxruntime-gpu[cuda,cudnn]==${ORT_GPU_VERSION}" \
  && python -c "import onnxruntime as ort; assert 'CUDAExecutionProvider' in ort.get_available_providers()"
 # The device plugin sets NVIDIA_VISIBLE_DEVICES; these make the driver's compute libraries available.
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility

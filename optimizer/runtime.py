@@ -115,6 +115,8 @@ class OrtRunner:
                 f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
                 "or use the GPU worker image"
             )
+        if self.device == "cuda" and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages (see the GPU image)
         self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
         bound = self.session.get_providers()[0]
         if bound != wanted[0]:
