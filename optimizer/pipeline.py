@@ -1,4 +1,4 @@
-"""The pipeline: load → data → export → variants → evaluate → benchmark → select → analyze → report.
+"""The pipeline: load → data → export → variants → evaluate → fallback → benchmark → select → analyze → report.
 
 Each step is a small function; `optimize` runs them in order and times each. The CLI, the Job's
 worker and the tests all call `optimize`. Everything is written to a staging directory beside the
@@ -22,11 +22,14 @@ from optimizer.export import ExportError, ExportResult, export_onnx, random_feed
 from optimizer.load import LoadedModel, load_model
 from optimizer.recipes import BuildContext, Built, NotApplicable, registry
 from optimizer.results import (
-    BASELINE_NAME, Analysis, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
+    BASELINE_NAME, Analysis, Fallback, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
 )
 from optimizer.runtime import OrtRunner, TorchRunner, check_device, op_counts
-from optimizer.selection import apply_budget, flag_slow_variants, pick_best
-from optimizer.spec import ModelOptimization, VariantSpec
+from optimizer.selection import apply_budget, budget_failure, flag_slow_variants, pick_best, resolve_metric
+from optimizer.spec import Calibration, ModelOptimization, Recipe, VariantSpec
+
+# compareCalibration expands these; torch.ao's observers are fixed by its qconfig, so not torch's.
+CALIBRATED_RECIPES = (Recipe.ort_int8_static.value, Recipe.ort_int8_static_dynamic.value)
 
 
 @dataclass
@@ -41,6 +44,12 @@ class Run:
     dataset: object = None
     export: ExportResult | None = None
     export_error: str | None = None
+    metric: str = "agreement"  # acceptance.metric, resolved against the data
+    data_source: str = "random"
+    context: BuildContext | None = None
+    planned: dict[str, VariantSpec] = field(default_factory=dict)  # by name, compareCalibration expanded
+    calibration_of: dict[str, str] = field(default_factory=dict)  # expanded name -> the spec's variant
+    reference: list | None = None  # FP32 outputs on the evaluation items
     baseline_runner: object = None
     built: dict[str, Built] = field(default_factory=dict)
     results: dict[str, VariantResult] = field(default_factory=dict)
@@ -69,8 +78,10 @@ def data_step(run: Run) -> None:
 
     data = run.spec.spec.data
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
-    run.dataset = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir)
+    run.dataset, run.data_source = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir), source
     run.reporter.log(f"data: {run.dataset.description}")
+    run.metric = resolve_metric(run.spec.spec.acceptance.metric, run.loaded.metric,
+                                run.dataset.labels is not None, source)
 
 
 def export_step(run: Run) -> None:
@@ -97,11 +108,34 @@ def _context(run: Run, cpu_flags: list[str]) -> BuildContext:
     return BuildContext(
         loaded=run.loaded, fp32_onnx=fp32, export_error=run.export_error, dataset=run.dataset,
         workdir=run.scratch, threads=run.spec.spec.benchmark.threads, device=run.spec.spec.benchmark.device,
-        cpu_flags=frozenset(cpu_flags), reporter=run.reporter,
+        cpu_flags=frozenset(cpu_flags), reporter=run.reporter, metric=run.metric, data_source=run.data_source,
     )
 
 
-def _build_one(ctx: BuildContext, variant: VariantSpec, recipes, models_dir: Path) -> tuple[VariantResult, Built | None]:
+def _has_training_labels(dataset) -> bool:
+    return getattr(dataset, "calibration_labels", None) is not None
+
+
+def planned_variants(run: Run) -> list[VariantSpec]:
+    """The spec's variants (or the recommended set), with compareCalibration expanded."""
+    variants = list(run.spec.variants())
+    if run.spec.spec.variants is None and run.spec.spec.benchmark.device == "cpu" and _has_training_labels(run.dataset):
+        # QAT joins the default set only with labelled data: without labels it can only be skipped.
+        variants.append(VariantSpec(name=Recipe.torch_int8_qat.value, recipe=Recipe.torch_int8_qat))
+    expanded = []
+    for variant in variants:
+        if not (variant.compareCalibration and variant.recipe in CALIBRATED_RECIPES):
+            expanded.append(variant)
+            continue
+        for method in Calibration:
+            copy = variant.model_copy(update={"name": f"{variant.name}-{method.value}", "calibration": method.value,
+                                              "compareCalibration": False})
+            run.calibration_of[copy.name] = variant.name
+            expanded.append(copy)
+    return expanded
+
+
+def _build(ctx: BuildContext, variant: VariantSpec, recipes) -> tuple[VariantResult, Built | None]:
     result = VariantResult(name=variant.name, recipe=variant.recipe, status=VariantStatus.ok)
     try:
         built = recipes[variant.recipe](ctx, variant)
@@ -112,6 +146,11 @@ def _build_one(ctx: BuildContext, variant: VariantSpec, recipes, models_dir: Pat
         result.status = VariantStatus.failed.value
         result.error = f"{type(error).__name__}: {str(error).strip()[:500]}"
         return result, None
+    return result, built
+
+
+def _keep(variant: VariantSpec, result: VariantResult, built: Built, models_dir: Path) -> None:
+    """Move the variant's model into models/ and record what it is."""
     artifact = models_dir / f"{variant.name}{built.artifact.suffix}"
     shutil.move(built.artifact, artifact)
     built.artifact = artifact
@@ -124,17 +163,28 @@ def _build_one(ctx: BuildContext, variant: VariantSpec, recipes, models_dir: Pat
     optimized = getattr(built.runner, "optimized_path", None)
     if optimized and optimized.exists():
         result.opCounts = op_counts(optimized)
+
+
+def _build_one(ctx: BuildContext, variant: VariantSpec, recipes, models_dir: Path) -> tuple[VariantResult, Built | None]:
+    result, built = _build(ctx, variant, recipes)
+    if built:
+        _keep(variant, result, built, models_dir)
     return result, built
 
 
 def variants_step(run: Run, cpu_flags: list[str]) -> None:
-    ctx, recipes = _context(run, cpu_flags), registry()
-    models_dir = run.staging / "models"
+    run.context, recipes = _context(run, cpu_flags), registry()
+    ctx, models_dir = run.context, run.staging / "models"
     models_dir.mkdir()
-    variants = run.spec.variants()
+    variants = planned_variants(run)
     for index, variant in enumerate(variants, 1):
         run.reporter.log(f"[{index}/{len(variants)}] building {variant.name} ({variant.recipe})")
+        run.planned[variant.name] = variant
         result, built = _build_one(ctx, variant, recipes, models_dir)
+        result.calibrationOf = run.calibration_of.get(variant.name)
+        if variant.compareCalibration and variant.recipe not in CALIBRATED_RECIPES:
+            result.notes.append("compareCalibration applies to the ORT static recipes (torch.ao's observers are "
+                                "set by its qconfig); built once")
         if run.export and variant.recipe == "onnx-fp32" and built:
             result.notes.extend(run.export.notes)
             result.lineage.options.update(exporter=run.export.exporter, opset=run.spec.spec.export.opset)
@@ -159,23 +209,86 @@ def _baseline_result(run: Run) -> VariantResult:
                          status=VariantStatus.ok, runtime=runner.runtime, provider=runner.provider, sizeBytes=size)
 
 
+def _evaluate(run: Run, result: VariantResult, runner) -> None:
+    try:
+        outputs = run_all(runner, run.dataset.evaluation)
+    except Exception as error:
+        result.status, result.error = VariantStatus.failed.value, f"inference failed: {str(error)[:300]}"
+        return
+    result.fidelity = fidelity(run.reference, outputs)
+    result.accuracy = accuracy(run.metric, outputs, run.dataset.labels, result.fidelity)
+
+
 def evaluate_step(run: Run) -> None:
     items, labels = run.dataset.evaluation, run.dataset.labels
-    metric = run.loaded.metric if labels is not None else "agreement"
     run.baseline = _baseline_result(run)
     with run.reporter.task("evaluating FP32 reference", len(items)):
-        reference = run_all(run.baseline_runner, items)
-    run.baseline.fidelity = fidelity(reference, reference)
-    run.baseline.accuracy = accuracy(metric, reference, labels, run.baseline.fidelity)
+        run.reference = run_all(run.baseline_runner, items)
+    run.baseline.fidelity = fidelity(run.reference, run.reference)
+    run.baseline.accuracy = accuracy(run.metric, run.reference, labels, run.baseline.fidelity)
     for name, built in run.built.items():
-        result = run.results[name]
-        try:
-            outputs = run_all(built.runner, items)
-        except Exception as error:
-            result.status, result.error = VariantStatus.failed.value, f"inference failed: {str(error)[:300]}"
+        _evaluate(run, run.results[name], built.runner)
+
+
+def _budget_failure(run: Run, value: float) -> str | None:
+    acceptance = run.spec.spec.acceptance
+    return budget_failure(value, run.baseline.accuracy, acceptance.maxAccuracyDrop,
+                          acceptance.maxRelativeAccuracyDrop, run.metric)
+
+
+def _needs_fallback(run: Run, name: str) -> bool:
+    from optimizer.fallback import RECIPES
+
+    result = run.results[name]
+    return (result.recipe in RECIPES and result.status == VariantStatus.ok.value and result.accuracy is not None
+            and run.baseline.accuracy is not None and _budget_failure(run, result.accuracy) is not None)
+
+
+def fallback_step(run: Run) -> None:
+    """Retry each ORT static variant that misses the budget with its most sensitive nodes in FP32."""
+    from optimizer.fallback import Attempt, recover
+    from optimizer.recipes.ort import preprocessed
+
+    if not run.spec.spec.acceptance.fallback:
+        return
+    recipes, models_dir = registry(), run.staging / "models"
+    scratch = run.scratch / "fallback"
+
+    def score(built: Built) -> float:
+        probe = VariantResult(name="probe", recipe="probe", status=VariantStatus.ok)
+        _evaluate(run, probe, built.runner)
+        return probe.accuracy if probe.accuracy is not None else float("-inf")
+
+    attempt = Attempt(build=lambda spec: _build(run.context, spec, recipes), accuracy=score,
+                      budget_failure=lambda value: _budget_failure(run, value))
+    ordered: dict[str, VariantResult] = {}
+    for name, result in run.results.items():
+        ordered[name] = result
+        if name not in run.built or not _needs_fallback(run, name):
             continue
-        result.fidelity = fidelity(reference, outputs)
-        result.accuracy = accuracy(metric, outputs, labels, result.fidelity)
+        run.reporter.log(f"{name} misses the accuracy budget: ranking its nodes by sensitivity and retrying")
+        try:
+            record, recovered, built = recover(
+                run.planned[name], run.built[name].artifact, preprocessed(run.context), run.dataset.calibration,
+                scratch, run.spec.spec.acceptance.fallbackSeconds, attempt)
+        except Exception as error:  # the analysis never costs the run its other results
+            record, recovered, built = Fallback(reason=f"sensitivity analysis failed: {type(error).__name__}: "
+                                                       f"{str(error).strip()[:300]}"), None, None
+        result.fallback = record
+        if built is None:
+            run.reporter.log(f"{name}: fallback did not recover it ({record.reason})")
+            continue
+        spec = run.planned[name].model_copy(update={
+            "name": record.variant, "excludeNodes": [*run.planned[name].excludeNodes, *record.excludedNodes]})
+        _keep(spec, recovered, built, models_dir)
+        recovered.lineage.parent = name
+        recovered.calibrationOf = result.calibrationOf
+        recovered.notes.append(f"the accuracy fallback kept {len(record.excludedNodes)} node(s) of {name} in FP32: "
+                               + ", ".join(record.excludedNodes))
+        _evaluate(run, recovered, built.runner)
+        run.planned[spec.name], run.built[spec.name], ordered[spec.name] = spec, built, recovered
+        run.reporter.log(f"{name}: recovered as {spec.name} ({len(record.excludedNodes)} node(s) in FP32)")
+    run.results = ordered
 
 
 def benchmark_step(run: Run) -> None:
@@ -193,10 +306,12 @@ def benchmark_step(run: Run) -> None:
 
 
 def select_step(run: Run, cpu_flags: list[str]) -> tuple[str | None, str]:
-    metric = run.loaded.metric if run.dataset.labels is not None else "agreement"
+    acceptance = run.spec.spec.acceptance
     variants = list(run.results.values())
     for variant in variants:
-        apply_budget(variant, run.baseline, run.spec.spec.acceptance.maxAccuracyDrop, metric)
+        apply_budget(variant, run.baseline, acceptance.maxAccuracyDrop, run.metric, acceptance.maxRelativeAccuracyDrop)
+        if variant.fallback and variant.fallback.recovered:
+            variant.notes.append(f"the accuracy fallback recovered it as {variant.fallback.variant}")
     flag_slow_variants(variants, run.baseline, cpu_flags)
     return pick_best(variants, run.baseline)
 
@@ -296,6 +411,8 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
             variants_step(run, env.cpuFlags)
         with _timed(run, "evaluate"):
             evaluate_step(run)
+        with _timed(run, "fallback"):
+            fallback_step(run)
         with _timed(run, "benchmark"):
             benchmark_step(run)
         with _timed(run, "select"):
@@ -303,8 +420,10 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
         with _timed(run, "analyze"):
             analysis = analyze_step(run, best, env.cpuFlags)
         results = Results(
-            name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.loaded.metric
-            if run.dataset.labels is not None else "agreement", dataset=run.dataset.description,
+            name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.metric,
+            accuracyBudget={"maxAccuracyDrop": spec.spec.acceptance.maxAccuracyDrop,
+                            "maxRelativeAccuracyDrop": spec.spec.acceptance.maxRelativeAccuracyDrop},
+            dataset=run.dataset.description,
             baseline=run.baseline, variants=list(run.results.values()), best=best, bestReason=reason,
             environment=env, analysis=analysis, steps=run.steps,
         )

@@ -49,12 +49,21 @@ def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResul
     ]
 
 
+def metric_label(metric: str) -> str:
+    """The metric's human name ("top-1 accuracy"), or its raw name where none is defined."""
+    try:
+        from optimizer.metrics import METRIC_LABELS
+    except ImportError:
+        return metric
+    return METRIC_LABELS.get(metric, metric)
+
+
 def _fmt(value, pattern: str) -> str:
     return "—" if value is None else pattern.format(value)
 
 
 def variants_table(results: Results) -> list[str]:
-    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree | {results.accuracyMetric} | status |",
+    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree | {metric_label(results.accuracyMetric)} | status |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for v in [results.baseline, *results.variants]:
         lat, fid = v.latencyMs, v.fidelity
@@ -66,6 +75,62 @@ def variants_table(results: Results) -> list[str]:
             f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} | {_fmt(v.accuracy, '{:.2%}')} | {status} |"
         )
     return lines
+
+
+def _budget(results: Results) -> str:
+    budget = results.accuracyBudget or {}
+    parts = []
+    if budget.get("maxAccuracyDrop") is not None:
+        parts.append(f"at most {budget['maxAccuracyDrop'] * 100:.2f} points below FP32")
+    if budget.get("maxRelativeAccuracyDrop") is not None:
+        parts.append(f"at most {budget['maxRelativeAccuracyDrop']:.2%} of FP32's accuracy lost")
+    fp32 = _fmt(results.baseline.accuracy, "{:.2%}")
+    return (f"FP32 {metric_label(results.accuracyMetric)}: {fp32}; budget: "
+            + (" and ".join(parts) or "none") + ".")
+
+
+def fallback_section(results: Results) -> list[str]:
+    """The accuracy fallback: per retried variant, the worst nodes and every try."""
+    out = []
+    for v in results.variants:
+        if not v.fallback:
+            continue
+        f = v.fallback
+        outcome = (f"recovered as **{f.variant}** with {len(f.excludedNodes)} node(s) in FP32"
+                   if f.recovered else f"not recovered: {f.reason}")
+        out += [f"### {v.name}: {outcome} ({f.seconds:.2f} s)", ""]
+        if f.ranking:
+            out += ["Most sensitive nodes (noise each adds, FP32 vs quantized activations):", "",
+                    "| node | op | input SQNR dB | output SQNR dB | added noise |", "|---|---|---:|---:|---:|"]
+            out += [f"| `{r['node']}` | {r['opType']} | {r['inputSqnrDb']:.1f} | {r['outputSqnrDb']:.1f} | "
+                    f"{r['addedNoise']:.3g} |" for r in f.ranking[:5]]
+            out.append("")
+        out += ["| try | nodes kept in FP32 | accuracy | size | seconds | within budget |",
+                "|---:|---|---:|---:|---:|---|"]
+        for index, t in enumerate(f.tries, 1):
+            nodes = ", ".join(f"`{n}`" for n in t.excludedNodes)
+            out.append(f"| {index} | {nodes} | {_fmt(t.accuracy, '{:.2%}')} | {format_size(t.sizeBytes)} | "
+                       f"{t.seconds:.2f} | {'yes' if t.withinBudget else (t.error or 'no')} |")
+        out.append("")
+    return ["## Accuracy fallback", "", *out] if out else []
+
+
+def calibration_section(results: Results) -> list[str]:
+    """compareCalibration: calibration method → accuracy, latency, per spec variant."""
+    groups: dict[str, list[VariantResult]] = {}
+    for v in results.variants:
+        if v.calibrationOf and not v.name.endswith("+fallback"):
+            groups.setdefault(v.calibrationOf, []).append(v)
+    out = []
+    for name, members in groups.items():
+        out += [f"## Calibration methods: {name}", "",
+                f"| calibration | variant | {metric_label(results.accuracyMetric)} | mean ± std | size | status |",
+                "|---|---|---:|---:|---:|---|"]
+        for v in members:
+            method = v.lineage.options.get("calibration", "—") if v.lineage else "—"
+            out.append(f"| {method} | {v.name} | {_fmt(v.accuracy, '{:.2%}')} | {mean_std(v)} | {size_mb(v)} | {v.status} |")
+        out.append("")
+    return out
 
 
 def _notes(results: Results) -> list[str]:
@@ -149,11 +214,15 @@ def markdown(results: Results) -> str:
         "",
         *variants_table(results),
         "",
+        _budget(results),
+        "",
         f"Accuracy metric: `{results.accuracyMetric}`"
         + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement" else "."),
         "Latency is measured in one process on the same input after warm-up; sizes are the saved files "
         "(PyTorch variants: state_dict).",
         "",
+        *calibration_section(results),
+        *fallback_section(results),
         "## Notes and warnings",
         "",
         *_notes(results),

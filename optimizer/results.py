@@ -52,6 +52,29 @@ class Lineage(_Record):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class FallbackTry(_Record):
+    """One retry of the accuracy fallback: which nodes stayed FP32 and what that gave."""
+
+    excludedNodes: list[str]
+    accuracy: float | None = None
+    sizeBytes: int | None = None
+    seconds: float
+    withinBudget: bool = False
+    error: str | None = None
+
+
+class Fallback(_Record):
+    """The accuracy fallback of a rejected variant: the nodes ranked by sensitivity, and each try."""
+
+    ranking: list[dict[str, Any]] = Field(default_factory=list)  # [{node, opType, sqnrDropDb}], worst first
+    tries: list[FallbackTry] = Field(default_factory=list)
+    excludedNodes: list[str] = Field(default_factory=list)  # of the recovered variant; [] when not recovered
+    recovered: bool = False
+    variant: str | None = None  # name of the recovered variant (<name>+fallback)
+    seconds: float = 0.0
+    reason: str | None = None  # why it stopped without recovering
+
+
 class VariantResult(_Record):
     name: str
     recipe: str
@@ -68,6 +91,8 @@ class VariantResult(_Record):
     lineage: Lineage | None = None
     notes: list[str] = Field(default_factory=list)  # warnings a user should read
     error: str | None = None
+    fallback: Fallback | None = None  # set on a variant the accuracy fallback retried
+    calibrationOf: str | None = None  # compareCalibration: the spec variant this one was expanded from
 
 
 class StepTiming(_Record):
@@ -101,6 +126,7 @@ class Results(_Record):
     name: str
     model: dict[str, Any]
     accuracyMetric: str
+    accuracyBudget: dict[str, float | None] | None = None  # {maxAccuracyDrop, maxRelativeAccuracyDrop}
     dataset: str
     baseline: VariantResult
     variants: list[VariantResult]

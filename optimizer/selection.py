@@ -6,6 +6,7 @@ A variant slower than the baseline is never picked, and its notes say why we thi
 from __future__ import annotations
 
 from optimizer.console import format_size
+from optimizer.errors import DataLoadError
 from optimizer.results import VariantResult, VariantStatus
 
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger")
@@ -31,14 +32,52 @@ def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_fla
     return f"{head}: quantized kernels do not pay off for this model's layer sizes"
 
 
-def apply_budget(variant: VariantResult, baseline: VariantResult, max_drop: float, metric: str) -> None:
+LABELLED_METRICS = ("top1", "cer", "exact-match")
+
+
+class MetricError(DataLoadError):
+    """The requested accuracy metric cannot be computed on this data (the run stops before building)."""
+
+
+def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_source: str) -> str:
+    """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else top1,
+    when the data has labels; agreement with FP32 otherwise."""
+    if requested == "auto":
+        if not has_labels:
+            return "agreement"
+        return model_metric if model_metric != "agreement" else "top1"
+    if requested in LABELLED_METRICS and not has_labels:
+        raise MetricError(
+            f"acceptance.metric {requested} needs labels, but data.source {data_source} has none; "
+            "give a .npz with a 'labels' array (or a labelled zoo data set), or use metric agreement"
+        )
+    return requested
+
+
+def budget_failure(accuracy: float, reference: float, max_drop: float | None,
+                   max_relative_drop: float | None, metric: str) -> str | None:
+    """Why `accuracy` misses the budget (every budget it misses, by how much), or None if it meets it."""
+    drop, misses = reference - accuracy, []
+    if max_drop is not None and drop > max_drop + 1e-12:
+        misses.append(f"{drop * 100:.2f} points below FP32's {reference:.4f}; budget maxAccuracyDrop = "
+                      f"{max_drop * 100:.2f} points")
+    relative = drop / reference if reference > 0 else 0.0
+    if max_relative_drop is not None and relative > max_relative_drop + 1e-12:
+        misses.append(f"{relative:.2%} below FP32's {reference:.4f} (relative); budget maxRelativeAccuracyDrop = "
+                      f"{max_relative_drop:.2%}")
+    if not misses:
+        return None
+    return f"{metric} {accuracy:.4f} is " + ", and ".join(misses)
+
+
+def apply_budget(variant: VariantResult, baseline: VariantResult, max_drop: float | None, metric: str,
+                 max_relative_drop: float | None = None) -> None:
     if variant.status != VariantStatus.ok.value or variant.accuracy is None or baseline.accuracy is None:
         return
-    drop = baseline.accuracy - variant.accuracy
-    if drop > max_drop + 1e-12:
+    reason = budget_failure(variant.accuracy, baseline.accuracy, max_drop, max_relative_drop, metric)
+    if reason:
         variant.status = VariantStatus.rejected.value
-        variant.error = (f"{metric} {variant.accuracy:.4f} is {drop * 100:.2f} points below FP32's "
-                         f"{baseline.accuracy:.4f}; budget maxAccuracyDrop = {max_drop * 100:.2f} points")
+        variant.error = reason
 
 
 def counterpart_of(variant: VariantResult, by_name: dict[str, VariantResult], baseline: VariantResult) -> VariantResult:

@@ -28,6 +28,8 @@ class BuildContext:
     device: str
     cpu_flags: frozenset[str]
     reporter: object = None  # optimizer.console reporter: progress for calibration
+    metric: str = "agreement"  # the resolved accuracy metric (QAT picks its loss from it)
+    data_source: str = "random"  # data.source as used, for messages
     cache: dict = field(default_factory=dict)  # shared intermediate files, e.g. the pre-processed model
 
     def require_onnx(self) -> Path:
@@ -57,7 +59,7 @@ RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
 
 
 def registry() -> dict[str, RecipeFunction]:
-    from optimizer.recipes import ort, torch_ao
+    from optimizer.recipes import ort, qat, torch_ao
 
     return {
         Recipe.onnx_fp32.value: ort.onnx_fp32,
@@ -68,4 +70,5 @@ def registry() -> dict[str, RecipeFunction]:
         Recipe.torch_int8_dynamic.value: torch_ao.torch_int8_dynamic,
         Recipe.torch_int8_static.value: torch_ao.torch_int8_static,
         Recipe.torch_int8_static_dynamic.value: torch_ao.torch_int8_static_dynamic,
+        Recipe.torch_int8_qat.value: qat.torch_int8_qat,
     }

@@ -24,7 +24,7 @@ def _quiet():
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every skipped node at INFO
 
 
-def _preprocessed(ctx: BuildContext) -> Path:
+def preprocessed(ctx: BuildContext) -> Path:
     """Run quant_pre_process once: without it the quantizer silently skips the dynamo export's
     LSTM weights (they sit behind Slice/Concat) and leaves the LSTMs in FP32."""
     if "preprocessed" not in ctx.cache:
@@ -69,17 +69,18 @@ def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
     return Built(_runner(ctx, variant.name, target), target, parent="export", options={"optimization": "basic"})
 
 
-def _dynamic(source: Path, target: Path, op_types: list[str]) -> None:
+def _dynamic(source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet()
-    quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=list(exclude or []))
 
 
 def ort_int8_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     ops = variant.opTypes or DYNAMIC_DEFAULT_OPS
     target = ctx.workdir / f"{variant.name}.onnx"
-    _dynamic(_preprocessed(ctx), target, ops)
+    _dynamic(preprocessed(ctx), target, ops)
     notes = []
     if "Conv" in ops:
         notes.append("Conv is dynamically quantized to ConvInteger, which is usually slower than FP32 Conv on CPU")
@@ -97,13 +98,15 @@ def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
     options = {"format": "QDQ", "perChannel": variant.perChannel, "calibration": variant.calibration,
                "activations": "uint8", "weights": "int8", "reduceRange": reduce_range,
                "calibrationSamples": len(ctx.dataset.calibration)}
-    preprocessed, items = _preprocessed(ctx), ctx.dataset.calibration
+    if variant.excludeNodes:
+        options["excludeNodes"] = list(variant.excludeNodes)
+    source, items = preprocessed(ctx), ctx.dataset.calibration
     with ctx.reporter.task(f"calibrating {variant.name} ({variant.calibration})", len(items)) as advance:
         quantize_static(
-            str(preprocessed), str(target), _Calibration(items, advance),
+            str(source), str(target), _Calibration(items, advance),
             quant_format=QuantFormat.QDQ, per_channel=variant.perChannel, reduce_range=reduce_range,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-            op_types_to_quantize=variant.opTypes,
+            op_types_to_quantize=variant.opTypes, nodes_to_exclude=list(variant.excludeNodes),
             extra_options={"CalibPercentile": 99.999} if variant.calibration == "percentile" else {},
         )
     return options
@@ -126,7 +129,7 @@ def ort_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     recurrent = sorted(set(op_counts(static_path)) & set(RECURRENT_OPS))
     notes = []
     if recurrent:
-        _dynamic(static_path, target, recurrent)
+        _dynamic(static_path, target, recurrent, variant.excludeNodes)
         options["dynamicOpTypes"] = recurrent
     else:
         shutil.copyfile(static_path, target)

@@ -67,6 +67,27 @@ USER_MODELS = textwrap.dedent(
             if x.shape[1] > 3:
                 return self.linear(x) * 2.0
             return self.linear(x)
+
+
+    class Outlier(nn.Module):
+        """One activation is ruined by 8-bit quantization: fc2's channel 0 is a constant 10^4 that
+        fc3 ignores, so uint8 steps of ~40 round every channel fc3 reads to zero. Quantizing the
+        rest is harmless; keeping fc3 (and fc2, which quantizes its own output) in FP32 fixes it."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(16, 32)
+            self.fc2 = nn.Linear(32, 32)
+            self.fc3 = nn.Linear(32, 10)
+            with torch.no_grad():
+                self.fc2.weight[0].zero_()
+                self.fc2.bias[0] = 1e4
+                self.fc3.weight[:, 0] = 0.0
+                self.fc3.weight *= 10.0
+                self.fc3.bias.zero_()
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
     '''
 )
 
@@ -102,6 +123,9 @@ def write_spec(directory: Path, spec: dict, name: str = "spec.yaml") -> Path:
     return path
 
 
+OUTLIER_INPUTS = [{"name": "x", "shape": [1, 16], "dynamicAxes": {0: "batch"}}]
+QUICK_BENCHMARK = {"warmup": 1, "runs": 5, "scalingBatches": []}
+
 ALL_RECIPES = ["onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic", "torch-int8-dynamic",
                "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16"]
 CONV_LSTM_INPUTS = [{"name": "image", "shape": [1, 1, 8, 16], "dynamicAxes": {0: "batch", 3: "width"}}]
@@ -123,6 +147,28 @@ def conv_lstm_run(tmp_path_factory):
         "data": {"source": "random", "samples": 16},
         "benchmark": {"warmup": 2, "runs": 10},
         "acceptance": {"maxAccuracyDrop": 0.2},
+    })
+    output = directory / "out"
+    results = optimize(load_spec(spec_path), output, directory, QuietReporter())
+    return results, output
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """One run on the zoo's digits CNN (real labels): calibration comparison, torch static and QAT."""
+    from optimizer.console import QuietReporter
+    from optimizer.pipeline import optimize
+    from optimizer.spec_loader import load_spec
+
+    directory = tmp_path_factory.mktemp("digits")
+    spec_path = write_spec(directory, {
+        "model": {"source": "zoo:digits"},
+        "variants": [{"name": "int8", "recipe": "ort-int8-static", "compareCalibration": True},
+                     {"name": "torch-int8-static", "recipe": "torch-int8-static"},
+                     {"name": "qat", "recipe": "torch-int8-qat", "qatSteps": 20, "qatLearningRate": 1e-4}],
+        "data": {"source": "zoo:digits", "samples": 64},
+        "benchmark": QUICK_BENCHMARK,
+        "acceptance": {"maxAccuracyDrop": 0.05},
     })
     output = directory / "out"
     results = optimize(load_spec(spec_path), output, directory, QuietReporter())

@@ -50,3 +50,33 @@ def test_missing_vnni_is_named_as_the_reason():
     flag_slow_variants(with_speedups(baseline, [fp32, static]), baseline, ["avx2", "fma"])
     assert any("no VNNI" in n for n in static.notes)
     assert not fp32.notes
+
+
+def test_absolute_and_relative_budgets_must_both_hold_and_the_message_says_which():
+    from optimizer.selection import budget_failure
+
+    assert budget_failure(0.95, 0.96, 0.02, 0.02, "top1") is None
+    relative_only = budget_failure(0.45, 0.50, 0.10, 0.05, "top1")  # 5 points, but 10% of FP32's 0.50
+    assert "maxRelativeAccuracyDrop" in relative_only and "10.00% below" in relative_only
+    assert "maxAccuracyDrop" not in relative_only
+    both = budget_failure(0.40, 0.50, 0.05, 0.05, "cer")
+    assert both.startswith("cer 0.4000 is 10.00 points below") and "20.00% below" in both
+    baseline = variant("pytorch-fp32", "pytorch-fp32", 10.0, accuracy=0.50)
+    v = variant("ort-int8-static", "ort-int8-static", 5.0, accuracy=0.45)
+    apply_budget(v, baseline, 0.10, "top1", 0.05)
+    assert v.status == "rejected" and "relative" in v.error
+
+
+def test_metric_resolution():
+    import pytest
+
+    from optimizer.errors import DataLoadError
+    from optimizer.selection import resolve_metric
+
+    assert resolve_metric("auto", "top1", True, "zoo:digits") == "top1"
+    assert resolve_metric("auto", "cer", True, "zoo:textlines") == "cer"
+    assert resolve_metric("auto", "agreement", True, "data.npz") == "top1"  # user model, labelled data
+    assert resolve_metric("auto", "top1", False, "random") == "agreement"
+    assert resolve_metric("agreement", "top1", True, "zoo:digits") == "agreement"
+    with pytest.raises(DataLoadError, match="acceptance.metric exact-match needs labels, but data.source random"):
+        resolve_metric("exact-match", "agreement", False, "random")
