@@ -140,6 +140,8 @@ def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, ops
             shapes = {s.name: [max(n, 2) if a in s.dynamicAxes else n for a, n in enumerate(s.shape)] for s in inputs}
             example = tuple(torch.from_numpy(a) for a in random_feed(inputs, shapes).values())
             dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamicAxes} or None for spec in inputs)
+            # Keep onnxscript's optimizer on (slow: over half the export time) - without its constant
+            # folding the LSTM weights stay behind ops that the INT8 quantizers cannot see through.
             torch.onnx.export(
                 module, example, str(path), input_names=names, opset_version=opset, dynamo=True,
                 dynamic_shapes=dynamic if any(dynamic) else None, external_data=False,

@@ -215,7 +215,7 @@ class BenchmarkSpec(_Strict):
     scalingThreads: list[int] = Field(
         default_factory=lambda: [1, 2], description="Thread counts for the scaling table."
     )
-    scalingRuns: int = Field(5, ge=1, description="Timed runs per scaling cell.")
+    scalingRuns: int = Field(3, ge=1, description="Timed runs per scaling cell (after one warm-up).")
 
 
 class AcceptanceSpec(_Strict):
