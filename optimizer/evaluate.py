@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from optimizer.metrics import METRICS
 from optimizer.results import Fidelity
 
 
@@ -28,17 +29,9 @@ def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]
     return Fidelity(maxAbsDiff=max_abs, cosine=float(cosine), argmaxAgreement=agree / max(total, 1))
 
 
-def top1(outputs: list[list[np.ndarray]], labels: list[np.ndarray]) -> float:
-    correct = total = 0
-    for item_outputs, item_labels in zip(outputs, labels):
-        predicted = item_outputs[0].argmax(axis=-1).reshape(-1)
-        correct += int((predicted == np.asarray(item_labels).reshape(-1)).sum())
-        total += predicted.size
-    return correct / max(total, 1)
-
-
 def accuracy(metric: str, outputs, labels, fid: Fidelity) -> float:
-    """top1 against labels; without labels, agreement with the FP32 model's argmax."""
-    if metric == "top1" and labels is not None:
-        return top1(outputs, labels)
-    return fid.argmaxAgreement
+    """The named metric (optimizer/metrics.py) against labels; "agreement", or no labels: agreement
+    with the FP32 model's argmax, already in `fid`."""
+    if metric == "agreement" or labels is None:
+        return fid.argmaxAgreement
+    return METRICS[metric](outputs, labels)
