@@ -38,9 +38,11 @@ def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: lis
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
     ranking = rank_nodes(float_model, quantized, items[:SENSITIVITY_ITEMS], workdir / f"{variant.name}.sensitivity")
     record = Fallback(ranking=[r.record() for r in ranking[:RANKING_KEPT]])
+    # Nodes that add no noise (their output is as good as their input) are never worth FP32.
+    candidates = [r for r in ranking if r.added_noise > 0]
     tried: list[list[str]] = []
-    for count in exclusion_sizes(len(ranking)):
-        nodes = exclusion(ranking, count)
+    for count in exclusion_sizes(len(candidates)):
+        nodes = exclusion(candidates, count)
         if nodes in tried:
             continue
         if elapsed() > seconds:
@@ -63,9 +65,9 @@ def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: lis
             record.recovered, record.excludedNodes, record.variant = True, nodes, retry.name
             record.seconds = round(elapsed(), 3)
             return record, result, built
-    if not ranking:
-        record.reason = "no quantized node found to keep in FP32"
+    if not candidates:
+        record.reason = "no quantized node adds measurable noise; nothing to keep in FP32"
     elif record.reason is None:
-        record.reason = "no try met the budget, even with every ranked node in FP32"
+        record.reason = "no try met the budget, even with every noise-adding node in FP32"
     record.seconds = round(elapsed(), 3)
     return record, None, None
