@@ -39,7 +39,7 @@ def scale(name: str, runner, inputs, batches: list[int], threads: list[int], war
                 shapes = {s.name: [batch, *s.shape[1:]] for s in inputs}
                 latency = measure(timed.bind(random_feed(inputs, shapes)), warmup, runs)
                 rows.append({"variant": name, "batch": batch, "threads": thread_count,
-                             "latencyMs": round(latency.mean, 3), "throughput": round(batch * 1000.0 / latency.mean, 1)})
+                             "latencyMs": latency.mean, "throughput": batch * 1000.0 / latency.mean})
     return rows
 
 
