@@ -262,8 +262,8 @@ def _checked_labels(arrays: dict[str, np.ndarray], count: int, path: Path) -> np
     labels = arrays["labels"]
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape[:1] != (count,):
         raise DataError(
-            f"data.source: 'labels' in {path} must be integers with one entry (or one padded "
-            f"sequence) per sample ({count}); got {labels.dtype} of shape {list(labels.shape)}"
+            f"data.source: 'labels' in {path} must be integers with one entry per sample "
+            f"({count}); got {labels.dtype} of shape {list(labels.shape)}"
         )
     return labels.astype(np.int64)
 
