@@ -77,11 +77,25 @@ def _dynamic(source: Path, target: Path, op_types: list[str], exclude: list[str]
                      nodes_to_exclude=list(exclude or []))
 
 
+def _left_in_fp32(path: Path, op_types: list[str], excluded: list[str]) -> list[str]:
+    """A note when recurrent ops asked for INT8 are still plain FP32 ops: the quantizer skips
+    them silently when their weights are not constant initializers."""
+    import onnx
+
+    left = [n for n in onnx.load(str(path), load_external_data=False).graph.node
+            if n.op_type in op_types and n.op_type in RECURRENT_OPS and n.name not in excluded]
+    if not left:
+        return []
+    kinds = ", ".join(sorted({n.op_type for n in left}))
+    return [f"{len(left)} {kinds} node(s) stayed FP32: the quantizer could not see their weights as constant "
+            "initializers, so they were not quantized"]
+
+
 def ort_int8_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     ops = variant.opTypes or DYNAMIC_DEFAULT_OPS
     target = ctx.workdir / f"{variant.name}.onnx"
     _dynamic(preprocessed(ctx), target, ops)
-    notes = []
+    notes = _left_in_fp32(target, ops, variant.excludeNodes)
     if "Conv" in ops:
         notes.append("Conv is dynamically quantized to ConvInteger, which is usually slower than FP32 Conv on CPU")
     return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options={"opTypes": ops}, notes=notes)
@@ -131,6 +145,7 @@ def ort_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     if recurrent:
         _dynamic(static_path, target, recurrent, variant.excludeNodes)
         options["dynamicOpTypes"] = recurrent
+        notes += _left_in_fp32(target, recurrent, variant.excludeNodes)
     else:
         shutil.copyfile(static_path, target)
         notes.append("the model has no LSTM/GRU, so this equals ort-int8-static")

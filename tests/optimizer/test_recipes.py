@@ -82,3 +82,26 @@ def test_results_json_is_versioned_and_complete(conv_lstm_run):
     assert results.environment.packages["torch"].startswith("2.13")
     assert [s.step for s in results.steps] == ["load", "data", "export", "variants", "evaluate", "fallback", "benchmark", "select", "analyze", "report"]
     assert results.best is None or results.variant(results.best).status == "ok"
+
+
+def test_lstm_left_in_fp32_is_reported_not_hidden(tmp_path):
+    """If the quantizer cannot see LSTM weights (e.g. no quant_pre_process), users are told."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from optimizer.recipes.ort import _left_in_fp32
+
+    # An LSTM whose weights come from a graph input, not an initializer: nothing to quantize.
+    lstm = helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="rnn", hidden_size=2)
+    graph = helper.make_graph([lstm], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "xwr"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "lstm.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert "1 LSTM node(s) stayed FP32" in _left_in_fp32(path, ["LSTM", "MatMul"], [])[0]
+    assert _left_in_fp32(path, ["LSTM"], ["rnn"]) == []  # excluded on purpose: nothing to report
+
+
+def test_quantized_lstms_raise_no_note(conv_lstm_run):
+    results, _ = conv_lstm_run
+    for name in ("ort-int8-dynamic", "ort-int8-static-dynamic"):
+        assert not any("stayed FP32" in note for note in results.variant(name).notes)
