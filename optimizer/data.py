@@ -46,6 +46,7 @@ class Dataset:
     evaluation: list[dict[str, np.ndarray]]  # held out from calibration
     labels: list[np.ndarray] | None  # per evaluation item, the int64 labels of its batch
     description: str
+    calibration_labels: list[np.ndarray] | None = None  # per calibration item (QAT fine-tunes on them)
 
 
 def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_dir: Path) -> Dataset:
@@ -113,19 +114,24 @@ def _batch_size(spec: InputSpec) -> tuple[int, bool]:
 
 
 def _labelled(calibration: dict[str, np.ndarray], evaluation: dict[str, np.ndarray], labels: np.ndarray | None,
-              samples: int, inputs: Sequence[InputSpec], description: str) -> Dataset:
+              samples: int, inputs: Sequence[InputSpec], description: str,
+              calibration_labels: np.ndarray | None = None) -> Dataset:
     """Items from sample arrays: at most `samples` (but one full batch) calibrate, all of evaluation."""
     batch, partial_ok = _batch_size(inputs[0])
     calibration_items = _batches({name: array[:max(samples, batch)] for name, array in calibration.items()},
                                  batch, partial_ok)
     evaluation_items = _batches(evaluation, batch, partial_ok)
-    label_items = None
-    if labels is not None:
-        label_items = [item["labels"] for item in _batches({"labels": labels}, batch, partial_ok)]
+
+    def label_items(array: np.ndarray | None, limit: int | None = None):
+        if array is None:
+            return None
+        return [item["labels"] for item in _batches({"labels": array[:limit]}, batch, partial_ok)]
+
     return Dataset(
         calibration=calibration_items,
         evaluation=evaluation_items,
-        labels=label_items,
+        labels=label_items(labels),
+        calibration_labels=label_items(calibration_labels, max(samples, batch)),
         description=f"{description}, {_sample_count(calibration_items)} calibration and "
         f"{_sample_count(evaluation_items)} held-out samples",
     )
@@ -161,12 +167,13 @@ def _digits(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
             f"data.source zoo:digits gives one input of shape [batch, 1, 8, 8], but the model's "
             f"inputs are {', '.join(wanted)}; use data.source random or a .npz file for this model"
         )
-    train_x, test_x, _, test_y = digits_split()
+    train_x, test_x, train_y, test_y = digits_split()
     dtype = _numpy_dtype(spec)
     return _labelled(
         calibration={spec.name: train_x.astype(dtype)},
         evaluation={spec.name: test_x.astype(dtype)},
         labels=test_y,
+        calibration_labels=train_y,
         samples=samples,
         inputs=inputs,
         description="scikit-learn digits",
@@ -184,13 +191,14 @@ def _textlines(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
             f"inputs are {', '.join(wanted)}; use data.source random or a .npz file for this model"
         )
     batch = spec.shape[0]
-    calibration, _ = textlines.render_batch(max(samples, batch), textlines.SEEDS["calibration"])
+    calibration, calibration_labels = textlines.render_batch(max(samples, batch), textlines.SEEDS["calibration"])
     evaluation, labels = textlines.render_batch(max(TEXTLINES_EVALUATION, batch), textlines.SEEDS["evaluation"])
     dtype = _numpy_dtype(spec)
     return _labelled(
         calibration={spec.name: calibration.astype(dtype)},
         evaluation={spec.name: evaluation.astype(dtype)},
         labels=labels,
+        calibration_labels=calibration_labels,
         samples=samples,
         inputs=inputs,
         description="synthetic text lines (DejaVu fonts)",
@@ -287,6 +295,7 @@ def _npz(path: Path, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
         calibration={name: array[:half] for name, array in checked.items()},
         evaluation={name: array[half:] for name, array in checked.items()},
         labels=None if labels is None else labels[half:],
+        calibration_labels=None if labels is None else labels[:half],
         samples=samples,
         inputs=inputs,
         description=path.name,

@@ -207,3 +207,14 @@ def test_npz_inputs_must_agree_on_the_sample_count(tmp_path):
     source = write_npz(tmp_path, image=np.zeros((4, 1, 8, 8)), mask=np.zeros((6, 8)))
     with pytest.raises(DataError, match=r"disagree on the number of samples"):
         load_dataset(source, 8, [IMAGE, mask], tmp_path)
+
+
+def test_labelled_sources_keep_calibration_labels_for_qat(tmp_path):
+    """QAT fine-tunes on the calibration split, so its labels must travel with it."""
+    from optimizer.spec import InputSpec
+
+    spec = InputSpec(name="image", shape=[1, 1, 8, 8], dynamicAxes={0: "batch"})
+    digits = load_dataset("zoo:digits", 16, [spec], tmp_path)
+    assert len(digits.calibration_labels) == len(digits.calibration)
+    assert all(lab.shape == (item["image"].shape[0],) for lab, item in zip(digits.calibration_labels, digits.calibration))
+    assert load_dataset("random", 8, [spec], tmp_path).calibration_labels is None
