@@ -89,15 +89,23 @@ def counterpart_of(variant: VariantResult, by_name: dict[str, VariantResult], ba
     return baseline
 
 
+# Means within 2% are run-to-run noise on a shared machine, not a regression worth a warning.
+SLOWER_TOLERANCE = 1.02
+
+
+def _slower(variant: VariantResult, reference: VariantResult) -> bool:
+    return variant.latencyMs.mean > reference.latencyMs.mean * SLOWER_TOLERANCE
+
+
 def flag_slow_variants(variants: list[VariantResult], baseline: VariantResult, cpu_flags: list[str]) -> None:
     by_name = {v.name: v for v in variants}
     for variant in variants:
         if not variant.latencyMs:
             continue
         counterpart = counterpart_of(variant, by_name, baseline)
-        if counterpart is not variant and counterpart.latencyMs and variant.latencyMs.mean > counterpart.latencyMs.mean:
+        if counterpart is not variant and counterpart.latencyMs and _slower(variant, counterpart):
             variant.notes.append("SLOWER than FP32 — " + explain_slowness(variant, counterpart, cpu_flags))
-        elif counterpart is not baseline and baseline.latencyMs and variant.latencyMs.mean > baseline.latencyMs.mean:
+        elif counterpart is not baseline and baseline.latencyMs and _slower(variant, baseline):
             variant.notes.append("SLOWER than FP32 — " + explain_slowness(variant, baseline, cpu_flags))
 
 

@@ -80,3 +80,11 @@ def test_metric_resolution():
     assert resolve_metric("agreement", "top1", True, "zoo:digits") == "agreement"
     with pytest.raises(DataLoadError, match="acceptance.metric exact-match needs labels, but data.source random"):
         resolve_metric("exact-match", "agreement", False, "random")
+
+
+def test_differences_within_noise_are_not_flagged():
+    baseline = variant("pytorch-fp32", "pytorch-fp32", 10.0, runtime="pytorch")
+    fp32 = variant("onnx-fp32", "onnx-fp32", 5.0)
+    level = variant("ort-int8-dynamic", "ort-int8-dynamic", 5.05)  # 1% slower: noise
+    flag_slow_variants(with_speedups(baseline, [fp32, level]), baseline, ["avx512_vnni"])
+    assert not level.notes
