@@ -80,8 +80,9 @@ def data_step(run: Run) -> None:
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
     run.dataset, run.data_source = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir), source
     run.reporter.log(f"data: {run.dataset.description}")
-    run.metric = resolve_metric(run.spec.spec.acceptance.metric, run.loaded.metric,
-                                run.dataset.labels is not None, source)
+    labels = run.dataset.labels
+    run.metric = resolve_metric(run.spec.spec.acceptance.metric, run.loaded.metric, labels is not None, source,
+                                sequence_labels=labels is not None and labels[0].ndim == 2)
 
 
 def export_step(run: Run) -> None:

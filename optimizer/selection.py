@@ -39,17 +39,29 @@ class MetricError(DataLoadError):
     """The requested accuracy metric cannot be computed on this data (the run stops before building)."""
 
 
-def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_source: str) -> str:
-    """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else top1,
-    when the data has labels; agreement with FP32 otherwise."""
+SEQUENCE_METRICS = ("cer", "exact-match")
+
+
+def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_source: str,
+                   sequence_labels: bool = False) -> str:
+    """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else top1
+    (class labels) or cer (padded label sequences), when the data has labels; agreement otherwise."""
     if requested == "auto":
         if not has_labels:
             return "agreement"
-        return model_metric if model_metric != "agreement" else "top1"
+        if model_metric != "agreement":
+            return model_metric
+        return "cer" if sequence_labels else "top1"
     if requested in LABELLED_METRICS and not has_labels:
         raise MetricError(
             f"acceptance.metric {requested} needs labels, but data.source {data_source} has none; "
             "give a .npz with a 'labels' array (or a labelled zoo data set), or use metric agreement"
+        )
+    if has_labels and (requested in SEQUENCE_METRICS) != sequence_labels and requested != "agreement":
+        shape = "2-D label sequences (padded with -1)" if sequence_labels else "one class label per sample"
+        raise MetricError(
+            f"acceptance.metric {requested} does not fit data.source {data_source}, which has {shape}; "
+            f"use {'cer or exact-match' if sequence_labels else 'top1'}"
         )
     return requested
 

@@ -88,3 +88,17 @@ def test_differences_within_noise_are_not_flagged():
     level = variant("ort-int8-dynamic", "ort-int8-dynamic", 5.05)  # 1% slower: noise
     flag_slow_variants(with_speedups(baseline, [fp32, level]), baseline, ["avx512_vnni"])
     assert not level.notes
+
+
+def test_metric_must_fit_the_labels():
+    import pytest
+
+    from optimizer.selection import MetricError, resolve_metric
+
+    assert resolve_metric("auto", "agreement", True, "lines.npz", sequence_labels=True) == "cer"
+    assert resolve_metric("auto", "agreement", True, "digits.npz") == "top1"
+    assert resolve_metric("auto", "cer", True, "zoo:textlines", sequence_labels=True) == "cer"
+    with pytest.raises(MetricError, match="use cer or exact-match"):
+        resolve_metric("top1", "agreement", True, "lines.npz", sequence_labels=True)
+    with pytest.raises(MetricError, match="use top1"):
+        resolve_metric("exact-match", "agreement", True, "digits.npz")
