@@ -18,6 +18,7 @@ import numpy as np
 
 from optimizer.metrics import cer, exact_match
 from optimizer.zoo import crnn_ocr, textlines
+from optimizer.zoo.weights import save_atomically
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     model = crnn_ocr.train(args.steps, log=log)
     trained_s = time.perf_counter() - started
     path = crnn_ocr.cache_path(args.steps)
-    crnn_ocr.save_atomically(model, path)
+    save_atomically(model, path)
 
     images, labels = textlines.render_batch(args.held_out, textlines.SEEDS["evaluation"])
     outputs = [[scores] for scores in crnn_ocr.predict(model, images)]  # one item per PREDICT_BATCH lines

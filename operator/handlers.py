@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from optimizer.crd import GROUP, KIND, PLURAL, VERSION
+from optimizer.crd import GROUP, PLURAL, VERSION
 from optimizer.spec_loader import SpecError
 
 from .cluster import Cluster

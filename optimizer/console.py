@@ -83,10 +83,10 @@ def _cell(value: float | None, pattern: str) -> str:
 def results_table(results: Results) -> Table:
     table = Table(title=f"{results.name}: {results.model['source']} on {results.environment.device} "
                         f"({results.environment.threads} thread{'s' if results.environment.threads > 1 else ''})")
-    from optimizer.metrics import METRIC_LABELS
+    from optimizer.report import metric_label  # report imports this module: import at call time
 
     for column in ("variant", "size", "mean ± std ms", "p50 / p99", "speedup", "max |Δ|", "argmax agree",
-                   METRIC_LABELS.get(results.accuracyMetric, results.accuracyMetric), "status"):
+                   metric_label(results.accuracyMetric), "status"):
         table.add_column(column, justify="left" if column in ("variant", "status") else "right")
     for variant in [results.baseline, *results.variants]:
         lat = variant.latencyMs

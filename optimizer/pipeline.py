@@ -54,6 +54,10 @@ class Run:
     built: dict[str, Built] = field(default_factory=dict)
     results: dict[str, VariantResult] = field(default_factory=dict)
     baseline: VariantResult | None = None
+    env: object = None  # optimizer.results.Environment
+    best: str | None = None
+    best_reason: str = ""
+    analysis: Analysis | None = None
     steps: list[StepTiming] = field(default_factory=list)
 
     @property
@@ -104,12 +108,12 @@ def export_step(run: Run) -> None:
         run.loaded.module.to("cuda")
 
 
-def _context(run: Run, cpu_flags: list[str]) -> BuildContext:
+def _context(run: Run) -> BuildContext:
     fp32 = run.loaded.onnx_path or (run.export.path if run.export else None)
     return BuildContext(
         loaded=run.loaded, fp32_onnx=fp32, export_error=run.export_error, dataset=run.dataset,
         workdir=run.scratch, threads=run.spec.spec.benchmark.threads, device=run.spec.spec.benchmark.device,
-        cpu_flags=frozenset(cpu_flags), reporter=run.reporter, metric=run.metric, data_source=run.data_source,
+        cpu_flags=frozenset(run.env.cpuFlags), reporter=run.reporter, metric=run.metric, data_source=run.data_source,
     )
 
 
@@ -173,8 +177,8 @@ def _build_one(ctx: BuildContext, variant: VariantSpec, recipes, models_dir: Pat
     return result, built
 
 
-def variants_step(run: Run, cpu_flags: list[str]) -> None:
-    run.context, recipes = _context(run, cpu_flags), registry()
+def variants_step(run: Run) -> None:
+    run.context, recipes = _context(run), registry()
     ctx, models_dir = run.context, run.staging / "models"
     models_dir.mkdir()
     variants = planned_variants(run)
@@ -306,15 +310,15 @@ def benchmark_step(run: Run) -> None:
         result.speedup = run.baseline.latencyMs.mean / result.latencyMs.mean
 
 
-def select_step(run: Run, cpu_flags: list[str]) -> tuple[str | None, str]:
+def select_step(run: Run) -> None:
     acceptance = run.spec.spec.acceptance
     variants = list(run.results.values())
     for variant in variants:
         apply_budget(variant, run.baseline, acceptance.maxAccuracyDrop, run.metric, acceptance.maxRelativeAccuracyDrop)
         if variant.fallback and variant.fallback.recovered:
             variant.notes.append(f"the accuracy fallback recovered it as {variant.fallback.variant}")
-    flag_slow_variants(variants, run.baseline, cpu_flags)
-    return pick_best(variants, run.baseline)
+    flag_slow_variants(variants, run.baseline, run.env.cpuFlags)
+    run.best, run.best_reason = pick_best(variants, run.baseline)
 
 
 def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
@@ -333,16 +337,16 @@ def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | N
     return limits
 
 
-def analyze_step(run: Run, best: str | None, flags: list[str]) -> Analysis:
+def analyze_step(run: Run) -> None:
     """Explain the pick: arithmetic vs the machine's limit, time per op type, scaling, tuning."""
     from optimizer.profiling import op_time_split
     from optimizer.scaling import batchable, scale
     from optimizer.tuning import tune
 
-    bench, inputs = run.spec.spec.benchmark, run.loaded.inputs
-    analysis = Analysis()
+    bench, inputs, best = run.spec.spec.benchmark, run.loaded.inputs, run.best
+    analysis = run.analysis = Analysis()
     best_result, best_built = run.results.get(best), run.built.get(best)
-    analysis.compute = _compute(run, best_result, flags)
+    analysis.compute = _compute(run, best_result, run.env.cpuFlags)
     ort_best = best_built is not None and isinstance(best_built.runner, OrtRunner) and bench.device == "cpu"
     if ort_best:
         analysis.profiledVariant = best
@@ -366,7 +370,6 @@ def analyze_step(run: Run, best: str | None, flags: list[str]) -> Analysis:
                                                        min(bench.warmup, 5), min(bench.runs, 20))}
     elif bench.tune:
         analysis.notes.append("benchmark.tune applies to ONNX Runtime variants on CPU; the best variant is not one")
-    return analysis
 
 
 def _model_record(run: Run) -> dict:
@@ -392,6 +395,20 @@ def _publish(staging: Path, output: Path, results: Results) -> None:
     write_json_atomically(output / "results.json", results.model_dump(mode="json"))
 
 
+# The pipeline, in order; each step reads and fills the Run. `report` runs last, in optimize().
+STEPS = [
+    ("load", load_step),
+    ("data", data_step),
+    ("export", export_step),
+    ("variants", variants_step),
+    ("evaluate", evaluate_step),
+    ("fallback", fallback_step),
+    ("benchmark", benchmark_step),
+    ("select", select_step),
+    ("analyze", analyze_step),
+]
+
+
 def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) -> Results:
     output = Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -400,33 +417,18 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
         run = Run(spec=spec, base_dir=base_dir, staging=staging, reporter=reporter)
         run.scratch.mkdir()
         check_device(spec.spec.benchmark.device)
-        env = environment.describe(spec.spec.benchmark.threads, spec.spec.benchmark.device)
+        run.env = environment.describe(spec.spec.benchmark.threads, spec.spec.benchmark.device)
         _configure_threads(spec.spec.benchmark.threads)
-        with _timed(run, "load"):
-            load_step(run)
-        with _timed(run, "data"):
-            data_step(run)
-        with _timed(run, "export"):
-            export_step(run)
-        with _timed(run, "variants"):
-            variants_step(run, env.cpuFlags)
-        with _timed(run, "evaluate"):
-            evaluate_step(run)
-        with _timed(run, "fallback"):
-            fallback_step(run)
-        with _timed(run, "benchmark"):
-            benchmark_step(run)
-        with _timed(run, "select"):
-            best, reason = select_step(run, env.cpuFlags)
-        with _timed(run, "analyze"):
-            analysis = analyze_step(run, best, env.cpuFlags)
+        for name, step in STEPS:
+            with _timed(run, name):
+                step(run)
         results = Results(
             name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.metric,
             accuracyBudget={"maxAccuracyDrop": spec.spec.acceptance.maxAccuracyDrop,
                             "maxRelativeAccuracyDrop": spec.spec.acceptance.maxRelativeAccuracyDrop},
             dataset=run.dataset.description,
-            baseline=run.baseline, variants=list(run.results.values()), best=best, bestReason=reason,
-            environment=env, analysis=analysis, steps=run.steps,
+            baseline=run.baseline, variants=list(run.results.values()), best=run.best, bestReason=run.best_reason,
+            environment=run.env, analysis=run.analysis, steps=run.steps,
         )
         with _timed(run, "report"):
             from optimizer.report import write_report

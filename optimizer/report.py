@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimizer.console import format_size
+from optimizer.metrics import METRIC_LABELS
 from optimizer.results import Results, VariantResult
 
 # The research note's two tables: conversion, then one column per quantization method.
@@ -51,10 +52,6 @@ def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResul
 
 def metric_label(metric: str) -> str:
     """The metric's human name ("top-1 accuracy"), or its raw name where none is defined."""
-    try:
-        from optimizer.metrics import METRIC_LABELS
-    except ImportError:
-        return metric
     return METRIC_LABELS.get(metric, metric)
 
 

@@ -8,6 +8,8 @@ what the benchmark times, so input conversion never counts as model time.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +23,19 @@ Feed = dict[str, np.ndarray]
 
 class ProviderError(RuntimeError):
     """The requested execution provider is not the one ONNX Runtime actually bound."""
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count inside the block, restored after it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def check_device(device: str) -> None:

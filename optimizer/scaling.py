@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 from optimizer.benchmark import measure
 from optimizer.export import random_feed
-from optimizer.runtime import OrtRunner, TorchRunner
-
-
-@contextmanager
-def _torch_threads(threads: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from optimizer.runtime import OrtRunner, TorchRunner, torch_threads
 
 
 def batchable(inputs) -> bool:
@@ -31,9 +18,9 @@ def scale(name: str, runner, inputs, batches: list[int], threads: list[int], war
     for thread_count in threads:
         if isinstance(runner, OrtRunner):
             timed = OrtRunner(runner.path, threads=thread_count, device=runner.device)
-            context = _torch_threads(thread_count)  # harmless for ORT; keeps one code path
+            context = torch_threads(thread_count)  # harmless for ORT; keeps one code path
         else:
-            timed, context = runner, _torch_threads(thread_count)
+            timed, context = runner, torch_threads(thread_count)
         with context:
             for batch in batches:
                 shapes = {s.name: [batch, *s.shape[1:]] for s in inputs}

@@ -83,7 +83,7 @@ def _fine_tune(ctx: BuildContext, prepared, steps: int, learning_rate: float) ->
     # Small calibration batches would make BatchNorm statistics noisy; keep the trained ones.
     prepared.apply(freeze_bn_stats)
     losses = []
-    with ctx.reporter.task(f"QAT fine-tuning ({steps} steps)", steps) as advance:
+    with ctx.reporter.task("QAT fine-tuning", steps) as advance:
         for step in range(steps):
             feed, labels = items[step % len(items)]
             outputs = _first(prepared(*(torch.from_numpy(feed[n]) for n in names)))

@@ -14,8 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,9 @@ from torch import nn
 
 from optimizer.cache import cache_dir
 from optimizer.zoo import textlines
+from optimizer.runtime import torch_threads
 from optimizer.zoo.crnn import CRNN
-from optimizer.zoo.weights import seeded
+from optimizer.zoo.weights import load_cached, save_atomically, seeded
 
 # Part of the cache file name: bump it whenever the architecture, the renderer or the training
 # changes, so an old cache is never loaded as a different model.
@@ -44,16 +44,6 @@ def steps() -> int:
 
 def cache_path(step_count: int | None = None) -> Path:
     return cache_dir("zoo") / f"crnn-ocr-{VERSION}-{step_count or steps()}.safetensors"
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fast_bfloat16() -> bool:
@@ -95,7 +85,7 @@ def train(step_count: int | None = None, log: Callable[[int, float], None] | Non
     ctc = nn.CTCLoss(blank=textlines.BLANK, zero_infinity=True)
     generator = np.random.default_rng(SEED)
     bfloat16 = _fast_bfloat16()
-    with seeded(SEED), _threads(THREADS):
+    with seeded(SEED), torch_threads(THREADS):
         model = CRNN(num_classes=textlines.NUM_CLASSES).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(step_count))
@@ -120,31 +110,8 @@ def train(step_count: int | None = None, log: Callable[[int, float], None] | Non
     return model.eval()
 
 
-def save_atomically(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # Write beside the target and rename: a concurrent build never reads half a file.
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _load_cached(path: Path) -> CRNN | None:
-    """The cached model, or None when there is none or it is unreadable (then we retrain)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        return None
-    model = CRNN(num_classes=textlines.NUM_CLASSES)
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, RuntimeError, OSError):
-        return None
-    return model.eval()
+    return load_cached(CRNN(num_classes=textlines.NUM_CLASSES), path)
 
 
 def build() -> CRNN:
@@ -166,6 +133,6 @@ PREDICT_BATCH = 64
 
 def predict(model: nn.Module, images: np.ndarray) -> list[np.ndarray]:
     """The model's (time, batch, classes) scores for each PREDICT_BATCH lines of `images`."""
-    with torch.no_grad(), _threads(THREADS):
+    with torch.no_grad(), torch_threads(THREADS):
         return [model(torch.from_numpy(images[start:start + PREDICT_BATCH])).numpy()
                 for start in range(0, len(images), PREDICT_BATCH)]

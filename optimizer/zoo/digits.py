@@ -7,12 +7,9 @@ the first build and later builds load `<cache>/zoo/digits-cnn-<VERSION>.safetens
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +17,8 @@ from torch import nn
 
 from optimizer.cache import cache_dir
 from optimizer.data import digits_split
-from optimizer.zoo.weights import seeded
+from optimizer.runtime import torch_threads
+from optimizer.zoo.weights import load_cached, save_atomically, seeded
 
 # Part of the cache file name: bump it whenever the architecture or the training changes, so an
 # old cache is never loaded into a different model.
@@ -51,22 +49,12 @@ def cache_path() -> Path:
     return cache_dir("zoo") / f"digits-cnn-{VERSION}.safetensors"
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Ops this small are dominated by thread hand-offs (20× slower with 2 threads on a busy
-    2-core machine); one thread also makes the trained weights independent of the core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train() -> DigitsCNN:
     """Adam on the training split with fixed seeds; returns the model in eval mode."""
     train_x, _, train_y, _ = (torch.from_numpy(array) for array in digits_split())
-    with seeded(SEED), _single_thread():
+    # One thread: ops this small are dominated by thread hand-offs (20x slower with 2 threads on a
+    # busy 2-core machine), and the trained weights then do not depend on the core count.
+    with seeded(SEED), torch_threads(1):
         model = DigitsCNN().train()
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
         for _ in range(EPOCHS):
@@ -77,31 +65,8 @@ def train() -> DigitsCNN:
     return model.eval()
 
 
-def _save_atomically(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # Write beside the target and rename: a concurrent build never reads half a file.
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def _load_cached(path: Path) -> DigitsCNN | None:
-    """The cached model, or None when there is none or it is unreadable (then we retrain)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        return None
-    model = DigitsCNN()
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, RuntimeError, OSError):
-        return None
-    return model.eval()
+    return load_cached(DigitsCNN(), path)
 
 
 def build() -> DigitsCNN:
@@ -110,7 +75,7 @@ def build() -> DigitsCNN:
     if model is None:
         started = time.perf_counter()
         model = train()
-        _save_atomically(model, path)
+        save_atomically(model, path)
         print(f"[mlopt] trained the zoo's digits model in {time.perf_counter() - started:.1f} s; cached at {path}",
               file=sys.stderr, flush=True)
     return model

@@ -1,4 +1,5 @@
-"""Deterministic weights for zoo models that ship without trained ones.
+"""Weights for zoo models: deterministic ones for models that ship untrained, and the cache of
+models trained at first use.
 
 Random weights are enough to measure speed and fidelity, but they must be the same on every
 machine and every run, and BatchNorm must not be an identity (a fresh BatchNorm has mean 0,
@@ -7,10 +8,40 @@ variance 1, which would make Conv+BN folding and INT8 calibration trivially easy
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+
+def save_atomically(model: torch.nn.Module, path: Path) -> None:
+    """Safetensors (no pickle), written beside the target and renamed: a concurrent build never
+    reads half a file."""
+    from safetensors.torch import save_file
+
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_cached(model: torch.nn.Module, path: Path) -> torch.nn.Module | None:
+    """`model` with the cached weights, in eval mode; None when there are none or they are
+    unreadable (the caller then retrains)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError, OSError):
+        return None
+    return model.eval()
 
 
 @contextmanager
