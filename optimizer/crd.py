@@ -159,6 +159,11 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any], owner: str | None 
             out[key] = schema[key]
     if "const" in schema:
         out["enum"] = [schema["const"]]
+    # JSON Schema 2020 (pydantic) writes exclusive bounds as numbers; OpenAPI v3 (the API server)
+    # wants the bound in minimum/maximum and a boolean flag.
+    for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(out.get(flag), (int, float)) and not isinstance(out[flag], bool):
+            out[bound], out[flag] = out[flag], True
     if schema.get("x-kubernetes-preserve-unknown-fields"):
         out.pop("properties", None)
     elif isinstance(schema.get("additionalProperties"), dict):

@@ -49,6 +49,8 @@ def test_schema_is_structural():
         assert node.get("additionalProperties") not in (True, False), path
         if "additionalProperties" in node:
             assert "properties" not in node, path
+        for flag in ("exclusiveMinimum", "exclusiveMaximum"):  # OpenAPI v3: booleans, not bounds
+            assert node.get(flag, True) is True, f"{path}.{flag} = {node[flag]!r}"
 
 
 def test_fields_have_descriptions_for_kubectl_explain():
