@@ -159,14 +159,21 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                                   random_state=DIGITS_SPLIT_SEED, stratify=labels))
 
 
-def _digits(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+def _single_image_input(dataset: str, sample_shape: tuple[int, ...], inputs: Sequence[InputSpec]) -> InputSpec:
+    """The model's one input, if it takes this zoo data set's images; else a DataError saying so."""
     spec = inputs[0]
-    if len(inputs) != 1 or list(spec.shape[1:]) != list(DIGITS_SHAPE):
+    if len(inputs) != 1 or list(spec.shape[1:]) != list(sample_shape):
         wanted = [f"{s.name} {list(s.shape)}" for s in inputs]
+        shape = ", ".join(["batch", *map(str, sample_shape)])
         raise DataError(
-            f"data.source zoo:digits gives one input of shape [batch, 1, 8, 8], but the model's "
+            f"data.source zoo:{dataset} gives one input of shape [{shape}], but the model's "
             f"inputs are {', '.join(wanted)}; use data.source random or a .npz file for this model"
         )
+    return spec
+
+
+def _digits(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    spec = _single_image_input("digits", DIGITS_SHAPE, inputs)
     train_x, test_x, train_y, test_y = digits_split()
     dtype = _numpy_dtype(spec)
     return _labelled(
@@ -183,13 +190,7 @@ def _digits(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
 def _textlines(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
     from optimizer.zoo import textlines
 
-    spec = inputs[0]
-    if len(inputs) != 1 or list(spec.shape[1:]) != list(TEXTLINES_SHAPE):
-        wanted = [f"{s.name} {list(s.shape)}" for s in inputs]
-        raise DataError(
-            f"data.source zoo:textlines gives one input of shape [batch, 1, 32, 100], but the model's "
-            f"inputs are {', '.join(wanted)}; use data.source random or a .npz file for this model"
-        )
+    spec = _single_image_input("textlines", TEXTLINES_SHAPE, inputs)
     batch = spec.shape[0]
     calibration, calibration_labels = textlines.render_batch(max(samples, batch), textlines.SEEDS["calibration"])
     evaluation, labels = textlines.render_batch(max(TEXTLINES_EVALUATION, batch), textlines.SEEDS["evaluation"])

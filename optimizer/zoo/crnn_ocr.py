@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from optimizer.cache import cache_dir
 from optimizer.zoo import textlines
 from optimizer.runtime import torch_threads
 from optimizer.zoo.crnn import CRNN
-from optimizer.zoo.weights import load_cached, save_atomically, seeded
+from optimizer.zoo.weights import cached_or_trained, seeded
 
 # Part of the cache file name: bump it whenever the architecture, the renderer or the training
 # changes, so an old cache is never loaded as a different model.
@@ -110,22 +108,9 @@ def train(step_count: int | None = None, log: Callable[[int, float], None] | Non
     return model.eval()
 
 
-def _load_cached(path: Path) -> CRNN | None:
-    return load_cached(CRNN(num_classes=textlines.NUM_CLASSES), path)
-
-
 def build() -> CRNN:
-    path = cache_path()
-    model = _load_cached(path)
-    if model is None:
-        print(f"[mlopt] training the zoo's crnn-ocr model ({steps()} steps; minutes on a CPU) ...",
-              file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        model = train()
-        save_atomically(model, path)
-        print(f"[mlopt] trained the zoo's crnn-ocr model in {time.perf_counter() - started:.1f} s; cached at {path}",
-              file=sys.stderr, flush=True)
-    return model
+    return cached_or_trained(f"crnn-ocr ({steps()} steps; minutes on a CPU)",
+                             lambda: CRNN(num_classes=textlines.NUM_CLASSES), train, cache_path())
 
 
 PREDICT_BATCH = 64

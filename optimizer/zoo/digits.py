@@ -7,8 +7,6 @@ the first build and later builds load `<cache>/zoo/digits-cnn-<VERSION>.safetens
 
 from __future__ import annotations
 
-import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from torch import nn
 from optimizer.cache import cache_dir
 from optimizer.data import digits_split
 from optimizer.runtime import torch_threads
-from optimizer.zoo.weights import load_cached, save_atomically, seeded
+from optimizer.zoo.weights import cached_or_trained, load_cached, seeded
 
 # Part of the cache file name: bump it whenever the architecture or the training changes, so an
 # old cache is never loaded into a different model.
@@ -70,12 +68,4 @@ def _load_cached(path: Path) -> DigitsCNN | None:
 
 
 def build() -> DigitsCNN:
-    path = cache_path()
-    model = _load_cached(path)
-    if model is None:
-        started = time.perf_counter()
-        model = train()
-        save_atomically(model, path)
-        print(f"[mlopt] trained the zoo's digits model in {time.perf_counter() - started:.1f} s; cached at {path}",
-              file=sys.stderr, flush=True)
-    return model
+    return cached_or_trained("digits", DigitsCNN, train, cache_path())

@@ -9,6 +9,8 @@ variance 1, which would make Conv+BN folding and INT8 calibration trivially easy
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,20 @@ def save_atomically(model: torch.nn.Module, path: Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def cached_or_trained(name: str, fresh: Callable[[], torch.nn.Module], train: Callable[[], torch.nn.Module],
+                      path: Path) -> torch.nn.Module:
+    """The cached model at `path`, or one trained now and cached there (announced on stderr)."""
+    model = load_cached(fresh(), path)
+    if model is None:
+        print(f"[mlopt] training the zoo's {name} model (once; cached afterwards) ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        model = train()
+        save_atomically(model, path)
+        print(f"[mlopt] trained the zoo's {name} model in {time.perf_counter() - started:.1f} s; cached at {path}",
+              file=sys.stderr, flush=True)
+    return model
 
 
 def load_cached(model: torch.nn.Module, path: Path) -> torch.nn.Module | None:
