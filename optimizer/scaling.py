@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 from optimizer.benchmark import measure
 from optimizer.export import random_feed
-from optimizer.runtime import OrtRunner, TorchRunner, torch_threads
+from optimizer.runtime import OrtRunner, torch_threads
 
 
 def batchable(inputs) -> bool:
@@ -16,12 +15,9 @@ def scale(name: str, runner, inputs, batches: list[int], threads: list[int], war
     """One row per (batch, threads): mean latency and samples per second."""
     rows = []
     for thread_count in threads:
-        if isinstance(runner, OrtRunner):
-            timed = OrtRunner(runner.path, threads=thread_count, device=runner.device)
-            context = torch_threads(thread_count)  # harmless for ORT; keeps one code path
-        else:
-            timed, context = runner, torch_threads(thread_count)
-        with context:
+        # ORT fixes its thread count per session; PyTorch reads it per call (set by torch_threads).
+        timed = OrtRunner(runner.path, threads=thread_count, device=runner.device) if isinstance(runner, OrtRunner) else runner
+        with torch_threads(thread_count):
             for batch in batches:
                 shapes = {s.name: [batch, *s.shape[1:]] for s in inputs}
                 latency = measure(timed.bind(random_feed(inputs, shapes)), warmup, runs)
@@ -29,6 +25,3 @@ def scale(name: str, runner, inputs, batches: list[int], threads: list[int], war
                              "latencyMs": latency.mean, "throughput": batch * 1000.0 / latency.mean})
     return rows
 
-
-def supports(runner) -> bool:
-    return isinstance(runner, (OrtRunner, TorchRunner))
