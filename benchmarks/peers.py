@@ -247,8 +247,8 @@ def run_olive(zoo: str, entry, module, dataset, output_count: int, workdir: Path
 # --- timing and table -------------------------------------------------------------------------
 
 def time_rows(rows: list[Row], feed: dict, evaluation: list[dict], reference, input_names, args) -> None:
-    """Every model: same feed, same runner settings, same `measure`; `--rounds` keeps each one's fastest round."""
-    from optimizer.benchmark import measure
+    """Every model: same feed, same runner settings, timed in interleaved rounds like the pipeline does."""
+    from optimizer.benchmark import measure_interleaved
     from optimizer.evaluate import fidelity, run_all
     from optimizer.runtime import OrtRunner, TorchRunner
 
@@ -269,15 +269,11 @@ def time_rows(rows: list[Row], feed: dict, evaluation: list[dict], reference, in
         except Exception as error:  # noqa: BLE001
             row.error = one_line(error)
             runners.pop(id(row), None)
-    for _ in range(args.rounds):
-        for row in rows:
-            runner = runners.get(id(row))
-            if runner is None:
-                continue
-            print(f"timing {row.pipeline} {row.variant}…", file=sys.stderr)
-            latency = measure(runner.bind(feed), args.warmup, args.runs)
-            if row.latency is None or latency.mean < row.latency.mean:
-                row.latency = latency
+    print(f"timing {len(runners)} models in {args.rounds} interleaved round(s)…", file=sys.stderr)
+    calls = {key: runner.bind(feed) for key, runner in runners.items()}
+    latencies = measure_interleaved(calls, args.warmup, args.runs, args.rounds)
+    for row in rows:
+        row.latency = latencies.get(id(row), row.latency)
 
 
 def fmt_ms(value: float) -> str:
@@ -313,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="time every model this many times, interleaved, keeping each one's fastest round "
-                             "(steadier on a busy machine; default 1)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="split the timed runs into this many rounds taken in turn across models, as the "
+                             "pipeline's benchmark.rounds does (default 5)")
     parser.add_argument("--output", default=None, help="keep every model here (default: a temp dir)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
@@ -375,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {version('torch')}, onnxruntime {version('onnxruntime')}, olive-ai {version('olive-ai')}, "
           f"mlopt {version('mlopt')}. One process, same input ({shape}), {args.threads} thread(s), "
           f"{args.warmup} warm-ups + {args.runs} timed runs per model"
-          f"{f', fastest of {args.rounds} interleaved rounds' if args.rounds > 1 else ''}; "
+          f"{f' in {args.rounds} interleaved rounds' if args.rounds > 1 else ''}; "
           f"ONNX models in ONNX Runtime (CPUExecutionProvider, ORT_ENABLE_ALL). Olive: default pass options, "
           f"static calibration on mlopt's {len(dataset.calibration)} calibration samples.\n")
     print(table(rows, baseline, best))

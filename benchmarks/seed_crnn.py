@@ -43,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (benchmark.rounds)")
     parser.add_argument("--output", default=None, help="keep results here (default: a temp dir)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     spec = parse_spec({
         "apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "seed-crnn"},
         "spec": {"model": {"source": "zoo:crnn"},
-                 "benchmark": {"threads": args.threads, "warmup": args.warmup, "runs": args.runs}},
+                 "benchmark": {"threads": args.threads, "warmup": args.warmup, "runs": args.runs,
+                               "rounds": args.rounds}},
     })
     output = Path(args.output or tempfile.mkdtemp(prefix="seed-crnn-"))
     results = optimize(spec, output, Path.cwd(), QuietReporter() if args.quiet else LogReporter(sys.stderr))
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     env = results.environment
     print(f"## The research note's CRNN on this machine\n\n{env.cpu}; flags {', '.join(env.cpuFlags)}; "
           f"torch {env.packages.get('torch')}, onnxruntime {env.packages.get('onnxruntime')}; "
-          f"{args.threads} thread(s), {args.warmup} warm-ups, {args.runs} timed runs, one process.\n")
+          f"{args.threads} thread(s), {args.warmup} warm-ups, {args.runs} timed runs "
+          f"in {args.rounds} interleaved round(s), one process.\n")
     print(table("ONNX conversion (note table 1)", CONVERSION, found, NOTE_CONVERSION) + "\n")
     print(table("Quantization with PyTorch (note table 2)", QUANTIZATION["PyTorch"], found, NOTE_QUANTIZATION) + "\n")
     print(table("Quantization with ONNX Runtime (not in the note)", QUANTIZATION["ONNX Runtime"], found, None) + "\n")

@@ -85,8 +85,11 @@ def results_table(results: Results) -> Table:
                         f"({results.environment.threads} thread{'s' if results.environment.threads > 1 else ''})")
     from optimizer.report import metric_label  # report imports this module: import at call time
 
-    for column in ("variant", "size", "mean ± std ms", "p50 / p99", "speedup", "max |Δ|", "argmax agree",
-                   metric_label(results.accuracyMetric), "status"):
+    # With metric "agreement" the accuracy column would repeat the argmax-agreement one: show it once.
+    accuracy_column = results.accuracyMetric != "agreement"
+    columns = ["variant", "size", "mean ± std ms", "p50 / p99", "speedup", "max |Δ|", "argmax agree",
+               *([metric_label(results.accuracyMetric)] if accuracy_column else []), "status"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right")
     for variant in [results.baseline, *results.variants]:
         lat = variant.latencyMs
@@ -99,7 +102,7 @@ def results_table(results: Results) -> Table:
             "—" if lat is None else f"{lat.p50:.2f} / {lat.p99:.2f}",
             _cell(variant.speedup, "{:.2f}x"), _cell(variant.fidelity and variant.fidelity.maxAbsDiff, "{:.2g}"),
             _cell(variant.fidelity and variant.fidelity.argmaxAgreement, "{:.2%}"),
-            _cell(variant.accuracy, "{:.2%}"), status, style=style,
+            *([_cell(variant.accuracy, "{:.2%}")] if accuracy_column else []), status, style=style,
         )
     return table
 

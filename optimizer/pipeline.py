@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimizer import environment
-from optimizer.benchmark import measure
+from optimizer.benchmark import measure_interleaved, round_sizes, steps
 from optimizer.evaluate import accuracy, fidelity, run_all
 from optimizer.export import ExportError, ExportResult, export_onnx, random_feed
 from optimizer.load import LoadedModel, load_model
@@ -302,12 +302,16 @@ def benchmark_step(run: Run) -> None:
     timed = [(run.baseline, run.baseline_runner)] + [
         (run.results[n], b.runner) for n, b in run.built.items() if run.results[n].status == VariantStatus.ok.value
     ]
-    for result, runner in timed:
-        with run.reporter.task(f"timing {result.name}", bench.warmup + bench.runs) as advance:
-            result.latencyMs = measure(runner.bind(feed), bench.warmup, bench.runs, advance)
-        run.reporter.log(f"{result.name}: {result.latencyMs.mean:.2f} ± {result.latencyMs.std:.2f} ms")
-    for result, _ in timed:
+    # Keyed by position: a variant may carry the baseline's name.
+    calls = {index: runner.bind(feed) for index, (_, runner) in enumerate(timed)}
+    rounds = len(round_sizes(bench.runs, bench.rounds))
+    with run.reporter.task(f"timing {len(calls)} models in {rounds} interleaved round(s)",
+                           steps(len(calls), bench.warmup, bench.runs, bench.rounds)) as advance:
+        latencies = measure_interleaved(calls, bench.warmup, bench.runs, bench.rounds, advance)
+    for index, (result, _) in enumerate(timed):
+        result.latencyMs = latencies[index]
         result.speedup = run.baseline.latencyMs.mean / result.latencyMs.mean
+        run.reporter.log(f"{result.name}: {result.latencyMs.mean:.2f} ± {result.latencyMs.std:.2f} ms")
 
 
 def select_step(run: Run) -> None:
@@ -322,23 +326,28 @@ def select_step(run: Run) -> None:
 
 
 def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
-    from optimizer.compute import clock_ghz, compute_limits, count_macs
+    from optimizer.compute import clock_ghz, compute_limits, count_macs, gemm_peaks, measured_limits
 
     if not run.loaded.is_eager or run.spec.spec.benchmark.device != "cpu":
         return None  # hooks need the Python module, on the CPU
     by_type = count_macs(run.loaded.module, random_feed(run.loaded.inputs), [s.name for s in run.loaded.inputs])
     if not by_type:
         return None
-    limits = compute_limits(sum(by_type.values()), flags, clock_ghz())
-    limits["byType"] = by_type
+    macs = sum(by_type.values())
+    nominal = compute_limits(macs, flags, clock_ghz())
+    measured = measured_limits(macs, gemm_peaks(run.spec.spec.benchmark.threads), nominal["fp32MacsPerCycle"])
+    compute = {"macs": macs, "byType": by_type, "nominal": nominal, "measured": measured}
     if best and best.latencyMs:
-        limit = limits["int8LimitMs"] if "int8" in best.recipe else limits["fp32LimitMs"]
-        limits["bestFractionOfLimit"] = limit / best.latencyMs.mean if limit else None
-    return limits
+        precision = "int8" if "int8" in best.recipe else "fp32"
+        limit = measured[f"{precision}LimitMs"]
+        compute["best"] = {"variant": best.name, "precision": precision, "meanMs": best.latencyMs.mean,
+                           "limitMs": limit, "fractionOfLimit": limit / best.latencyMs.mean}
+    return compute
 
 
 def analyze_step(run: Run) -> None:
     """Explain the pick: arithmetic vs the machine's limit, time per op type, scaling, tuning."""
+    from optimizer.compute import layer_efficiency
     from optimizer.profiling import op_time_split
     from optimizer.scaling import batchable, scale
     from optimizer.tuning import tune
@@ -351,6 +360,10 @@ def analyze_step(run: Run) -> None:
     if ort_best:
         analysis.profiledVariant = best
         analysis.profile = op_time_split(best_built.artifact, random_feed(inputs), bench.threads, 20, run.scratch)
+        if analysis.compute:
+            rows = layer_efficiency(analysis.compute["byType"], analysis.profile, analysis.compute["measured"])
+            analysis.compute["byLayer"] = rows
+            analysis.compute["otherOpsMs"] = sum(r["ms"] for r in analysis.profile) - sum(r["ms"] for r in rows)
     elif best:
         analysis.notes.append(f"no op-level profile: {best} does not run on ONNX Runtime's CPU provider")
     if bench.scalingBatches and bench.device == "cpu":

@@ -60,8 +60,10 @@ def _fmt(value, pattern: str) -> str:
 
 
 def variants_table(results: Results) -> list[str]:
-    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree | {metric_label(results.accuracyMetric)} | status |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    accuracy_column = results.accuracyMetric != "agreement"  # else it repeats "argmax agree"
+    metric = f" {metric_label(results.accuracyMetric)} |" if accuracy_column else ""
+    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree |{metric} status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if accuracy_column else "") + "---|"]
     for v in [results.baseline, *results.variants]:
         lat, fid = v.latencyMs, v.fidelity
         status = f"**{v.status} ★ best**" if v.name == results.best else v.status
@@ -69,7 +71,8 @@ def variants_table(results: Results) -> list[str]:
             f"| {v.name} | {v.recipe} | {v.runtime or '—'} | {size_mb(v)} | {mean_std(v)} | "
             f"{_fmt(lat and lat.p50, '{:.2f}')} | {_fmt(lat and lat.p90, '{:.2f}')} | {_fmt(lat and lat.p99, '{:.2f}')} | "
             f"{_fmt(v.speedup, '{:.2f}x')} | {_fmt(fid and fid.maxAbsDiff, '{:.2g}')} | {_fmt(fid and fid.cosine, '{:.5f}')} | "
-            f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} | {_fmt(v.accuracy, '{:.2%}')} | {status} |"
+            f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} |"
+            + (f" {_fmt(v.accuracy, '{:.2%}')} |" if accuracy_column else "") + f" {status} |"
         )
     return lines
 
@@ -150,23 +153,56 @@ def _ms(value) -> str:
     return "—" if value is None else f"{value:.2f} ms"
 
 
+def _rate(macs_per_s: float) -> str:
+    return f"{macs_per_s / 1e9:.1f} GMAC/s"
+
+
+def _compute_section(c: dict) -> list[str]:
+    """MACs, the limits they imply (measured and nominal), and how close each layer type gets."""
+    by_type = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(c["byType"].items(), key=lambda kv: -kv[1]))
+    nominal, measured = c["nominal"], c["measured"]
+    out = ["## Compute", "",
+           f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type}).",
+           f"- ONNX Runtime's own GEMM kernels reach {_rate(measured['fp32MacsPerS'])} (FP32) and "
+           f"{_rate(measured['int8MacsPerS'])} (INT8) here with {measured['threads']} thread(s) "
+           f"(a {measured['gemm']} product, fastest run of 0.1 s): this model cannot run faster than "
+           f"{_ms(measured['fp32LimitMs'])} in FP32 or {_ms(measured['int8LimitMs'])} in INT8."]
+    if nominal.get("clockGHz") and nominal.get("fp32LimitMs"):
+        implied = (f"; the measured FP32 rate implies {measured['impliedClockGHz']:.2f} GHz"
+                   if measured.get("impliedClockGHz") else "")
+        out.append(f"- On paper, at the {nominal['clockGHz']:.2f} GHz in /proc/cpuinfo × {nominal['fp32MacsPerCycle']} "
+                   f"(FP32) and {nominal['int8MacsPerCycle']} (INT8) MAC/cycle: {_ms(nominal['fp32LimitMs'])} and "
+                   f"{_ms(nominal['int8LimitMs'])}{implied} (cloud CPUs report the base clock, not the boost).")
+    best = c.get("best")
+    if best:
+        out.append(f"- The best variant, {best['variant']} ({_ms(best['meanMs'])}), runs at "
+                   f"{best['fractionOfLimit']:.0%} of the measured {best['precision'].upper()} limit.")
+    if c.get("byLayer"):
+        out += ["", "How close each layer type gets to the kernel peak (the best variant's profile):", "",
+                "| layers | MACs | ran as | ms per inference | rate | of peak |", "|---|---:|---|---:|---:|---:|"]
+        out += [f"| {r['layer']} | {r['macs'] / 1e6:.1f} M | {', '.join(r['ranAs'])} | {r['ms']:.3f} | "
+                f"{_rate(r['macsPerS'])} | {r['fractionOfPeak']:.0%} {r['precision'].upper()} |" for r in c["byLayer"]]
+        if c.get("otherOpsMs") is not None:
+            out.append(f"| everything else | — | pooling, reshapes, (de)quantization | {c['otherOpsMs']:.3f} | — | — |")
+    return out + [""]
+
+
 def _analysis(results: Results) -> list[str]:
     analysis, out = results.analysis, []
     if analysis.compute:
-        c = analysis.compute
-        by_type = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(c["byType"].items(), key=lambda kv: -kv[1]))
-        out += ["## Compute", "",
-                f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type}).",
-                f"- Estimated one-core limits at {c['clockGHz'] or 0:.2f} GHz: FP32 {_ms(c['fp32LimitMs'])} "
-                f"({c['fp32MacsPerCycle']} MAC/cycle), INT8 {_ms(c['int8LimitMs'])} ({c['int8MacsPerCycle']} MAC/cycle)."]
-        if c.get("bestFractionOfLimit"):
-            out.append(f"- The best variant runs at {c['bestFractionOfLimit']:.0%} of that limit "
-                       "(an estimate: clock from /proc/cpuinfo, peak rates from the CPU's flags).")
-        out.append("")
+        out += _compute_section(analysis.compute)
     if analysis.profile:
         out += [f"## Where the time goes ({analysis.profiledVariant}, ONNX Runtime profiler)", "",
                 "| op type | ms per inference | share |", "|---|---:|---:|"]
         out += [f"| {row['op']} | {row['ms']:.3f} | {row['share']:.1%} |" for row in analysis.profile[:12]]
+        kernels = sum(row["ms"] for row in analysis.profile)
+        profiled = next((v for v in results.variants if v.name == analysis.profiledVariant), None)
+        if profiled and profiled.latencyMs:
+            mean = profiled.latencyMs.mean
+            rest = (f"the other {mean - kernels:.2f} ms is the runtime's own work per run and per node"
+                    if kernels < mean else "profiling adds its own cost, and the two were timed at different moments")
+            out += ["", f"Kernels add up to {kernels:.2f} ms per inference (profiled separately) against the "
+                        f"{mean:.2f} ms measured mean: {rest}."]
         out.append("")
     if analysis.scaling:
         out += ["## Scaling", "", "| variant | batch | threads | latency | throughput (samples/s) |",
@@ -215,8 +251,9 @@ def markdown(results: Results) -> str:
         "",
         f"Accuracy metric: `{results.accuracyMetric}`"
         + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement" else "."),
-        "Latency is measured in one process on the same input after warm-up; sizes are the saved files "
-        "(PyTorch variants: state_dict).",
+        "Latency is measured in one process on the same input after warm-up, in "
+        f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
+        "across variants; sizes are the saved files (PyTorch variants: state_dict).",
         "",
         *calibration_section(results),
         *fallback_section(results),

@@ -36,6 +36,7 @@ class Latency(_Record):
     p90: float
     p99: float
     runs: int
+    rounds: int = 1  # the runs were taken in this many rounds, interleaved with the other variants'
 
 
 class Fidelity(_Record):

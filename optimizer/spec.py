@@ -203,6 +203,13 @@ class BenchmarkSpec(_Strict):
     threads: int = Field(1, description="Intra-op threads for every runtime.", ge=1, le=256)
     warmup: int = Field(10, description="Untimed runs before timing.", ge=0)
     runs: int = Field(50, description="Timed runs per variant.", ge=1)
+    rounds: int = Field(
+        5,
+        ge=1,
+        description="The timed runs are split into this many rounds (at most runs), taken in turn "
+        "across variants, so a slow patch on a shared machine hits every variant alike; "
+        "1 times each variant's runs back to back.",
+    )
     tune: bool = Field(
         False,
         description="Search ONNX Runtime session options (threads, execution mode, optimization "

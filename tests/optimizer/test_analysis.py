@@ -66,3 +66,51 @@ def test_tune_records_what_was_chosen(tmp_path):
     assert results.analysis.scaling == []
     assert "## Session tuning" in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((tmp_path / "out" / "results.json").read_text())["analysis"]["tuning"]["chosen"]
+
+
+def test_measured_limits_and_layer_efficiency():
+    from optimizer.compute import layer_efficiency, measured_limits
+
+    peaks = {"gemm": "128x1024x512", "threads": 1, "fp32MacsPerS": 50e9, "int8MacsPerS": 200e9}
+    limits = measured_limits(100_000_000, peaks, 16)
+    assert limits["fp32LimitMs"] == pytest.approx(2.0) and limits["int8LimitMs"] == pytest.approx(0.5)
+    assert limits["impliedClockGHz"] == pytest.approx(50e9 / 16 / 1e9)
+    profile = [{"op": "QLinearConv", "ms": 1.0, "share": 0.5}, {"op": "DynamicQuantizeLSTM", "ms": 0.5, "share": 0.25},
+               {"op": "MatMul", "ms": 0.25, "share": 0.125}, {"op": "Reshape", "ms": 0.25, "share": 0.125}]
+    rows = {r["layer"]: r for r in layer_efficiency({"Conv": 100_000_000, "LSTM": 25_000_000, "Linear": 5_000_000,
+                                                      "GRU": 1}, profile, peaks)}
+    assert set(rows) == {"Conv", "LSTM", "Linear"}  # no GRU ran: no row
+    assert rows["Conv"]["precision"] == "int8" and rows["Conv"]["fractionOfPeak"] == pytest.approx(0.5)
+    assert rows["LSTM"]["macsPerS"] == pytest.approx(50e9) and rows["LSTM"]["fractionOfPeak"] == pytest.approx(0.25)
+    assert rows["Linear"]["precision"] == "fp32" and rows["Linear"]["fractionOfPeak"] == pytest.approx(0.4)
+
+
+def test_gemm_peaks_are_measured_for_both_precisions():
+    from optimizer.compute import gemm_peaks
+
+    peaks = gemm_peaks(threads=1, budget_s=0.01)
+    assert peaks["fp32MacsPerS"] > 0 and peaks["int8MacsPerS"] > 0 and peaks["threads"] == 1
+
+
+def test_report_explains_the_limit_per_layer_type(conv_lstm_run):
+    results, output = conv_lstm_run
+    compute = results.analysis.compute
+    assert compute["measured"]["int8LimitMs"] > 0 and compute["nominal"]["macs"] == compute["macs"]
+    report = (output / "report.md").read_text()
+    assert "this model cannot run faster than" in report
+    best = results.variant(results.best) if results.best else None
+    if best is not None and best.runtime == "onnxruntime":
+        layers = {r["layer"] for r in compute["byLayer"]}
+        assert "Conv" in layers and "| everything else |" in report
+        assert compute["best"]["variant"] == results.best
+
+
+def test_agreement_is_shown_once_when_it_is_the_metric(conv_lstm_run):
+    from optimizer.console import results_table
+
+    results, output = conv_lstm_run
+    assert results.accuracyMetric == "agreement"
+    header = next(line for line in (output / "report.md").read_text().splitlines() if line.startswith("| variant | recipe"))
+    assert header.count("agree") == 1
+    assert [c.header for c in results_table(results).columns].count("argmax agree") == 1
+    assert not any("agreement" in c.header for c in results_table(results).columns)

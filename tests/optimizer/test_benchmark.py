@@ -1,0 +1,38 @@
+"""Timing: every variant gets its runs, in rounds taken in turn, with its warm-ups before the timed runs."""
+
+from __future__ import annotations
+
+from optimizer.benchmark import measure, measure_interleaved, round_sizes, steps
+
+
+def _recorder(log: list[str], name: str):
+    return lambda: log.append(name)
+
+
+def test_rounds_split_the_runs_without_empty_rounds():
+    assert round_sizes(50, 5) == [10] * 5
+    assert round_sizes(7, 3) == [3, 2, 2]
+    assert round_sizes(2, 5) == [1, 1]  # never more rounds than runs
+    assert round_sizes(4, 1) == [4]
+
+
+def test_variants_are_timed_in_turn_and_each_gets_every_run():
+    log: list[str] = []
+    ticks: list[None] = []
+    calls = {name: _recorder(log, name) for name in ("baseline", "int8")}
+    latencies = measure_interleaved(calls, warmup=2, runs=6, rounds=3, on_run=lambda: ticks.append(None))
+    assert {name: latency.runs for name, latency in latencies.items()} == {"baseline": 6, "int8": 6}
+    assert all(latency.rounds == 3 for latency in latencies.values())
+    # round 1: 2 warm-ups + 2 timed each; rounds 2 and 3: 1 re-warm + 2 timed each, alternating
+    expected = (["baseline"] * 4 + ["int8"] * 4) + (["baseline"] * 3 + ["int8"] * 3) * 2
+    assert log == expected
+    assert len(ticks) == steps(2, warmup=2, runs=6, rounds=3) == len(log)
+
+
+def test_no_warmup_means_no_rewarm_and_one_round_is_back_to_back():
+    log: list[str] = []
+    measure_interleaved({"a": _recorder(log, "a"), "b": _recorder(log, "b")}, warmup=0, runs=4, rounds=2)
+    assert log == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    single: list[str] = []
+    latency = measure(_recorder(single, "x"), warmup=1, runs=3)
+    assert single == ["x"] * 4 and latency.runs == 3 and latency.rounds == 1
