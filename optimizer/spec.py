@@ -267,7 +267,9 @@ class ExportSpec(_Strict):
     exporter: Literal["auto", "dynamo", "legacy"] = Field(
         "auto",
         description="auto tries torch.onnx's dynamo exporter and falls back to the legacy "
-        "TorchScript exporter when the dynamo export fails or fails the parity check.",
+        "TorchScript exporter when the dynamo export fails or fails the parity check; for models "
+        "with LSTM/GRU/RNN layers it tries the legacy one first (the dynamo exporter takes about a "
+        "minute on them) and falls back to dynamo.",
     )
     tolerance: Tolerance = Field(
         default_factory=Tolerance, description="Parity check tolerance for every output."

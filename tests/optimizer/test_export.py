@@ -48,12 +48,13 @@ def test_compare_outputs_reports_where_and_how_much():
     assert compare_outputs([ref], [got], ["logits"], Tolerance(atol=1e-4), {"logits": Tolerance(atol=1.0)}, "") == 0.5
 
 
-def test_dynamic_model_exports_and_runs_at_other_shapes(tmp_path):
+@pytest.mark.parametrize("exporter", ["auto", "dynamo"])
+def test_dynamic_model_exports_and_runs_at_other_shapes(tmp_path, exporter):
     """torch.export pins size-1 dims and has baked LSTM lengths (pytorch#191855): whichever exporter
     wins must pass at batch 2 and double width, and really run at a third shape."""
     module = _user_module(tmp_path, "ConvLstm")
     inputs = [InputSpec(name="image", shape=[1, 1, 8, 16], dynamicAxes={0: "batch", 3: "width"})]
-    result = export_onnx(TorchRunner(module, ["image"]), inputs, ExportSpec(), tmp_path)
+    result = export_onnx(TorchRunner(module, ["image"]), inputs, ExportSpec(exporter=exporter), tmp_path)
     assert result.checked_shapes == [{"image": [1, 1, 8, 16]}, {"image": [2, 1, 8, 32]}]
     # whichever exporter won, the model really runs at a third shape and matches PyTorch
     feed = {"image": np.random.default_rng(5).random((3, 1, 8, 24), dtype=np.float32)}
@@ -61,6 +62,18 @@ def test_dynamic_model_exports_and_runs_at_other_shapes(tmp_path):
     torch_out = TorchRunner(module, ["image"])(feed)[0]
     assert onnx_out.shape == torch_out.shape == (12, 3, 6)
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4, rtol=1e-3)
+
+
+def test_auto_exports_recurrent_models_with_the_legacy_exporter_first_and_says_why(tmp_path):
+    from optimizer.export import exporter_order
+
+    module = _user_module(tmp_path, "ConvLstm")
+    inputs = [InputSpec(name="image", shape=[1, 1, 8, 16], dynamicAxes={0: "batch", 3: "width"})]
+    result = export_onnx(TorchRunner(module, ["image"]), inputs, ExportSpec(exporter="auto"), tmp_path)
+    assert result.exporter == "legacy"
+    assert "LSTM" in result.notes[0] and "dynamo is the fallback" in result.notes[0]
+    assert exporter_order(module, "dynamo") == (["dynamo"], None)
+    assert exporter_order(_user_module(tmp_path, "DataBranch"), "auto") == (["dynamo", "legacy"], None)
 
 
 def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path):
