@@ -15,12 +15,25 @@ import numpy as np
 from optimizer.results import Latency
 
 
-def summarize(samples_ms: np.ndarray, rounds: int = 1) -> Latency:
+def summarize(samples_ms: np.ndarray, sizes: list[int] | None = None) -> Latency:
+    """Mean ± std and percentiles; with `sizes`, the samples came in rounds of those sizes."""
     p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99])
+    sizes = sizes or [int(samples_ms.size)]
+    bounds = np.cumsum([0, *sizes])
     return Latency(
         mean=float(samples_ms.mean()), std=float(samples_ms.std(ddof=1) if samples_ms.size > 1 else 0.0),
-        p50=float(p50), p90=float(p90), p99=float(p99), runs=int(samples_ms.size), rounds=rounds,
+        p50=float(p50), p90=float(p90), p99=float(p99), runs=int(samples_ms.size), rounds=len(sizes),
+        roundMeans=[float(samples_ms[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])],
     )
+
+
+def speedup_range(baseline: Latency, candidate: Latency) -> list[float] | None:
+    """Lowest and highest speedup over rounds timed at the same moment: how much the machine's
+    noise moves the ratio (None unless both were timed in the same rounds)."""
+    if baseline.rounds < 2 or len(baseline.roundMeans) != len(candidate.roundMeans):
+        return None
+    ratios = [b / c for b, c in zip(baseline.roundMeans, candidate.roundMeans)]
+    return [min(ratios), max(ratios)]
 
 
 def round_sizes(runs: int, rounds: int) -> list[int]:
@@ -56,7 +69,7 @@ def measure_interleaved(calls: dict[object, Callable[[], object]], warmup: int, 
                 samples[name].append((time.perf_counter() - start) * 1000.0)
                 if on_run:
                     on_run()
-    return {name: summarize(np.asarray(values), len(sizes)) for name, values in samples.items()}
+    return {name: summarize(np.asarray(values), sizes) for name, values in samples.items()}
 
 
 def measure(run_once: Callable[[], object], warmup: int, runs: int, on_run: Callable[[], None] | None = None) -> Latency:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimizer import environment
-from optimizer.benchmark import measure_interleaved, round_sizes, steps
+from optimizer.benchmark import measure_interleaved, round_sizes, speedup_range, steps
 from optimizer.evaluate import accuracy, fidelity, run_all
 from optimizer.export import ExportError, ExportResult, export_onnx, random_feed
 from optimizer.load import LoadedModel, load_model
@@ -311,6 +311,7 @@ def benchmark_step(run: Run) -> None:
     for index, (result, _) in enumerate(timed):
         result.latencyMs = latencies[index]
         result.speedup = run.baseline.latencyMs.mean / result.latencyMs.mean
+        result.speedupRange = speedup_range(run.baseline.latencyMs, result.latencyMs)
         run.reporter.log(f"{result.name}: {result.latencyMs.mean:.2f} ± {result.latencyMs.std:.2f} ms")
 
 

@@ -70,11 +70,20 @@ def variants_table(results: Results) -> list[str]:
         lines.append(
             f"| {v.name} | {v.recipe} | {v.runtime or '—'} | {size_mb(v)} | {mean_std(v)} | "
             f"{_fmt(lat and lat.p50, '{:.2f}')} | {_fmt(lat and lat.p90, '{:.2f}')} | {_fmt(lat and lat.p99, '{:.2f}')} | "
-            f"{_fmt(v.speedup, '{:.2f}x')} | {_fmt(fid and fid.maxAbsDiff, '{:.2g}')} | {_fmt(fid and fid.cosine, '{:.5f}')} | "
+            f"{_speedup(v)} | {_fmt(fid and fid.maxAbsDiff, '{:.2g}')} | {_fmt(fid and fid.cosine, '{:.5f}')} | "
             f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} |"
             + (f" {_fmt(v.accuracy, '{:.2%}')} |" if accuracy_column else "") + f" {status} |"
         )
     return lines
+
+
+def _speedup(variant: VariantResult) -> str:
+    """"6.28x (5.95-6.61)": the mean ratio, and its range over the interleaved rounds."""
+    if variant.speedup is None:
+        return "—"
+    low_high = variant.speedupRange
+    spread = f" ({low_high[0]:.2f}–{low_high[1]:.2f})" if low_high and low_high[0] != low_high[1] else ""
+    return f"{variant.speedup:.2f}x{spread}"
 
 
 def _budget(results: Results) -> str:
@@ -253,7 +262,8 @@ def markdown(results: Results) -> str:
         + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement" else "."),
         "Latency is measured in one process on the same input after warm-up, in "
         f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
-        "across variants; sizes are the saved files (PyTorch variants: state_dict).",
+        "across variants; the speedup in brackets is its lowest and highest over those rounds. Sizes are the "
+        "saved files (PyTorch variants: state_dict).",
         "",
         *calibration_section(results),
         *fallback_section(results),

@@ -37,6 +37,7 @@ class Latency(_Record):
     p99: float
     runs: int
     rounds: int = 1  # the runs were taken in this many rounds, interleaved with the other variants'
+    roundMeans: list[float] = Field(default_factory=list)  # mean of each round, in order
 
 
 class Fidelity(_Record):
@@ -85,6 +86,7 @@ class VariantResult(_Record):
     sizeBytes: int | None = None
     latencyMs: Latency | None = None
     speedup: float | None = None  # baseline mean latency / this mean latency
+    speedupRange: list[float] | None = None  # [lowest, highest] of the per-round speedups (same round, same moment)
     fidelity: Fidelity | None = None
     accuracy: float | None = None
     artifact: str | None = None  # path of the saved model, relative to the output dir

@@ -114,3 +114,13 @@ def test_agreement_is_shown_once_when_it_is_the_metric(conv_lstm_run):
     assert header.count("agree") == 1
     assert [c.header for c in results_table(results).columns].count("argmax agree") == 1
     assert not any("agreement" in c.header for c in results_table(results).columns)
+
+
+def test_speedups_come_with_their_range_over_interleaved_rounds(conv_lstm_run):
+    results, output = conv_lstm_run
+    timed = [v for v in results.variants if v.latencyMs]
+    assert timed and all(v.latencyMs.rounds == 5 and len(v.latencyMs.roundMeans) == 5 for v in timed)
+    for v in timed:  # the overall ratio is a weighted mean of the per-round ones, so it lies in their range
+        low, high = v.speedupRange
+        assert low - 1e-9 <= v.speedup <= high + 1e-9
+    assert "5 round(s) taken in turn" in (output / "report.md").read_text()

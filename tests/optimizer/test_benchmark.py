@@ -36,3 +36,15 @@ def test_no_warmup_means_no_rewarm_and_one_round_is_back_to_back():
     single: list[str] = []
     latency = measure(_recorder(single, "x"), warmup=1, runs=3)
     assert single == ["x"] * 4 and latency.runs == 3 and latency.rounds == 1
+
+
+def test_round_means_give_the_speedup_range():
+    import numpy as np
+
+    from optimizer.benchmark import speedup_range, summarize
+
+    baseline = summarize(np.array([10.0, 10.0, 12.0, 12.0]), [2, 2])
+    candidate = summarize(np.array([2.0, 2.0, 3.0, 3.0]), [2, 2])
+    assert baseline.roundMeans == [10.0, 12.0] and candidate.rounds == 2
+    assert speedup_range(baseline, candidate) == [4.0, 5.0]
+    assert speedup_range(summarize(np.array([1.0, 2.0])), summarize(np.array([1.0, 1.0]))) is None  # one round
