@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from optimizer.spec_loader import SpecError, load_spec
 
@@ -31,7 +32,7 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     try:
         results = optimize(spec, output, Path(args.spec).resolve().parent, reporter)
     except OptimizationError as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}")
+        _print_error(error)
         return 1
     if not args.quiet:
         print_results(console, results)
@@ -85,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _print_error(error: BaseException) -> None:
+    """A red "error:" prefix; the message itself is printed as-is (it may hold brackets like [1, 32])."""
+    Console(stderr=True).print(Text("error: ", style="red") + Text(str(error)), highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["operator"]:
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, console)
     except SpecError as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False, markup=False)
+        _print_error(error)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted: nothing was written to the output directory")

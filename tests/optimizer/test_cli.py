@@ -60,6 +60,7 @@ def test_invalid_spec_exits_2_names_fields_and_writes_nothing(tmp_path):
     done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 2
     assert "spec.benchmark.runs" in done.stderr and "spec.extra" in done.stderr and "fix:" in done.stderr
+    assert done.stderr.startswith("error: ") and "[red]" not in done.stderr  # styled, not raw markup
     assert not (tmp_path / "out").exists()
     assert mlopt("validate", str(spec), cwd=tmp_path).returncode == 2
 
@@ -68,7 +69,7 @@ def test_unloadable_model_exits_1_with_reason(tmp_path):
     spec = write_spec(tmp_path, {"model": {"source": "missing.pt", "entrypoint": "m:Net", "inputs": CONV_LSTM_INPUTS}})
     done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 1
-    assert "no file at" in done.stderr
+    assert "no file at" in done.stderr and done.stderr.startswith("error: ")
     assert not (tmp_path / "out" / "results.json").exists()
 
 
