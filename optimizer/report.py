@@ -263,7 +263,7 @@ def markdown(results: Results) -> str:
         "Latency is measured in one process on the same input after warm-up, in "
         f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
         "across variants; the speedup in brackets is its lowest and highest over those rounds. Sizes are the "
-        "saved files (PyTorch variants: state_dict).",
+        "saved files: the PyTorch FP32 baseline as its state_dict, PyTorch INT8 variants as TorchScript.",
         "",
         *calibration_section(results),
         *fallback_section(results),
