@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from optimizer.runtime import session_options
+
 # Per core per cycle, for the common x86 cases (two FMA/dot-product pipes).
 FP32_MACS_PER_CYCLE = {"avx512f": 16, "avx2": 16}  # Zen 4 double-pumps AVX-512: same as 2×AVX2 FMA
 INT8_MACS_PER_CYCLE = {"amx_int8": 1024, "avx512_vnni": 64, "avx_vnni": 64, "avx2": 32}
@@ -109,10 +111,7 @@ def _gemm_session(op: str, weights: np.ndarray, input_type: int, output_type: in
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _fastest_seconds(session, feed: dict, budget_s: float) -> float:

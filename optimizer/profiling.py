@@ -6,17 +6,16 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from optimizer.runtime import session_options
+
 
 def op_time_split(onnx_path: Path, feed: dict, threads: int, runs: int, workdir: Path) -> list[dict]:
     """[{op, ms, share}] per inference, largest first, from `runs` profiled runs."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = session_options(threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / "ort-profile")
-    options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     inputs = {i.name: feed[i.name] for i in session.get_inputs()}
     session.run(None, inputs)  # warm-up, excluded below by counting only the last `runs`

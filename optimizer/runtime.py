@@ -25,6 +25,19 @@ class ProviderError(RuntimeError):
     """The requested execution provider is not the one ONNX Runtime actually bound."""
 
 
+def session_options(intra_threads: int, inter_threads: int = 1):
+    """ONNX Runtime session options as every timed session here uses them: the given thread
+    counts, sequential execution, all graph optimizations, warnings only."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = intra_threads, inter_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return options
+
+
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """torch's intra-op thread count inside the block, restored after it."""
@@ -115,12 +128,7 @@ class OrtRunner:
     def __post_init__(self):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
+        options = session_options(self.threads)
         if self.optimized_path:
             options.optimized_model_filepath = str(self.optimized_path)
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]

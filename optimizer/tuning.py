@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 from optimizer.benchmark import measure
+from optimizer.runtime import session_options
 
 LEVELS = ("basic", "extended", "all")
 MODES = ("sequential", "parallel")
@@ -13,14 +14,12 @@ MODES = ("sequential", "parallel")
 def _session(path, intra: int, inter: int, mode: str, level: str):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = intra, inter
+    options = session_options(intra, inter)
     options.execution_mode = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
                               "parallel": ort.ExecutionMode.ORT_PARALLEL}[mode]
     options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
