@@ -16,7 +16,7 @@ from torch import nn
 from optimizer.cache import cache_dir
 from optimizer.data import digits_split
 from optimizer.runtime import torch_threads
-from optimizer.zoo.weights import cached_or_trained, load_cached, seeded
+from optimizer.zoo.weights import cached_or_trained, seeded
 
 # Part of the cache file name: bump it whenever the architecture or the training changes, so an
 # old cache is never loaded into a different model.
@@ -61,10 +61,6 @@ def train() -> DigitsCNN:
                 nn.functional.cross_entropy(model(train_x[batch]), train_y[batch]).backward()
                 optimizer.step()
     return model.eval()
-
-
-def _load_cached(path: Path) -> DigitsCNN | None:
-    return load_cached(DigitsCNN(), path)
 
 
 def build() -> DigitsCNN:

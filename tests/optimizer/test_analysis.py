@@ -124,3 +124,10 @@ def test_speedups_come_with_their_range_over_interleaved_rounds(conv_lstm_run):
         low, high = v.speedupRange
         assert low - 1e-9 <= v.speedup <= high + 1e-9
     assert "5 round(s) taken in turn" in (output / "report.md").read_text()
+
+
+def test_results_json_reads_back_as_the_same_record(conv_lstm_run):
+    from optimizer.results import load_results
+
+    results, output = conv_lstm_run
+    assert load_results(output / "results.json").model_dump(mode="json") == results.model_dump(mode="json")

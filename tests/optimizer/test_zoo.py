@@ -243,6 +243,7 @@ def test_digits_weights_are_cached_as_safetensors_and_reused(built, zoo_cache, m
 
 def test_unreadable_digits_cache_is_retrained(tmp_path, monkeypatch):
     from optimizer.zoo import digits
+    from optimizer.zoo.weights import load_cached
 
     monkeypatch.setenv("MLOPT_CACHE", str(tmp_path))
     digits.cache_path().write_bytes(b"not a safetensors file")
@@ -251,4 +252,4 @@ def test_unreadable_digits_cache_is_retrained(tmp_path, monkeypatch):
         replacement = digits.DigitsCNN().eval()  # stands in for training, which takes seconds
     monkeypatch.setattr(digits, "train", lambda: replacement)
     assert digits.build() is replacement
-    assert digits._load_cached(digits.cache_path()) is not None
+    assert load_cached(digits.DigitsCNN(), digits.cache_path()) is not None
