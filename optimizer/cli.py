@@ -1,6 +1,7 @@
 """`mlopt`: optimize a model from a spec on this machine, validate specs, list the zoo, run the operator.
 
-Exit codes: 0 done; 1 the run failed (model or data cannot be loaded); 2 invalid spec or usage.
+Exit codes: 0 done; 1 the run failed (model or data cannot be loaded, or an internal error);
+2 invalid spec or usage (also inputs that do not fit the model). No traceback unless --debug.
 Heavy imports (torch, onnxruntime) happen inside commands, so `mlopt operator` starts fast.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
@@ -31,9 +33,11 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
         reporter = RichReporter(console) if console.is_terminal else LogReporter()
     try:
         results = optimize(spec, output, Path(args.spec).resolve().parent, reporter)
-    except OptimizationError as error:
+    except OptimizationError as error:  # the model, data or inputs: the message names the field and the fix
+        if args.debug:
+            traceback.print_exc()
         _print_error(error)
-        return 1
+        return error.exit_code
     if not args.quiet:
         print_results(console, results)
         console.print(f"wrote {output}/results.json, report.md, size.png, latency.png and models/")
@@ -75,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     optimize.add_argument("spec", help="path to the YAML spec")
     optimize.add_argument("--output", "-o", help="output directory (overrides spec.output)")
     optimize.add_argument("--quiet", "-q", action="store_true", help="no progress and no table (for scripts)")
+    optimize.add_argument("--debug", action="store_true", help="print the traceback of any error (for bug reports)")
     optimize.set_defaults(handler=_optimize)
     validate = commands.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec")
@@ -88,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _print_error(error: BaseException) -> None:
     """A red "error:" prefix; the message itself is printed as-is (it may hold brackets like [1, 32])."""
-    Console(stderr=True).print(Text("error: ", style="red") + Text(str(error)), highlight=False)
+    # soft_wrap: no hard line breaks inside the message (a pipe or log gets it on one line, greppable)
+    Console(stderr=True).print(Text("error: ", style="red") + Text(str(error)), highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted: nothing was written to the output directory")
         return 130
+    except Exception as error:  # an mlopt bug: one line, the traceback only when asked for
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        from optimizer.errors import internal_error
+
+        _print_error(internal_error(error) + ("" if getattr(args, "debug", False) else "; rerun with --debug for the traceback"))
+        return 1
 
 
 if __name__ == "__main__":

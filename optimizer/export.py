@@ -28,12 +28,16 @@ from optimizer.spec import ExportSpec, InputSpec, Tolerance
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
 
-class ExportError(RuntimeError):
-    """No exporter produced a model that runs and matches PyTorch; the message has the details."""
-
-
 class ParityError(AssertionError):
     """Outputs differ beyond tolerance; the message names the output, shape, max |Δ| and index."""
+
+
+class ExportError(RuntimeError):
+    """No export route produced a model that runs and matches PyTorch; the message has the details."""
+
+    def __init__(self, message: str, attempts: list[dict]):
+        super().__init__(message)
+        self.attempts = attempts
 
 
 @dataclass
@@ -43,6 +47,15 @@ class ExportResult:
     output_names: list[str]
     checked_shapes: list[dict[str, list[int]]]
     notes: list[str] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)  # [{route, ok, reason}] in the order tried
+
+
+# The ways from a PyTorch module to ONNX, as results.json names them.
+ROUTES = {
+    "dynamo": "the dynamo exporter",
+    "legacy": "the legacy exporter",
+    "torchscript-converter": "the TorchScript converter route (TS2EPConverter, then the dynamo exporter)",
+}
 
 
 def random_feed(inputs: list[InputSpec], shapes: dict[str, list[int]] | None = None, seed: int = 0):
@@ -136,15 +149,28 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
+def _dynamic_example(inputs: list[InputSpec]):
+    """torch.export treats size-1 dims as constants: a batch-1 example would pin batch to 1."""
+    import torch
+
+    shapes = {s.name: [max(n, 2) if a in s.dynamicAxes else n for a, n in enumerate(s.shape)] for s in inputs}
+    return tuple(torch.from_numpy(a) for a in random_feed(inputs, shapes).values())
+
+
 def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, opset: int) -> None:
     import torch
 
     names = [spec.name for spec in inputs]
     with _quiet_exporter():
-        if exporter == "dynamo":
-            # torch.export treats size-1 dims as constants: a batch-1 example would pin batch to 1.
-            shapes = {s.name: [max(n, 2) if a in s.dynamicAxes else n for a, n in enumerate(s.shape)] for s in inputs}
-            example = tuple(torch.from_numpy(a) for a in random_feed(inputs, shapes).values())
+        if exporter == "torchscript-converter":
+            from torch._export.converter import TS2EPConverter
+
+            example = _dynamic_example(inputs)
+            program = TS2EPConverter(module, example).convert()
+            torch.onnx.export(program, example, str(path), input_names=names, opset_version=opset, dynamo=True,
+                              external_data=False)
+        elif exporter == "dynamo":
+            example = _dynamic_example(inputs)
             dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamicAxes} or None for spec in inputs)
             # Keep onnxscript's optimizer on (slow: over half the export time) - without its constant
             # folding the LSTM weights stay behind ops that the INT8 quantizers cannot see through.
@@ -182,15 +208,27 @@ def _check_and_infer(path: Path) -> None:
 RECURRENT_LAYERS = ("LSTM", "GRU", "RNN")
 
 
+def _layer_name(module) -> str | None:
+    """A torch.nn layer's class name, also inside a TorchScript model (where it is `original_name`)."""
+    import torch
+
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", None)
+    return type(module).__name__ if type(module).__module__.startswith("torch.nn") else None
+
+
 def exporter_order(module, exporter: str) -> tuple[list[str], str | None]:
-    """The exporters to try, in order, and why when `auto` puts the legacy one first."""
+    """The export routes to try, in order, and why when `auto` picks an unusual order."""
+    import torch
+
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    dynamo = "torchscript-converter" if scripted else "dynamo"  # torch.export cannot trace a ScriptModule
     if exporter != "auto":
-        return [exporter], None
-    recurrent = sorted({type(m).__name__ for m in getattr(module, "modules", list)()
-                        if type(m).__name__ in RECURRENT_LAYERS and type(m).__module__.startswith("torch.nn")})
+        return [dynamo if exporter == "dynamo" else exporter], None
+    recurrent = sorted({name for m in module.modules() if (name := _layer_name(m)) in RECURRENT_LAYERS})
     if not recurrent:
-        return ["dynamo", "legacy"], None
-    return ["legacy", "dynamo"], (
+        return [dynamo, "legacy"], None
+    return ["legacy", dynamo], (
         f"exported with the legacy (TorchScript) exporter first because the model has {'/'.join(recurrent)} "
         "layers: the dynamo exporter unrolls them symbolically and takes about a minute (0.5 s for the legacy "
         "one on the CRNN); the legacy exporter is deprecated in torch 2.13, which mlopt pins, and dynamo is the fallback"
@@ -203,6 +241,7 @@ def export_onnx(torch_runner, inputs: list[InputSpec], spec: ExportSpec, workdir
 
     order, why = exporter_order(torch_runner.module, spec.exporter)
     failures: list[str] = []
+    attempts: list[dict] = []
     for exporter in order:
         path = workdir / f"exported-{exporter}.onnx"
         try:
@@ -211,13 +250,42 @@ def export_onnx(torch_runner, inputs: list[InputSpec], spec: ExportSpec, workdir
             onnx_runner = OrtRunner(path, threads=threads)
             shapes = check_parity(torch_runner, onnx_runner, inputs, spec)
         except ParityError as error:
-            failures.append(f"{exporter} exporter: {error}")
-            continue
+            reason = f"{ROUTES[exporter]} gave a model that differs from PyTorch: {error}"
         except Exception as error:
-            failures.append(f"{exporter} exporter failed: {_reason(error)}")
-            continue
-        notes = [why] if why and exporter == order[0] else []
-        if failures:
-            notes.append(f"fell back to the {exporter} exporter because the " + "; ".join(failures))
-        return ExportResult(path, exporter, onnx_runner.output_names, shapes, notes)
-    raise ExportError(" | ".join(failures))
+            reason = f"{ROUTES[exporter]} failed: {_reason(error)}{_hint(error, exporter, inputs)}"
+        else:
+            attempts.append({"route": exporter, "ok": True, "reason": f"{ROUTES[exporter]} passed the parity check"})
+            notes = [why] if why and exporter == order[0] else []
+            if failures:
+                notes.append(f"exported with {ROUTES[exporter]} because " + "; ".join(failures))
+            return ExportResult(path, exporter, onnx_runner.output_names, shapes, notes, attempts)
+        failures.append(reason)
+        attempts.append({"route": exporter, "ok": False, "reason": reason})
+    raise ExportError(" | ".join(failures), attempts)
+
+
+# Exporter complaints that have a known fix the user can apply.
+_HINTS = {
+    "_transformer_encoder_layer_fwd": "the TorchScript model was traced under torch.no_grad()/inference_mode, which "
+    "records PyTorch's fused transformer kernel (no ONNX equivalent); trace it with gradients enabled, or give "
+    "the state_dict with model.entrypoint",
+    "Exporting a ScriptModule is not supported": "give the model as a state_dict with model.entrypoint or as a "
+    "torch.export .pt2 file",
+}
+
+
+def _hint(error: BaseException, route: str, inputs: list[InputSpec]) -> str:
+    """A known fix for this failure, as " (…)", or ""; the markers may sit anywhere in the cause chain."""
+    texts = []
+    while error is not None:
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    text = "\n".join(texts)
+    for marker, hint in _HINTS.items():
+        if marker in text:
+            return f" ({hint})"
+    if route == "torchscript-converter" and any(spec.dynamicAxes for spec in inputs):
+        return (" (a TorchScript trace records sizes as tensors, so the converter cannot keep an axis dynamic: "
+                "declare no dynamicAxes to optimize at the declared shape, or give a state_dict with "
+                "model.entrypoint or a .pt2 exported with a dynamic Dim)")
+    return ""

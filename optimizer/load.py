@@ -22,6 +22,7 @@ class LoadedModel:
     inputs: list[InputSpec]
     module: object | None = None  # torch.nn.Module (or ScriptModule); None for ONNX sources
     onnx_path: Path | None = None  # set for ONNX sources
+    program: object | None = None  # torch.export.ExportedProgram, for exported-program sources
     default_data: str = "random"
     metric: str = "agreement"
 
@@ -96,6 +97,19 @@ def detect_format(path: Path) -> str:
     return "state-dict"
 
 
+def _check_onnx_files(spec: ModelSpec, path: Path) -> None:
+    """External data must be beside the model and, with it, within maxSizeMB."""
+    from optimizer import onnx_files
+
+    try:
+        size = onnx_files.total_size(path)
+    except onnx_files.ExternalDataError as error:
+        raise ModelLoadError(f"model.source: {error}") from None
+    if size > spec.maxSizeMB * 1024 * 1024:
+        raise ModelLoadError(f"model.source: {path.name} and its external data are {size / 1e6:.0f} MB, over "
+                             f"model.maxSizeMB ({spec.maxSizeMB}); raise it to load this model")
+
+
 def _load_zoo(spec: ModelSpec) -> LoadedModel:
     from optimizer.zoo import get_zoo_model
 
@@ -160,11 +174,13 @@ def _load_file(spec: ModelSpec, base_dir: Path) -> LoadedModel:
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
     if fmt == "onnx":
+        _check_onnx_files(spec, path)
         loaded.onnx_path = path
     elif fmt == "torchscript":
         loaded.module = torch.jit.load(str(path), map_location="cpu").eval()
     elif fmt == "exported-program":
-        loaded.module = torch.export.load(str(path)).module()
+        loaded.program = torch.export.load(str(path))
+        loaded.module = loaded.program.module()
     else:
         if not spec.entrypoint:
             raise ModelLoadError(

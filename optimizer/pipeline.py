@@ -15,15 +15,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optimizer import environment
+from optimizer import environment, onnx_files
 from optimizer.benchmark import measure_interleaved, round_sizes, speedup_range, steps
+from optimizer.errors import internal_error
 from optimizer.evaluate import accuracy, fidelity, run_all
-from optimizer.export import ExportError, ExportResult, export_onnx, random_feed
+from optimizer.export import ROUTES, ExportError, ExportResult, export_onnx, random_feed
+from optimizer.input_check import check_inputs
 from optimizer.load import LoadedModel, load_model
-from optimizer.recipes import BuildContext, Built, NotApplicable, registry
+from optimizer.recipes import BuildContext, Built, NotApplicable, RecipeFailure, registry
 from optimizer.results import (
     BASELINE_NAME, Analysis, Fallback, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
 )
+from optimizer.run_log import RecordingReporter, collected_warnings
 from optimizer.runtime import OrtRunner, TorchRunner, check_device, op_counts
 from optimizer.selection import apply_budget, budget_failure, flag_slow_variants, pick_best, resolve_metric
 from optimizer.spec import Calibration, ModelOptimization, Recipe, VariantSpec
@@ -44,6 +47,8 @@ class Run:
     dataset: object = None
     export: ExportResult | None = None
     export_error: str | None = None
+    input_notes: list[str] = field(default_factory=list)  # what the input check decided, e.g. one shape only
+    export_attempts: list[dict] = field(default_factory=list)  # [{route, ok, reason}] in the order tried
     metric: str = "agreement"  # acceptance.metric, resolved against the data
     data_source: str = "random"
     context: BuildContext | None = None
@@ -77,6 +82,11 @@ def load_step(run: Run) -> None:
     run.loaded = load_model(run.spec.spec.model, run.base_dir)
 
 
+def inputs_step(run: Run) -> None:
+    """spec.model.inputs against the model itself, before any work (exits 2 on a mismatch)."""
+    run.input_notes = check_inputs(run.loaded)
+
+
 def data_step(run: Run) -> None:
     from optimizer.data import load_dataset
 
@@ -99,10 +109,11 @@ def export_step(run: Run) -> None:
     cpu_reference = TorchRunner(run.loaded.module, names)
     try:
         run.export = export_onnx(cpu_reference, run.loaded.inputs, run.spec.spec.export, run.scratch, threads)
-        run.reporter.log(f"exported with the {run.export.exporter} exporter; parity checked at "
+        run.export_attempts = run.export.attempts
+        run.reporter.log(f"exported with {ROUTES[run.export.exporter]}; parity checked at "
                          + " and ".join(str(s) for s in run.export.checked_shapes))
     except ExportError as error:
-        run.export_error = str(error)
+        run.export_error, run.export_attempts = str(error), error.attempts
         run.reporter.log(f"ONNX export failed: {error}")
     if run.spec.spec.benchmark.device == "cuda":
         run.loaded.module.to("cuda")
@@ -147,9 +158,11 @@ def _build(ctx: BuildContext, variant: VariantSpec, recipes) -> tuple[VariantRes
     except NotApplicable as reason:
         result.status, result.error = VariantStatus.skipped.value, str(reason)
         return result, None
-    except Exception as error:  # one failing variant never stops the others
-        result.status = VariantStatus.failed.value
-        result.error = f"{type(error).__name__}: {str(error).strip()[:500]}"
+    except RecipeFailure as error:  # the message says what the user can do about it
+        result.status, result.error = VariantStatus.failed.value, str(error).strip()[:800]
+        return result, None
+    except Exception as error:  # one failing variant never stops the others; this one is our bug
+        result.status, result.error = VariantStatus.failed.value, internal_error(error)
         return result, None
     return result, built
 
@@ -157,7 +170,11 @@ def _build(ctx: BuildContext, variant: VariantSpec, recipes) -> tuple[VariantRes
 def _keep(variant: VariantSpec, result: VariantResult, built: Built, models_dir: Path) -> None:
     """Move the variant's model into models/ and record what it is."""
     artifact = models_dir / f"{variant.name}{built.artifact.suffix}"
-    shutil.move(built.artifact, artifact)
+    if artifact.suffix == ".onnx":
+        onnx_files.move(built.artifact, artifact)  # with its external data, if any
+        result.artifactFiles = [f"models/{p.name}" for p in onnx_files.files(artifact)[1:]]
+    else:
+        shutil.move(built.artifact, artifact)
     built.artifact = artifact
     if isinstance(built.runner, OrtRunner):
         built.runner.path = artifact  # later sessions (scaling, profiling) load it from here
@@ -202,7 +219,7 @@ def variants_step(run: Run) -> None:
 
 def _baseline_result(run: Run) -> VariantResult:
     if run.loaded.onnx_path is not None:
-        size, recipe = run.loaded.onnx_path.stat().st_size, "onnx-source"
+        size, recipe = onnx_files.total_size(run.loaded.onnx_path), "onnx-source"
     else:
         import torch
 
@@ -389,11 +406,15 @@ def analyze_step(run: Run) -> None:
 def _model_record(run: Run) -> dict:
     record = {"source": run.loaded.source, "format": run.loaded.format,
               "inputs": [spec.model_dump(mode="json") for spec in run.loaded.inputs]}
+    if run.input_notes:
+        record["inputNotes"] = run.input_notes
     if run.export:
         record.update(exporter=run.export.exporter, opset=run.spec.spec.export.opset,
                       parityShapes=run.export.checked_shapes)
     elif run.export_error:
         record["exportError"] = run.export_error
+    if run.export_attempts:
+        record["exportAttempts"] = run.export_attempts  # every route tried, in order, with why it failed
     return record
 
 
@@ -412,6 +433,7 @@ def _publish(staging: Path, output: Path, results: Results) -> None:
 # The pipeline, in order; each step reads and fills the Run. `report` runs last, in optimize().
 STEPS = [
     ("load", load_step),
+    ("inputs", inputs_step),
     ("data", data_step),
     ("export", export_step),
     ("variants", variants_step),
@@ -427,28 +449,34 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
     output = Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    reporter = RecordingReporter(reporter)
     try:
         run = Run(spec=spec, base_dir=base_dir, staging=staging, reporter=reporter)
         run.scratch.mkdir()
         check_device(spec.spec.benchmark.device)
         run.env = environment.describe(spec.spec.benchmark.threads, spec.spec.benchmark.device)
         _configure_threads(spec.spec.benchmark.threads)
-        for name, step in STEPS:
-            with _timed(run, name):
-                step(run)
+        with collected_warnings() as library_warnings:
+            for name, step in STEPS:
+                with _timed(run, name):
+                    step(run)
+        if library_warnings:
+            reporter.log(f"{len(library_warnings)} distinct warning(s) from the libraries: see report.md or run.log")
         results = Results(
             name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.metric,
             accuracyBudget={"maxAccuracyDrop": spec.spec.acceptance.maxAccuracyDrop,
                             "maxRelativeAccuracyDrop": spec.spec.acceptance.maxRelativeAccuracyDrop},
             dataset=run.dataset.description,
             baseline=run.baseline, variants=list(run.results.values()), best=run.best, bestReason=run.best_reason,
-            environment=run.env, analysis=run.analysis, steps=run.steps,
+            environment=run.env, analysis=run.analysis, steps=run.steps, warnings=library_warnings,
         )
         with _timed(run, "report"):
             from optimizer.report import write_report
 
             write_report(results, staging)
         results.steps = run.steps
+        (staging / "run.log").write_text("\n".join([*reporter.lines, "", "warnings from the libraries:",
+                                                    *(library_warnings or ["none"])]) + "\n")
         _publish(staging, output, results)
         return results
     finally:

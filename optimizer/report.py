@@ -143,11 +143,20 @@ def calibration_section(results: Results) -> list[str]:
 
 
 def _notes(results: Results) -> list[str]:
-    lines = []
+    lines = [f"- **inputs**: {note}" for note in results.model.get("inputNotes", [])]
+    for attempt in results.model.get("exportAttempts", []):
+        lines.append(f"- **export** ({attempt['route']}): {attempt['reason']}")
     for v in results.variants:
         for text in ([v.error] if v.error else []) + v.notes:
             lines.append(f"- **{v.name}**: {text}")
     return lines or ["- none"]
+
+
+def _library_warnings(results: Results) -> list[str]:
+    """What PyTorch, ONNX Runtime and friends warned about during the run (kept off the terminal)."""
+    if not results.warnings:
+        return []
+    return ["## Library warnings", "", *[f"- {text}" for text in results.warnings], ""]
 
 
 def _op_mix(results: Results) -> list[str]:
@@ -271,6 +280,7 @@ def markdown(results: Results) -> str:
         "",
         *_notes(results),
         "",
+        *_library_warnings(results),
         "## Operator mix",
         "",
         *_op_mix(results),

@@ -90,6 +90,7 @@ class VariantResult(_Record):
     fidelity: Fidelity | None = None
     accuracy: float | None = None
     artifact: str | None = None  # path of the saved model, relative to the output dir
+    artifactFiles: list[str] = Field(default_factory=list)  # its ONNX external data files, beside it
     opCounts: dict[str, int] = Field(default_factory=dict)  # ONNX ops after ORT optimization
     lineage: Lineage | None = None
     notes: list[str] = Field(default_factory=list)  # warnings a user should read
@@ -138,6 +139,7 @@ class Results(_Record):
     environment: Environment
     analysis: Analysis = Field(default_factory=Analysis)
     steps: list[StepTiming] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)  # from the libraries (exporters, quantizers), with counts
 
     def variant(self, name: str) -> VariantResult:
         for variant in self.variants:

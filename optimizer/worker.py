@@ -38,7 +38,7 @@ def main() -> int:
     except (SpecError, ValueError) as error:
         _write_summary(failure_summary("InvalidSpec", str(error)))
         return 2
-    from optimizer.errors import OptimizationError
+    from optimizer.errors import OptimizationError, internal_error
     from optimizer.pipeline import optimize
 
     output = Path(os.environ.get("MLOPT_OUTPUT", DEFAULT_OUTPUT))
@@ -46,10 +46,10 @@ def main() -> int:
         results = optimize(spec, output, Path.cwd(), reporter)
     except OptimizationError as error:
         _write_summary(failure_summary(error.reason, str(error)))
-        return 1
-    except Exception as error:
+        return error.exit_code
+    except Exception as error:  # an mlopt bug: the traceback goes to the pod log, one line to status
         traceback.print_exc()
-        _write_summary(failure_summary("OptimizationFailed", f"{type(error).__name__}: {error}"))
+        _write_summary(failure_summary("InternalError", internal_error(error)))
         return 1
     _write_summary(success_summary(results, str(output / "results.json")))
     return 0

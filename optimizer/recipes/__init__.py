@@ -10,11 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from optimizer.errors import RecipeFailure
 from optimizer.spec import Recipe, VariantSpec
 
 
 class NotApplicable(Exception):
     """The recipe does not apply to this model or device; the variant is recorded as skipped."""
+
+
+__all__ = ["BuildContext", "Built", "NotApplicable", "RecipeFailure", "registry"]
 
 
 @dataclass
@@ -34,8 +38,17 @@ class BuildContext:
 
     def require_onnx(self) -> Path:
         if self.fp32_onnx is None:
-            raise RuntimeError(f"needs the ONNX export, which failed: {self.export_error}")
+            raise RecipeFailure(f"needs the ONNX export, which failed: {self.export_error}")
         return self.fp32_onnx
+
+    @property
+    def external_data(self) -> bool:
+        """Whether the FP32 model keeps its weights in external data: its variants do the same."""
+        if "external_data" not in self.cache:
+            from optimizer import onnx_files
+
+            self.cache["external_data"] = self.fp32_onnx is not None and onnx_files.has_external_data(self.fp32_onnx)
+        return self.cache["external_data"]
 
     @property
     def has_vnni(self) -> bool:
@@ -52,6 +65,11 @@ class Built:
 
     @property
     def size_bytes(self) -> int:
+        """On disk, external data included."""
+        if self.artifact.suffix == ".onnx":
+            from optimizer import onnx_files
+
+            return onnx_files.total_size(self.artifact)
         return self.artifact.stat().st_size
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
+from optimizer import onnx_files
 from optimizer.recipes import BuildContext, Built, NotApplicable
 from optimizer.runtime import OrtRunner, op_counts
 from optimizer.spec import VariantSpec
@@ -31,10 +31,12 @@ def preprocessed(ctx: BuildContext) -> Path:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         source, target = ctx.require_onnx(), ctx.workdir / "preprocessed.onnx"
+        external = dict(save_as_external_data=ctx.external_data, all_tensors_to_one_file=True,
+                        external_data_location=onnx_files.data_location(target))
         try:
-            quant_pre_process(str(source), str(target))
+            quant_pre_process(str(source), str(target), **external)
         except Exception:  # symbolic shape inference gives up on some graphs; ONNX's own still helps
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True, **external)
         ctx.cache["preprocessed"] = target
     return ctx.cache["preprocessed"]
 
@@ -65,16 +67,21 @@ def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
     options.log_severity_level = 3
+    if ctx.external_data:  # keep the weights beside the graph, as the source had them
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         onnx_files.data_location(target))
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return Built(_runner(ctx, variant.name, target), target, parent="export", options={"optimization": "basic"})
 
 
-def _dynamic(source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
+def _dynamic(source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None,
+             external: bool = False) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _quiet()
     quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=list(exclude or []))
+                     nodes_to_exclude=list(exclude or []), use_external_data_format=external)
 
 
 def _left_in_fp32(path: Path, op_types: list[str], excluded: list[str]) -> list[str]:
@@ -94,7 +101,7 @@ def _left_in_fp32(path: Path, op_types: list[str], excluded: list[str]) -> list[
 def ort_int8_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     ops = variant.opTypes or DYNAMIC_DEFAULT_OPS
     target = ctx.workdir / f"{variant.name}.onnx"
-    _dynamic(preprocessed(ctx), target, ops)
+    _dynamic(preprocessed(ctx), target, ops, external=ctx.external_data)
     notes = _left_in_fp32(target, ops, variant.excludeNodes)
     if "Conv" in ops:
         notes.append("Conv is dynamically quantized to ConvInteger, which is usually slower than FP32 Conv on CPU")
@@ -122,6 +129,7 @@ def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
             op_types_to_quantize=variant.opTypes, nodes_to_exclude=list(variant.excludeNodes),
             extra_options={"CalibPercentile": 99.999} if variant.calibration == "percentile" else {},
+            use_external_data_format=ctx.external_data,
         )
     return options
 
@@ -143,13 +151,13 @@ def ort_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     recurrent = sorted(set(op_counts(static_path)) & set(RECURRENT_OPS))
     notes = []
     if recurrent:
-        _dynamic(static_path, target, recurrent, variant.excludeNodes)
+        _dynamic(static_path, target, recurrent, variant.excludeNodes, external=ctx.external_data)
         options["dynamicOpTypes"] = recurrent
         notes += _left_in_fp32(target, recurrent, variant.excludeNodes)
+        onnx_files.remove(static_path)
     else:
-        shutil.copyfile(static_path, target)
+        onnx_files.move(static_path, target)
         notes.append("the model has no LSTM/GRU, so this equals ort-int8-static")
-    static_path.unlink()
     return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options, notes=notes)
 
 
@@ -164,5 +172,6 @@ def onnx_fp16(ctx: BuildContext, variant: VariantSpec) -> Built:
 
     target = ctx.workdir / f"{variant.name}.onnx"
     model = convert_float_to_float16(onnx.load(str(ctx.require_onnx())), keep_io_types=True)
-    onnx.save(model, str(target))
+    onnx.save(model, str(target), save_as_external_data=ctx.external_data, all_tensors_to_one_file=True,
+              location=onnx_files.data_location(target))
     return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options={"keepIoTypes": True})

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from optimizer.recipes import BuildContext, Built, NotApplicable
+from optimizer.recipes import BuildContext, Built, NotApplicable, RecipeFailure
 from optimizer.recipes.torch_ao import ENGINE, _built, _require_eager
 
 CTC_METRICS = ("cer", "exact-match")  # outputs (T, B, C), labels padded with -1
@@ -110,7 +110,7 @@ def torch_int8_qat(ctx: BuildContext, variant) -> Built:
         try:
             prepared = prepare_qat_fx(module.train(), get_default_qat_qconfig_mapping(ENGINE), example)
         except Exception as error:
-            raise RuntimeError(
+            raise RecipeFailure(
                 f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
                 "use the ort-int8-static recipe instead"
             ) from None

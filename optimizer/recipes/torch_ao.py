@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 
-from optimizer.recipes import BuildContext, Built, NotApplicable
+from optimizer.recipes import BuildContext, Built, NotApplicable, RecipeFailure
 from optimizer.runtime import TorchRunner
 from optimizer.spec import VariantSpec
 
@@ -45,11 +45,37 @@ def _save(ctx: BuildContext, variant: VariantSpec, module):
     return path
 
 
+def _without_mha_fast_path(module):
+    """nn.TransformerEncoderLayer's inference fast path reads `linear1.weight.device`; on a
+    dynamically quantized Linear `weight` is a method, so the fast path crashes. Run such models
+    on the regular path (the same arithmetic, the quantized Linears still used)."""
+    import torch
+
+    if not any(isinstance(m, (torch.nn.TransformerEncoderLayer, torch.nn.MultiheadAttention)) for m in module.modules()):
+        return module
+
+    class RegularPath(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            previous = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return self.inner(*args)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(previous)
+
+    return RegularPath(module)
+
+
 def _dynamic(module):
     import torch
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(module, {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+    quantized = quantize_dynamic(module, {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+    return _without_mha_fast_path(quantized)
 
 
 def _static(ctx: BuildContext, module):
@@ -63,7 +89,7 @@ def _static(ctx: BuildContext, module):
     try:
         prepared = prepare_fx(module, get_default_qconfig_mapping(ENGINE), example)
     except Exception as error:
-        raise RuntimeError(
+        raise RecipeFailure(
             f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
             "use the ort-int8-static recipe instead"
         ) from None
@@ -106,4 +132,5 @@ def torch_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
         # FX static leaves LSTM/GRU as float modules between dequant/quant; swap those for
         # dynamically quantized ones, as the note's "static + dynamic" column did.
         quantized = quantize_dynamic(_static(ctx, module), {torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+        quantized = _without_mha_fast_path(quantized)
     return _built(ctx, variant, quantized, {"mode": "fx", "dynamic": ["LSTM", "GRU"]})

@@ -173,3 +173,17 @@ def digits_run(tmp_path_factory):
     output = directory / "out"
     results = optimize(load_spec(spec_path), output, directory, QuietReporter())
     return results, output
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The model matrix as a table (architecture × format → best and speedup, or the message)."""
+    from .test_model_matrix import ARCHITECTURES, FORMATS, MATRIX_OUTCOMES
+
+    if not MATRIX_OUTCOMES:
+        return
+    terminalreporter.section("model matrix: best variant and speedup over the FP32 baseline (PyTorch; for ONNX the source file), or the message")
+    terminalreporter.write_line("| architecture | " + " | ".join(FORMATS) + " |")
+    terminalreporter.write_line("|---|" + "---|" * len(FORMATS))
+    for architecture in ARCHITECTURES:
+        cells = [MATRIX_OUTCOMES.get((architecture, fmt), "not run") for fmt in FORMATS]
+        terminalreporter.write_line(f"| {architecture} | " + " | ".join(cells) + " |")

@@ -83,7 +83,8 @@ def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path):
         export_onnx(TorchRunner(module, ["x"]), inputs, ExportSpec(exporter="dynamo"), tmp_path)
     result = export_onnx(TorchRunner(module, ["x"]), inputs, ExportSpec(exporter="auto"), tmp_path)
     assert result.exporter == "legacy"
-    assert result.notes[0].startswith("fell back to the legacy exporter because the dynamo exporter failed")
+    assert result.notes[0].startswith("exported with the legacy exporter because the dynamo exporter failed")
+    assert [(a["route"], a["ok"]) for a in result.attempts] == [("dynamo", False), ("legacy", True)]
     assert "\x1b[" not in result.notes[0]
 
 

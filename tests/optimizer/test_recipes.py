@@ -80,7 +80,7 @@ def test_results_json_is_versioned_and_complete(conv_lstm_run):
     assert data["schemaVersion"] == 1
     results = Results.model_validate(data)
     assert results.environment.packages["torch"].startswith("2.13")
-    assert [s.step for s in results.steps] == ["load", "data", "export", "variants", "evaluate", "fallback", "benchmark", "select", "analyze", "report"]
+    assert [s.step for s in results.steps] == ["load", "inputs", "data", "export", "variants", "evaluate", "fallback", "benchmark", "select", "analyze", "report"]
     assert results.best is None or results.variant(results.best).status == "ok"
 
 
