@@ -88,6 +88,37 @@ def _image(spec: ModelOptimization, settings: Settings) -> str:
     return settings.gpu_worker_image if spec.spec.benchmark.device == "cuda" else settings.worker_image
 
 
+PVC_ROOT = "/mnt/pvc"  # claim <name> is mounted at /mnt/pvc/<name> (the worker's MLOPT_PVC_ROOT)
+CA_BUNDLE_DIR = "/etc/mlopt/ca"
+
+
+def _claims(spec: ModelOptimization) -> dict[str, bool]:
+    """The PersistentVolumeClaims the spec names, each with whether the worker writes to it."""
+    claims: dict[str, bool] = {}
+    for uri, writes in ((spec.spec.model.source, False), (spec.spec.data.source, False), (spec.spec.output, True)):
+        if uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").partition("/")[0]
+            claims[claim] = claims.get(claim, False) or writes
+    return claims
+
+
+def _scratch_size(spec: ModelOptimization) -> tuple[str, str]:
+    """(sizeLimit, request) of the scratch emptyDir, from the largest model the spec allows: the
+    download, its export and the variants all sit there (about ten copies at most), so a runaway
+    run is evicted instead of filling the node's disk."""
+    mib = spec.spec.model.maxSizeMB
+    return f"{10 * mib + 1024}Mi", f"{2 * mib + 1024}Mi"
+
+
+def _storage_env(spec: ModelOptimization) -> list[dict[str, str]]:
+    storage, env = spec.spec.storage, []
+    if _claims(spec):
+        env.append({"name": "MLOPT_PVC_ROOT", "value": PVC_ROOT})
+    if storage.caBundle:
+        env.append({"name": "AWS_CA_BUNDLE", "value": f"{CA_BUNDLE_DIR}/{storage.caBundle.key}"})
+    return env
+
+
 def _env(resource: dict[str, Any]) -> list[dict[str, str]]:
     # The root filesystem is read-only: everything that writes goes to the scratch emptyDir.
     return [
@@ -107,11 +138,24 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
     spec = parse_spec(resource, f"{KIND} {resource['metadata'].get('name')}")
     meta = resource["metadata"]
+    scratch_limit, scratch_request = _scratch_size(spec)
+    resources = _resources(spec)
+    resources["requests"]["ephemeral-storage"] = scratch_request
+    mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH}]
+    volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {"sizeLimit": scratch_limit}}]
+    for index, (claim, writes) in enumerate(sorted(_claims(spec).items())):
+        # Mounted whole at a fixed path; the worker reads pvc://claim/path there, nothing is rewritten.
+        volumes.append({"name": f"pvc-{index}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writes}})
+        mounts.append({"name": f"pvc-{index}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writes})
+    if spec.spec.storage.caBundle:
+        volumes.append({"name": "ca-bundle", "configMap": {"name": spec.spec.storage.caBundle.name}})
+        mounts.append({"name": "ca-bundle", "mountPath": CA_BUNDLE_DIR, "readOnly": True})
     generation = int(meta["generation"])
     job_labels = labels(meta["name"], generation)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
+        # Only workload identity needs the token; without it the worker has no API credentials at all.
+        "automountServiceAccountToken": bool(spec.spec.job.serviceAccountName),
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
@@ -127,21 +171,25 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": ["mlopt", "worker"],
                 "workingDir": SCRATCH,
-                "env": _env(resource),
-                "resources": _resources(spec),
+                "env": _env(resource) + _storage_env(spec),
+                "resources": resources,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
                     "readOnlyRootFilesystem": True,
                     "runAsNonRoot": True,
                     "capabilities": {"drop": ["ALL"]},
                 },
-                "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH}],
+                "volumeMounts": mounts,
                 "terminationMessagePath": "/dev/termination-log",
                 "terminationMessagePolicy": "FallbackToLogsOnError",
             }
         ],
-        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "volumes": volumes,
     }
+    if spec.spec.storage.secretRef:  # AWS_* keys straight from the Secret: the operator never reads it
+        pod_spec["containers"][0]["envFrom"] = [{"secretRef": {"name": spec.spec.storage.secretRef}}]
+    if spec.spec.job.serviceAccountName:
+        pod_spec["serviceAccountName"] = spec.spec.job.serviceAccountName
     if spec.spec.benchmark.device == "cuda" and settings.gpu_runtime_class:
         pod_spec["runtimeClassName"] = settings.gpu_runtime_class
     if spec.spec.job.nodeSelector:

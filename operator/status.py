@@ -82,8 +82,11 @@ def _from_summary(summary: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"message": summary.get("message") or ""}
     if summary.get("reason"):
         out["reason"] = summary["reason"]
-    if summary.get("results"):
-        out["results"] = summary["results"]
+    for key in ("results", "output"):
+        if summary.get(key):
+            out[key] = summary[key]
+    if isinstance(summary.get("artifacts"), dict) and summary["artifacts"]:
+        out["artifacts"] = summary["artifacts"]
     if isinstance(summary.get("baseline"), dict):
         out["baseline"] = _variant(summary["baseline"])
     variants = [_variant(v) for v in summary.get("variants") or [] if isinstance(v, dict)]

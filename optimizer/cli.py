@@ -20,19 +20,17 @@ from optimizer.spec_loader import SpecError, load_spec
 
 def _optimize(args: argparse.Namespace, console: Console) -> int:
     from optimizer.console import LogReporter, QuietReporter, RichReporter, print_results
+    from optimizer.delivery import optimize_to
     from optimizer.errors import OptimizationError
-    from optimizer.pipeline import optimize
 
     spec = load_spec(args.spec)
-    output = Path(args.output or spec.spec.output)
-    if not args.output and not output.is_absolute():
-        output = Path.cwd() / output
+    output = args.output or spec.spec.output  # a folder (relative to here), pvc:// or s3://bucket/prefix/
     if args.quiet:
         reporter = QuietReporter()
     else:  # bars for people at a terminal; plain lines for logs and pipes
         reporter = RichReporter(console) if console.is_terminal else LogReporter()
     try:
-        results = optimize(spec, output, Path(args.spec).resolve().parent, reporter)
+        results, results_uri = optimize_to(spec, output, Path(args.spec).resolve().parent, reporter)
     except OptimizationError as error:  # the model, data or inputs: the message names the field and the fix
         if args.debug:
             traceback.print_exc()
@@ -40,7 +38,8 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
         return error.exit_code
     if not args.quiet:
         print_results(console, results)
-        console.print(f"wrote {output}/results.json, report.md, size.png, latency.png and models/")
+        where = results_uri.removesuffix("results.json")
+        console.print(f"wrote {where}: results.json, report.md, run.log, size.png, latency.png and models/")
     return 0
 
 

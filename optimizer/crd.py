@@ -53,6 +53,12 @@ class VariantStatus(_Status):
     error: str | None = Field(None, description="Why the variant failed, was rejected or skipped.")
 
 
+class ArtifactStatus(_Status):
+    uri: str = Field(description="Where the best variant's model file is stored.")
+    sizeBytes: int = Field(description="Its size in bytes (external data files listed in results.json).")
+    sha256: str = Field(description="Its SHA-256, to verify a download.")
+
+
 class Condition(_Status):
     type: str = Field(description="Running, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -85,7 +91,11 @@ class ModelOptimizationStatus(_Status):
     bestSpeedup: str | None = Field(None, description="The best variant's speedup, e.g. 6.07x.")
     baseline: VariantStatus | None = Field(None, description="The PyTorch FP32 model as loaded.")
     variants: list[VariantStatus] | None = Field(None, description="Every variant, as measured.")
-    results: str | None = Field(None, description="Where the worker wrote the full results.json.")
+    results: str | None = Field(None, description="Where the full results.json is stored (s3://, pvc:// or a path).")
+    output: str | None = Field(None, description="The output location (spec.output), or why nothing was kept.")
+    artifacts: dict[str, ArtifactStatus] | None = Field(
+        None, description="Stored models by role: `best` is the chosen variant's model file."
+    )
     conditions: list[Condition] | None = Field(
         None,
         description="Kubernetes-style conditions.",
@@ -217,6 +227,7 @@ PRINTER_COLUMNS = [
     {"name": "Size", "type": "string", "jsonPath": ".status.bestSize"},
     {"name": "Latency", "type": "string", "jsonPath": ".status.bestLatency"},
     {"name": "Speedup", "type": "string", "jsonPath": ".status.bestSpeedup"},
+    {"name": "Output", "type": "string", "jsonPath": ".status.output", "priority": 1},  # kubectl get -o wide
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

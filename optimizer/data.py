@@ -49,13 +49,24 @@ class Dataset:
     calibration_labels: list[np.ndarray] | None = None  # per calibration item (QAT fine-tunes on them)
 
 
-def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_dir: Path) -> Dataset:
+def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_dir: Path, spec=None,
+                 storage=None) -> Dataset:
+    """spec: the DataSpec (size limit and sha256 pin for files); storage: spec.storage, for s3://."""
     if source == "random":
         return _random(samples, inputs)
     if source.startswith("zoo:"):
         return _zoo(source.removeprefix("zoo:"), samples, inputs)
     if source.endswith(".npz"):
-        return _npz(Path(base_dir) / source, samples, inputs)
+        from optimizer.storage import StorageError, fetch
+
+        if "://" not in source and not (Path(base_dir) / source).is_file():
+            return _npz(Path(base_dir) / source, samples, inputs)  # says where it looked and how to fix it
+        try:
+            path = fetch(source, "data.source", Path(base_dir), max_bytes=(spec.maxSizeMB if spec else 4096) * 2**20,
+                         sha256=spec.sha256 if spec else None, pin_field="data.sha256", storage=storage)
+        except StorageError as error:  # status.reason DataLoadFailed
+            raise DataError(str(error)) from None
+        return _npz(path, samples, inputs)
     raise DataError(
         f"data.source {source!r} is not a data source: use random, zoo:<dataset> "
         f"({', '.join(ZOO_DATASETS)}) or a path to a .npz file"

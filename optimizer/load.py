@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import sys
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizer.cache import cache_dir
-from optimizer.errors import ModelLoadError
+from optimizer.errors import ModelLoadError, OptimizationError
 from optimizer.spec import InputSpec, ModelSpec
 
 
@@ -32,51 +29,15 @@ class LoadedModel:
         return self.format in ("zoo", "state-dict")
 
 
-def _download(url: str, max_bytes: int) -> Path:
-    """Fetch an https URL into the cache, refusing files over max_bytes while streaming."""
-    target = cache_dir("downloads") / hashlib.sha256(url.encode()).hexdigest()[:32]
-    if target.exists():
-        return target
-    partial = target.with_suffix(".partial")
+def resolve_source(spec: ModelSpec, base_dir: Path, storage=None) -> Path:
+    """The local file behind model.source (downloaded if remote), checked against maxSizeMB and the pin."""
+    from optimizer.storage import StorageError, fetch
+
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > max_bytes:
-                raise ModelLoadError(f"{url} is {declared / 1e6:.0f} MB, over model.maxSizeMB")
-            received = 0
-            while chunk := response.read(1 << 20):
-                received += len(chunk)
-                if received > max_bytes:
-                    raise ModelLoadError(f"{url} is over model.maxSizeMB; raise it to load this file")
-                out.write(chunk)
-        partial.replace(target)
-    except OSError as error:
-        raise ModelLoadError(f"cannot download {url}: {error}") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
-
-
-def resolve_source(spec: ModelSpec, base_dir: Path) -> Path:
-    """The local file behind model.source, checked against maxSizeMB and the sha256 pin."""
-    max_bytes = spec.maxSizeMB * 1024 * 1024
-    source = spec.source
-    if source.startswith("https://"):
-        path = _download(source, max_bytes)
-    elif source.startswith("http://"):
-        raise ModelLoadError("model.source: plain http is refused; use https:// or a local file")
-    else:
-        path = Path(source.removeprefix("file://")).expanduser()
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise ModelLoadError(f"model.source: no file at {path}")
-        if path.stat().st_size > max_bytes:
-            raise ModelLoadError(f"model.source: {path} is larger than model.maxSizeMB ({spec.maxSizeMB})")
-    if spec.sha256:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if digest != spec.sha256:
-            raise ModelLoadError(f"model.sha256 does not match: expected {spec.sha256}, file has {digest}")
-    return path
+        return fetch(spec.source, "model.source", base_dir, max_bytes=spec.maxSizeMB * 1024 * 1024,
+                     sha256=spec.sha256, pin_field="model.sha256", storage=storage)
+    except StorageError as error:  # status.reason ModelLoadFailed: the message already names the field
+        raise ModelLoadError(str(error)) from None
 
 
 def detect_format(path: Path) -> str:
@@ -97,14 +58,22 @@ def detect_format(path: Path) -> str:
     return "state-dict"
 
 
-def _check_onnx_files(spec: ModelSpec, path: Path) -> None:
-    """External data must be beside the model and, with it, within maxSizeMB."""
-    from optimizer import onnx_files
+def _check_onnx_files(spec: ModelSpec, path: Path, storage=None) -> None:
+    """External data must be beside the model and, with it, within maxSizeMB. A remote model's data
+    files are fetched from beside it, once their names are known to stay inside its folder."""
+    from optimizer import onnx_files, storage as stores
 
     try:
+        if stores.is_remote(spec.source):
+            names = onnx_files.external_locations(path)
+            onnx_files.check_locations(path, names)
+            stores.fetch_beside(spec.source, names, "model.source", path, max_bytes=spec.maxSizeMB * 1024 * 1024,
+                                storage=storage)
         size = onnx_files.total_size(path)
     except onnx_files.ExternalDataError as error:
         raise ModelLoadError(f"model.source: {error}") from None
+    except stores.StorageError as error:
+        raise ModelLoadError(str(error)) from None
     if size > spec.maxSizeMB * 1024 * 1024:
         raise ModelLoadError(f"model.source: {path.name} and its external data are {size / 1e6:.0f} MB, over "
                              f"model.maxSizeMB ({spec.maxSizeMB}); raise it to load this model")
@@ -167,14 +136,14 @@ def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
         raise ModelLoadError(f"model.arguments do not fit {entrypoint}: {error}") from None
 
 
-def _load_file(spec: ModelSpec, base_dir: Path) -> LoadedModel:
+def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
     import torch
 
-    path = resolve_source(spec, base_dir)
+    path = resolve_source(spec, base_dir, storage)
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
     if fmt == "onnx":
-        _check_onnx_files(spec, path)
+        _check_onnx_files(spec, path, storage)
         loaded.onnx_path = path
     elif fmt == "torchscript":
         loaded.module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -198,12 +167,13 @@ def _load_file(spec: ModelSpec, base_dir: Path) -> LoadedModel:
     return loaded
 
 
-def load_model(spec: ModelSpec, base_dir: Path) -> LoadedModel:
+def load_model(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
+    """storage: spec.storage, for s3:// sources."""
     if spec.source.startswith("zoo:"):
         return _load_zoo(spec)
     try:
-        return _load_file(spec, base_dir)
-    except ModelLoadError:
+        return _load_file(spec, base_dir, storage)
+    except OptimizationError:  # ModelLoadError, StorageError: they already name the field
         raise
     except Exception as error:  # a corrupt archive, a TorchScript from a newer torch, ...
         raise ModelLoadError(f"cannot load {spec.source}: {type(error).__name__}: {error}") from None

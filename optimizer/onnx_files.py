@@ -38,11 +38,10 @@ def external_locations(path: Path) -> list[str]:
     return _LOCATIONS[key]
 
 
-def validate(path: Path) -> list[Path]:
-    """The data files behind `path`, each checked to be a file inside the model's folder."""
+def check_locations(path: Path, locations: list[str]) -> None:
+    """Refuse a location that is absolute or climbs out of the model's folder (also via a symlink)."""
     folder = path.parent.resolve()
-    files = []
-    for location in external_locations(path):
+    for location in locations:
         candidate = Path(location)
         resolved = (folder / candidate).resolve()
         if candidate.is_absolute() or ".." in candidate.parts or not resolved.is_relative_to(folder):
@@ -50,6 +49,17 @@ def validate(path: Path) -> list[Path]:
                 f"{path.name} keeps tensor data at {location!r}, outside the model's folder {folder}; external "
                 "data must sit beside the model (re-save it with onnx.save_model(..., save_as_external_data=True, "
                 "location='<name>.data'))")
+
+
+def validate(path: Path) -> list[Path]:
+    """The data files behind `path`, each checked to be a file inside the model's folder."""
+    folder = path.parent.resolve()
+    files = []
+    locations = external_locations(path)
+    check_locations(path, locations)
+    for location in locations:
+        candidate = Path(location)
+        resolved = (folder / candidate).resolve()
         if not resolved.is_file():
             raise ExternalDataError(
                 f"{path.name} keeps tensor data in {location!r}, which is not in {folder}; copy the data file(s) "

@@ -79,7 +79,7 @@ def _timed(run: Run, step: str):
 
 
 def load_step(run: Run) -> None:
-    run.loaded = load_model(run.spec.spec.model, run.base_dir)
+    run.loaded = load_model(run.spec.spec.model, run.base_dir, run.spec.spec.storage)
 
 
 def inputs_step(run: Run) -> None:
@@ -92,7 +92,8 @@ def data_step(run: Run) -> None:
 
     data = run.spec.spec.data
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
-    run.dataset, run.data_source = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir), source
+    run.dataset = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
+    run.data_source = source
     run.reporter.log(f"data: {run.dataset.description}")
     labels = run.dataset.labels
     run.metric = resolve_metric(run.spec.spec.acceptance.metric, run.loaded.metric, labels is not None, source,
@@ -420,8 +421,11 @@ def _model_record(run: Run) -> dict:
 
 def _publish(staging: Path, output: Path, results: Results) -> None:
     """Move everything into the output directory; results.json goes last, atomically."""
+    from optimizer.storage import describe_outputs
+
     output.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging / "scratch", ignore_errors=True)
+    results.outputs = describe_outputs(staging)  # so a reader can verify every file it downloads
     for item in sorted(staging.iterdir()):
         target = output / item.name
         if target.is_dir():

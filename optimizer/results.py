@@ -140,6 +140,7 @@ class Results(_Record):
     analysis: Analysis = Field(default_factory=Analysis)
     steps: list[StepTiming] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)  # from the libraries (exporters, quantizers), with counts
+    outputs: list[dict[str, Any]] = Field(default_factory=list)  # [{path, sizeBytes, sha256}]: every other file
 
     def variant(self, name: str) -> VariantResult:
         for variant in self.variants:

@@ -107,8 +107,9 @@ class InputSpec(_Strict):
 
 class ModelSpec(_Strict):
     source: str = Field(
-        description="Where the model comes from: zoo:<name> (see `mlopt models`), a local path, "
-        "file://..., or https://... .",
+        description="Where the model comes from: zoo:<name> (see `mlopt models`), s3://bucket/key, "
+        "pvc://claim/path (cluster), https://..., file://... or a local path. One object (no trailing /); "
+        "an ONNX model's external data files are fetched from beside it.",
         min_length=1,
     )
     format: ModelFormat = Field(
@@ -193,9 +194,14 @@ class DataSpec(_Strict):
     source: str = Field(
         "random",
         description="Calibration and evaluation data: random, zoo:<dataset>, or a .npz file "
-        "with one array per input name and an optional 'labels' array.",
+        "with one array per input name and an optional 'labels' array (a path, file://, s3://, "
+        "pvc:// or https://).",
     )
     samples: int = Field(64, description="Samples used for calibration and evaluation.", ge=2)
+    sha256: str | None = Field(
+        None, description="Expected SHA-256 of the .npz file; the run fails if it differs.", pattern=r"^[0-9a-f]{64}$"
+    )
+    maxSizeMB: int = Field(4096, ge=1, description="Refuse data files larger than this (downloads included).")
 
 
 class BenchmarkSpec(_Strict):
@@ -316,6 +322,38 @@ class JobSpec(_Strict):
         3600, ge=1, description="The Job is stopped after this many seconds."
     )
     backoffLimit: int = Field(0, ge=0, le=10, description="Retries of a failed pod.")
+    serviceAccountName: str | None = Field(
+        None,
+        description="Service account for the worker pod, for workload identity (IRSA, GKE/Azure workload "
+        "identity) instead of a Secret; its token is mounted only when this is set.",
+    )
+
+
+class ConfigMapKey(_Strict):
+    name: str = Field(description="ConfigMap name, in the resource's namespace.", min_length=1)
+    key: str = Field("ca.crt", description="Key that holds the PEM bundle.")
+
+
+class StorageSpec(_Strict):
+    """How the worker reaches s3:// sources and outputs. Credentials never live in the resource."""
+
+    secretRef: str | None = Field(
+        None,
+        description="Secret with the standard AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and optional "
+        "AWS_SESSION_TOKEN) keys, given to the worker with envFrom; the operator never reads it. "
+        "The local CLI reads the same variables from its environment.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, ...), e.g. https://minio.storage:9000; "
+        "addressed path-style. Default: AWS (or AWS_ENDPOINT_URL).",
+        pattern=r"^https?://",
+    )
+    region: str | None = Field(None, description="Region (default AWS_REGION, else us-east-1).")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
+    caBundle: ConfigMapKey | None = Field(
+        None, description="A CA bundle for a private endpoint's certificate, from a ConfigMap."
+    )
 
 
 class ModelOptimizationSpec(_Strict):
@@ -332,8 +370,11 @@ class ModelOptimizationSpec(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
     output: str = Field(
         "mlopt-results",
-        description="Directory for results.json, report.md, charts and models (CLI: --output).",
+        description="Where results.json, report.md, charts and models go: a local path, "
+        "s3://bucket/prefix/ or pvc://claim/path/ (CLI: --output). In a cluster, omit it to keep "
+        "only the status (the pod's files are then lost).",
     )
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store access.")
     job: JobSpec = Field(default_factory=JobSpec, description="Cluster Job settings.")
 
     @field_validator("variants")

@@ -54,24 +54,40 @@ def _fit(summary: dict[str, Any]) -> str:
     return text
 
 
-def success_summary(results: Results, location: str) -> str:
+def _artifacts(results: Results, location: str) -> dict[str, Any]:
+    """The best model's stored location, size and sha256 (from results.outputs)."""
+    if not results.best or not location.endswith("results.json"):
+        return {}
+    best = results.variant(results.best) if results.best != results.baseline.name else results.baseline
+    record = next((o for o in results.outputs if o["path"] == best.artifact), None)
+    if record is None:
+        return {}
+    base = location.removesuffix("results.json")
+    return {"best": {"uri": base + record["path"], "sizeBytes": record["sizeBytes"], "sha256": record["sha256"]}}
+
+
+def success_summary(results: Results, location: str, output: str | None = None) -> str:
+    """output: where the run was stored (None: nowhere durable, said in the message)."""
     best = results.variant(results.best) if results.best else None
     message = (
         f"best {best.name}: {best.speedup:.2f}x faster, {best.sizeBytes / 1e6:.1f} MB"
         if best and best.speedup and best.sizeBytes
         else results.bestReason
     )
-    return _fit(
-        {
-            "v": SUMMARY_VERSION,
-            "phase": "Succeeded",
-            "message": message[:300],
-            "best": results.best,
-            "baseline": _variant_entry(results.baseline),
-            "variants": [_variant_entry(v) for v in results.variants],
-            "results": location,
-        }
-    )
+    if output is None:
+        message += "; nothing was kept: set spec.output (s3://bucket/prefix/ or pvc://claim/path/) to keep the models"
+    summary = {
+        "v": SUMMARY_VERSION,
+        "phase": "Succeeded",
+        "message": message[:400],
+        "best": results.best,
+        "baseline": _variant_entry(results.baseline),
+        "variants": [_variant_entry(v) for v in results.variants],
+        "output": output or "not kept (no spec.output)",
+    }
+    if output is not None:
+        summary.update(results=location, artifacts=_artifacts(results, location))
+    return _fit(summary)
 
 
 def failure_summary(reason: str, message: str) -> str:

@@ -38,12 +38,18 @@ def main() -> int:
     except (SpecError, ValueError) as error:
         _write_summary(failure_summary("InvalidSpec", str(error)))
         return 2
+    from optimizer.delivery import optimize_to
     from optimizer.errors import OptimizationError, internal_error
-    from optimizer.pipeline import optimize
 
-    output = Path(os.environ.get("MLOPT_OUTPUT", DEFAULT_OUTPUT))
+    # spec.output when the user set one (s3:// or pvc://: a path would die with the pod); else the
+    # scratch folder, and the status says that nothing was kept.
+    kept = "output" in spec.spec.model_fields_set and spec.spec.output.startswith(("s3://", "pvc://"))
+    if "output" in spec.spec.model_fields_set and not kept:
+        reporter.log(f"spec.output {spec.spec.output!r} is a path inside the pod, which is deleted with it; "
+                     "use s3://bucket/prefix/ or pvc://claim/path/ to keep the results")
+    output = spec.spec.output if kept else os.environ.get("MLOPT_OUTPUT", DEFAULT_OUTPUT)
     try:
-        results = optimize(spec, output, Path.cwd(), reporter)
+        results, location = optimize_to(spec, output, Path.cwd(), reporter)
     except OptimizationError as error:
         _write_summary(failure_summary(error.reason, str(error)))
         return error.exit_code
@@ -51,5 +57,5 @@ def main() -> int:
         traceback.print_exc()
         _write_summary(failure_summary("InternalError", internal_error(error)))
         return 1
-    _write_summary(success_summary(results, str(output / "results.json")))
+    _write_summary(success_summary(results, location, output if kept else None))
     return 0

@@ -357,3 +357,87 @@ def test_deleting_the_resource_garbage_collects_job_and_pods(operator, control_p
 def test_overlays_pass_a_server_side_dry_run(installed, overlay):
     result = installed.kubectl("apply", "--dry-run=server", "-k", str(REPO / "manifests" / "overlays" / overlay))
     assert "deployment.apps/mlopt-operator" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage: the model in from S3, the optimized model and the report out to S3 (tests/s3_server.py)
+
+
+def _onnx_model(path: Path, hidden: int) -> Path:
+    """A user's ONNX model (two Linear layers); `hidden` sets its size: 8·hidden KiB of weights."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)).eval()
+    torch.onnx.export(model, (torch.rand(2, 256),), str(path), input_names=["x"], dynamo=False,
+                      dynamic_axes={"x": {0: "batch"}})
+    return path
+
+
+def _s3_setup(control_plane, namespace, s3_server, tmp_path, name: str, hidden: int) -> tuple[dict, str]:
+    from optimizer.storage import S3Settings, _store
+
+    import obstore
+
+    os.environ.update(s3_server.credentials())  # this test process's own client, as a user's laptop would
+    try:
+        store = _store(s3_server.bucket("models"), S3Settings(endpoint=s3_server.endpoint))
+        obstore.put(store, f"{namespace}/{name}.onnx", _onnx_model(tmp_path / f"{name}.onnx", hidden))
+    finally:
+        for key in s3_server.credentials():
+            os.environ.pop(key, None)
+    credentials = [f"--from-literal={k}={v}" for k, v in s3_server.credentials().items()]
+    control_plane.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace, *credentials, check=False)
+    output = f"s3://{s3_server.bucket('results')}/{namespace}/{name}/"
+    spec = digits(name, model={"source": f"s3://models/{namespace}/{name}.onnx",
+                               "inputs": [{"name": "x", "shape": [1, 256], "dynamicAxes": {0: "batch"}}]},
+                  variants=[{"name": "onnx-fp32", "recipe": "onnx-fp32"},
+                            {"name": "int8", "recipe": "ort-int8-dynamic"}],
+                  output=output, storage={"secretRef": "s3-creds", "endpoint": s3_server.endpoint},
+                  # enough runs that ONNX Runtime's lead over eager PyTorch shows on a busy machine
+                  benchmark={"warmup": 5, "runs": 40})
+    return spec, output
+
+
+def test_model_from_s3_optimized_model_to_s3_with_its_uri_in_status(operator, control_plane, namespace, s3_server,
+                                                                   tmp_path):
+    import hashlib
+
+    import numpy as np
+    import onnxruntime as ort
+
+    spec, output = _s3_setup(control_plane, namespace, s3_server, tmp_path, "from-s3", hidden=1024)
+    apply(control_plane, namespace, spec)
+    status = wait_status(control_plane, operator, namespace, "from-s3", phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status.get("best"), status["message"]  # a best variant, so there is a best model to store
+    assert status["results"] == output + "results.json" and status["output"] == output
+    best = status["artifacts"]["best"]
+    assert best["uri"].startswith(output + "models/") and best["uri"].endswith(".onnx")
+
+    key = best["uri"].removeprefix("s3://results/")
+    stored = s3_server.objects("results")[key]  # the object the server holds, as a client downloads it
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == best["sha256"] and stored.stat().st_size == best["sizeBytes"]
+    session = ort.InferenceSession(str(stored), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones((4, 256), np.float32)})[0].shape == (4, 10)
+    wide = control_plane.kubectl("get", "modeloptimizations", "from-s3", "-n", namespace, "-o", "wide").stdout
+    assert "OUTPUT" in wide.splitlines()[0] and output in wide, wide
+
+
+def test_worker_killed_during_upload_leaves_no_results_json_and_fails(operator, control_plane, namespace, s3_server,
+                                                                     tmp_path):
+    name = "upload-killed"
+    # 16 MB of FP32 weights plus its variants: the upload takes long enough to be caught in the middle.
+    spec, output = _s3_setup(control_plane, namespace, s3_server, tmp_path, name, hidden=16384)
+    prefix = output.removeprefix("s3://results/")
+    apply(control_plane, namespace, spec)
+    uploaded = lambda: [k for k in s3_server.objects("results") if k.startswith(prefix)]  # noqa: E731
+    wait_for("the first uploaded object", uploaded, 240, operator.tail, interval=0.01)
+    marker = f'"name":"{name}","namespace":"{namespace}"'
+    for pid in worker_pids(marker):
+        os.kill(pid, signal.SIGKILL)
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed", status
+    assert status["exitCode"] == 137
+    keys = uploaded()
+    assert keys and prefix + "results.json" not in keys, keys  # partial upload: readers see no results

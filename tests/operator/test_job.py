@@ -70,7 +70,8 @@ def test_locked_down_pod():
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
-    assert {"name": "scratch", "emptyDir": {}} in spec["volumes"]
+    # default maxSizeMB 2048: room for ten copies of the largest model, evicted beyond that
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": "21504Mi"}} in spec["volumes"]
     assert {"name": "scratch", "mountPath": "/scratch"} in worker(job)["volumeMounts"]
     # Everything that writes points into the scratch volume.
     for name in ("HOME", "TMPDIR", "MLOPT_CACHE", "MPLCONFIGDIR", "MLOPT_OUTPUT"):
@@ -91,7 +92,8 @@ def test_job_settings_and_resources_from_the_spec():
         SETTINGS,
     )
     assert worker(job)["image"] == "registry.example/worker:1"
-    assert worker(job)["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
+    assert worker(job)["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "5120Mi"},
+                                        "limits": {"memory": "3Gi"}}
     assert pod(job)["nodeSelector"] == {"pool": "batch"}
     assert pod(job)["tolerations"] == [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}]
     assert job["spec"]["activeDeadlineSeconds"] == 600
@@ -101,7 +103,8 @@ def test_job_settings_and_resources_from_the_spec():
 def test_defaults_cpu_image_and_spec_defaults():
     job = build_job(resource(), SETTINGS)
     assert worker(job)["image"] == "mlopt/worker:test"
-    assert worker(job)["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
+    assert worker(job)["resources"] == {"requests": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "5120Mi"},
+                                        "limits": {"cpu": "2", "memory": "8Gi"}}
     assert job["spec"]["backoffLimit"] == 0
     assert job["spec"]["activeDeadlineSeconds"] == 3600
     assert "nvidia.com/gpu" not in worker(job)["resources"]["limits"]
@@ -148,3 +151,46 @@ def test_settings_from_env():
                                   "MLOPT_JOB_TTL_SECONDS": "60"})
     assert (settings.worker_image, settings.gpu_worker_image, settings.job_ttl_seconds) == ("w:1", "g:1", 60)
     assert Settings.from_env({}).image_pull_policy == "IfNotPresent"
+
+
+def test_storage_credentials_come_from_the_secret_by_envfrom_and_never_through_the_operator():
+    job = build_job(resource(model={"source": "s3://models/resnet.onnx", "inputs": [{"name": "x", "shape": [1, 3]}]},
+                             output="s3://results/run/",
+                             storage={"secretRef": "s3-creds", "endpoint": "https://minio.storage:9000",
+                                      "caBundle": {"name": "minio-ca"}}), SETTINGS)
+    assert worker(job)["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert not any("AWS_ACCESS" in name or "AWS_SECRET" in name for name in env(job))
+    assert env(job)["AWS_CA_BUNDLE"] == "/etc/mlopt/ca/ca.crt"
+    assert {"name": "ca-bundle", "configMap": {"name": "minio-ca"}} in pod(job)["volumes"]
+    assert {"name": "ca-bundle", "mountPath": "/etc/mlopt/ca", "readOnly": True} in worker(job)["volumeMounts"]
+    assert pod(job)["automountServiceAccountToken"] is False and "serviceAccountName" not in pod(job)
+    assert json.loads(env(job)["MLOPT_SPEC"])["spec"]["output"] == "s3://results/run/"  # as the user wrote it
+
+
+def test_workload_identity_mounts_the_service_account_token():
+    job = build_job(resource(job={"serviceAccountName": "mlopt-s3-reader"}), SETTINGS)
+    assert pod(job)["serviceAccountName"] == "mlopt-s3-reader" and pod(job)["automountServiceAccountToken"] is True
+
+
+def test_pvc_sources_are_mounted_read_only_and_the_output_claim_read_write():
+    job = build_job(resource(model={"source": "pvc://models/team/resnet.pt2", "inputs": [{"name": "x", "shape": [1, 3]}],
+                                    "maxSizeMB": 500},
+                             data={"source": "pvc://datasets/calib.npz"}, output="pvc://results/resnet/"), SETTINGS)
+    volumes = {v["name"]: v for v in pod(job)["volumes"]}
+    mounts = {m["mountPath"]: m for m in worker(job)["volumeMounts"]}
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in volumes.values() if "persistentVolumeClaim" in v}
+    assert {name: v["persistentVolumeClaim"]["readOnly"] for name, v in claims.items()} == {
+        "datasets": True, "models": True, "results": False}
+    for name, volume in claims.items():
+        mount = mounts[f"/mnt/pvc/{name}"]
+        assert mount["name"] == volume["name"] and mount["readOnly"] == volume["persistentVolumeClaim"]["readOnly"]
+    assert env(job)["MLOPT_PVC_ROOT"] == "/mnt/pvc"
+    assert volumes["scratch"]["emptyDir"] == {"sizeLimit": "6024Mi"}  # 10 x 500 MiB + 1 GiB
+    assert worker(job)["resources"]["requests"]["ephemeral-storage"] == "2024Mi"
+
+
+def test_one_claim_for_input_and_output_is_mounted_once_read_write():
+    job = build_job(resource(model={"source": "pvc://shared/in/m.onnx", "inputs": [{"name": "x", "shape": [1, 3]}]},
+                             output="pvc://shared/out/"), SETTINGS)
+    claims = [v for v in pod(job)["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"name": "pvc-0", "persistentVolumeClaim": {"claimName": "shared", "readOnly": False}}]

@@ -15,7 +15,10 @@ SUCCESS = json.dumps({
          "sizeBytes": 7912345, "latencyMs": {"p50": 3.98, "mean": 4.02}, "speedup": 6.07, "accuracy": 0.975},
         {"name": "onnx-fp16", "recipe": "onnx-fp16", "status": "skipped", "error": "FP16 needs CUDA"},
     ],
-    "results": "/scratch/results/results.json",
+    "results": "s3://team-models/crnn/results.json",
+    "output": "s3://team-models/crnn/",
+    "artifacts": {"best": {"uri": "s3://team-models/crnn/models/ort-int8-static-dynamic.onnx",
+                           "sizeBytes": 7912345, "sha256": "ab" * 32}},
 })
 
 
@@ -63,7 +66,8 @@ def test_succeeded_with_results_and_printer_strings():
     assert status["variants"][0]["argmaxAgreement"] == 1.0
     assert status["variants"][2] == {"name": "onnx-fp16", "recipe": "onnx-fp16", "status": "skipped",
                                      "error": "FP16 needs CUDA"}
-    assert status["results"] == "/scratch/results/results.json"
+    assert status["results"] == "s3://team-models/crnn/results.json" and status["output"] == "s3://team-models/crnn/"
+    assert status["artifacts"]["best"]["uri"] == "s3://team-models/crnn/models/ort-int8-static-dynamic.onnx"
     assert "6.07x" in status["message"]
 
 

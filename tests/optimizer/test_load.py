@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from optimizer.errors import OptimizationError
 from optimizer.load import ModelLoadError, detect_format, load_model
 from optimizer.spec import ModelSpec
 
@@ -50,7 +51,7 @@ def test_state_dict_with_entrypoint_and_sha256_pin(tmp_path):
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     loaded = load_model(ModelSpec(source=weights.name, entrypoint="user_models:ConvLstm", inputs=INPUTS, sha256=digest), tmp_path)
     assert loaded.format == "state-dict" and loaded.is_eager and not loaded.module.training
-    with pytest.raises(ModelLoadError, match="sha256 does not match"):
+    with pytest.raises(OptimizationError, match="model.sha256 does not match"):
         load_model(ModelSpec(source=weights.name, entrypoint="user_models:ConvLstm", inputs=INPUTS, sha256="0" * 64), tmp_path)
 
 
@@ -86,7 +87,7 @@ def test_safetensors_torchscript_and_exported_program(tmp_path):
 ])
 def test_load_errors_say_what_to_do(tmp_path, spec, words):
     save_user_model(tmp_path, "ConvLstm")
-    with pytest.raises(ModelLoadError, match=words):
+    with pytest.raises(OptimizationError, match=words):  # ModelLoadError, or StorageError for the file itself
         load_model(ModelSpec(inputs=INPUTS, **spec), tmp_path)
 
 
@@ -94,5 +95,5 @@ def test_size_limit(tmp_path):
     weights = save_user_model(tmp_path, "ConvLstm")
     with weights.open("ab") as handle:
         handle.write(b"\0" * (1024 * 1024 + 1))
-    with pytest.raises(ModelLoadError, match="maxSizeMB"):
+    with pytest.raises(OptimizationError, match="maxSizeMB"):
         load_model(ModelSpec(source=weights.name, entrypoint="user_models:ConvLstm", inputs=INPUTS, maxSizeMB=1), tmp_path)

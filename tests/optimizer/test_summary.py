@@ -31,3 +31,17 @@ def test_failure_summary_and_non_summaries():
     assert parsed == {"v": 1, "phase": "Failed", "reason": "ModelLoadFailed", "message": "no file at /x.pt"}
     assert parse_summary("Traceback (most recent call last): ...") is None
     assert parse_summary('{"v": 99}') is None
+
+
+def test_summary_names_the_stored_best_model_or_says_nothing_was_kept(conv_lstm_run):
+    from optimizer.storage import _sha256_file
+
+    results, output = conv_lstm_run
+    parsed = parse_summary(success_summary(results, "s3://bucket/run/results.json", "s3://bucket/run/"))
+    best = results.variant(results.best)
+    assert parsed["results"] == "s3://bucket/run/results.json" and parsed["output"] == "s3://bucket/run/"
+    assert parsed["artifacts"]["best"] == {"uri": f"s3://bucket/run/{best.artifact}", "sizeBytes": best.sizeBytes,
+                                           "sha256": _sha256_file(output / best.artifact)}
+    kept_nowhere = parse_summary(success_summary(results, str(output / "results.json"), None))
+    assert "nothing was kept" in kept_nowhere["message"] and "results" not in kept_nowhere
+    assert "artifacts" not in kept_nowhere and kept_nowhere["output"].startswith("not kept")

@@ -1,0 +1,224 @@
+"""Models and data in from S3, results out to S3, against a real S3 server (versitygw on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from .conftest import write_spec
+from .test_cli import MLOPT
+from .test_model_matrix import ARCHITECTURES, QUICK
+from .test_user_models import _onnx_with_external_data
+
+INPUTS = ARCHITECTURES["conv-bn-relu"][1]
+VARIANTS = [{"name": r, "recipe": r} for r in ("onnx-fp32", "ort-int8-static")]
+
+
+def upload(server, bucket: str, key: str, path) -> str:
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(bucket, config={"endpoint": server.endpoint, "virtual_hosted_style_request": False,
+                                    "region": "us-east-1", "access_key_id": server.credentials()["AWS_ACCESS_KEY_ID"],
+                                    "secret_access_key": server.credentials()["AWS_SECRET_ACCESS_KEY"]},
+                    client_options={"allow_http": True})
+    obstore.put(store, key, path)
+    return f"s3://{bucket}/{key}"
+
+
+def run_cli(tmp_path, spec, *extra, secret=None, server=None):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    if server:
+        env.update(server.credentials(**({"secret": secret} if secret else {})))
+    return subprocess.run([MLOPT, "optimize", str(spec), "--quiet", *extra], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, env=env)
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def model_and_data(tmp_path, s3_server):
+    """An ONNX model with external data and an .npz, locally and in the bucket `inputs`."""
+    model = _onnx_with_external_data(tmp_path, one_file=True)
+    rng = np.random.default_rng(3)
+    data = tmp_path / "calib.npz"
+    np.savez(data, image=rng.random((8, 3, 16, 16), dtype=np.float32))
+    bucket = s3_server.bucket("inputs")
+    prefix = f"{tmp_path.name}/"
+    model_uri = upload(s3_server, bucket, prefix + "model/model.onnx", model)
+    upload(s3_server, bucket, prefix + "model/model.onnx.data", model.parent / "model.onnx.data")
+    data_uri = upload(s3_server, bucket, prefix + "calib.npz", data)
+    return {"local": (model, data), "s3": (model_uri, data_uri)}
+
+
+def _spec(tmp_path, server, model, data, output, name="spec.yaml", **model_extra):
+    return write_spec(tmp_path, {"model": {"source": str(model), "inputs": INPUTS, **model_extra},
+                                 "variants": VARIANTS, "data": {"source": str(data), "samples": 8},
+                                 "benchmark": QUICK, "acceptance": {"maxAccuracyDrop": 0.5}, "output": output,
+                                 "storage": {"endpoint": server.endpoint}}, name)
+
+
+def test_s3_in_and_out_gives_the_local_results_and_verifiable_objects(tmp_path, s3_server, model_and_data):
+    out_bucket = s3_server.bucket("results")
+    local = _spec(tmp_path, s3_server, *model_and_data["local"], str(tmp_path / "local-out"), "local.yaml")
+    remote = _spec(tmp_path, s3_server, *model_and_data["s3"], f"s3://{out_bucket}/{tmp_path.name}/run/", "s3.yaml")
+    for spec in (local, remote):
+        done = run_cli(tmp_path, spec, server=s3_server)
+        assert done.returncode == 0, done.stderr
+
+    stored = {key.removeprefix(f"{tmp_path.name}/run/"): path for key, path in s3_server.objects(out_bucket).items()
+              if key.startswith(f"{tmp_path.name}/run/")}
+    from_s3 = json.loads(stored["results.json"].read_text())
+    from_local = json.loads((tmp_path / "local-out" / "results.json").read_text())
+
+    def comparable(results):
+        return [(v["name"], v["status"], v["sizeBytes"], round(v["fidelity"]["maxAbsDiff"], 6))
+                for v in [results["baseline"], *results["variants"]]]
+
+    assert comparable(from_s3) == comparable(from_local)  # same model, data and variants, wherever they lived
+    assert from_s3["dataset"] == from_local["dataset"]
+    assert from_s3["baseline"]["sizeBytes"] > (tmp_path / "ext" / "model.onnx").stat().st_size  # data fetched too
+    listed = {o["path"]: o for o in from_s3["outputs"]}
+    assert set(listed) == set(stored) - {"results.json"}
+    for path, record in listed.items():  # every uploaded object is what results.json says it is
+        assert _sha256(stored[path]) == record["sha256"] and stored[path].stat().st_size == record["sizeBytes"]
+    assert "models/ort-int8-static.onnx.data" in listed  # external data travels with its model
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "missing-object", "pin-mismatch", "over-max-size"])
+def test_s3_input_problems_exit_non_zero_name_the_field_and_write_nothing(tmp_path, s3_server, model_and_data, case):
+    out_bucket = s3_server.bucket("results")
+    model_uri, data_uri = model_and_data["s3"]
+    extra, secret, phrases = {}, None, []
+    if case == "wrong-secret":
+        secret, phrases = "not-the-secret", ["model.source", "access to", "refused (HTTP 403 Forbidden)",
+                                             "spec.storage.secretRef"]
+    elif case == "missing-object":
+        model_uri, phrases = model_uri.replace("model.onnx", "nope.onnx"), ["model.source", "no object at", "nope.onnx"]
+    elif case == "pin-mismatch":
+        extra, phrases = {"sha256": "0" * 64}, ["model.sha256 does not match", model_uri]
+    else:
+        extra, phrases = {"maxSizeMB": 1}, ["model.source", "maxSizeMB"]
+        big = tmp_path / "big.onnx"
+        big.write_bytes(b"\0" * (1024 * 1024 + 10))
+        model_uri = upload(s3_server, "inputs", f"{tmp_path.name}/big.onnx", big)
+    output = f"s3://{out_bucket}/{tmp_path.name}/{case}/"
+    spec = _spec(tmp_path, s3_server, model_uri, data_uri, output, **extra)
+    done = run_cli(tmp_path, spec, secret=secret, server=s3_server)
+    assert done.returncode != 0
+    for phrase in phrases:
+        assert phrase in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not [k for k in s3_server.objects(out_bucket) if k.startswith(f"{tmp_path.name}/{case}/")]
+
+
+def test_s3_data_pin_and_output_must_be_a_prefix(tmp_path, s3_server, model_and_data):
+    model, data = model_and_data["local"]
+    spec = write_spec(tmp_path, {"model": {"source": str(model), "inputs": INPUTS}, "variants": VARIANTS,
+                                 "data": {"source": model_and_data["s3"][1], "sha256": "1" * 64},
+                                 "benchmark": QUICK, "output": str(tmp_path / "o"),
+                                 "storage": {"endpoint": s3_server.endpoint}})
+    done = run_cli(tmp_path, spec, server=s3_server)
+    assert done.returncode == 1 and "data.sha256 does not match" in done.stderr
+    spec = _spec(tmp_path, s3_server, model, data, "s3://results/no-slash")
+    done = run_cli(tmp_path, spec, server=s3_server)
+    assert done.returncode == 1 and "spec.output: s3://results/no-slash must end with '/'" in done.stderr
+
+
+def test_pvc_uris_on_a_laptop_are_refused_or_mapped(tmp_path, s3_server, model_and_data, monkeypatch):
+    model, data = model_and_data["local"]
+    spec = _spec(tmp_path, s3_server, "pvc://models/ext/model.onnx", data, str(tmp_path / "o"))
+    done = run_cli(tmp_path, spec)
+    assert done.returncode == 1
+    assert "model.source: pvc://models/ext/model.onnx names a PersistentVolumeClaim" in done.stderr
+    assert "MLOPT_PVC_ROOT" in done.stderr
+
+    from optimizer.storage import fetch
+
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "models").symlink_to(tmp_path)  # the claim "models" as the operator mounts it
+    monkeypatch.setenv("MLOPT_PVC_ROOT", str(tmp_path / "claims"))
+    assert fetch("pvc://models/ext/model.onnx", "model.source", tmp_path, max_bytes=2**30).samefile(model)
+
+
+def test_a_failing_upload_is_retried_with_backoff_then_fails_naming_the_output(tmp_path, s3_server, monkeypatch):
+    from optimizer import storage
+
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "m.onnx").write_bytes(b"model")
+    (run / "results.json").write_text("{}")
+    delays = []
+    monkeypatch.setattr(storage.time, "sleep", delays.append)  # the waits, not the requests, are skipped
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.credentials()["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.credentials()["AWS_SECRET_ACCESS_KEY"])
+    settings = type("Storage", (), {"endpoint": s3_server.endpoint, "region": None, "anonymous": False})()
+    with pytest.raises(storage.StorageError) as caught:
+        storage.deliver(run, "s3://no-such-bucket/run/", settings)
+    assert "spec.output: uploading m.onnx" in str(caught.value) and f"{storage.UPLOAD_ATTEMPTS} times" in str(caught.value)
+    assert delays == sorted(delays) and len(delays) == storage.UPLOAD_ATTEMPTS - 1 and delays[0] > 0
+
+    bucket = s3_server.bucket("delivered")
+    uri = storage.deliver(run, f"s3://{bucket}/{tmp_path.name}/", settings)
+    assert uri == f"s3://{bucket}/{tmp_path.name}/results.json"
+    stored = s3_server.objects(bucket)
+    assert stored[f"{tmp_path.name}/models/m.onnx"].read_bytes() == b"model"
+    # results.json went up last: its modification time is the newest
+    times = {k: p.stat().st_mtime_ns for k, p in stored.items() if k.startswith(tmp_path.name)}
+    assert times[f"{tmp_path.name}/results.json"] >= max(times.values())
+
+
+def test_https_downloads_follow_https_redirects_but_never_to_plain_http(tmp_path, monkeypatch):
+    import http.server
+    import ssl
+    import threading
+
+    from optimizer.storage import StorageError, fetch
+    from tests.e2e.control_plane import free_port, make_pki
+
+    pki = make_pki(tmp_path)  # a throw-away CA and a serving certificate for 127.0.0.1
+    plain_port = free_port()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            moves = {"/to-https": f"https://127.0.0.1:{self.server.server_port}/model.bin",
+                     "/to-http": f"http://127.0.0.1:{plain_port}/model.bin"}
+            if self.path in moves:
+                self.send_response(302)
+                self.send_header("Location", moves[self.path])
+                self.end_headers()
+                return
+            body = b"weights" * 100
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))  # trust the throw-away CA, as AWS_CA_BUNDLE would
+    base = f"https://127.0.0.1:{server.server_port}"
+    try:
+        got = fetch(f"{base}/to-https", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "a" / "model.bin")
+        assert got.read_bytes() == b"weights" * 100
+        with pytest.raises(StorageError, match="model.source: cannot download .*refused a redirect from https to http"):
+            fetch(f"{base}/to-http", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "b" / "model.bin")
+        with pytest.raises(StorageError, match="over maxSizeMB"):
+            fetch(f"{base}/model.bin", "model.source", tmp_path, max_bytes=100, into=tmp_path / "c" / "model.bin")
+        assert not (tmp_path / "b" / "model.bin").exists() and not (tmp_path / "c" / "model.bin").exists()
+    finally:
+        server.shutdown()
