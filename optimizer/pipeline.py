@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optimizer import environment, onnx_files
+from optimizer import environment, hardware, onnx_files
 from optimizer.benchmark import measure_interleaved, round_sizes, speedup_range, steps
 from optimizer.errors import internal_error
 from optimizer.evaluate import accuracy, fidelity, run_all
@@ -60,6 +60,7 @@ class Run:
     results: dict[str, VariantResult] = field(default_factory=dict)
     baseline: VariantResult | None = None
     env: object = None  # optimizer.results.Environment
+    hardware: object = None  # optimizer.hardware.HardwareProfile
     best: str | None = None
     best_reason: str = ""
     analysis: Analysis | None = None
@@ -125,7 +126,7 @@ def _context(run: Run) -> BuildContext:
     return BuildContext(
         loaded=run.loaded, fp32_onnx=fp32, export_error=run.export_error, dataset=run.dataset,
         workdir=run.scratch, threads=run.spec.spec.benchmark.threads, device=run.spec.spec.benchmark.device,
-        cpu_flags=frozenset(run.env.cpuFlags), reporter=run.reporter, metric=run.metric, data_source=run.data_source,
+        hardware=run.hardware, reporter=run.reporter, metric=run.metric, data_source=run.data_source,
     )
 
 
@@ -459,6 +460,9 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
         run.scratch.mkdir()
         check_device(spec.spec.benchmark.device)
         run.env = environment.describe(spec.spec.benchmark.threads, spec.spec.benchmark.device)
+        run.hardware = hardware.resolve(spec.spec.benchmark.profile, run.env.cpuFlags, spec.spec.benchmark.device)
+        run.env.hardware = run.hardware.record()
+        reporter.log(f"hardware profile: {run.hardware.isa} ({run.hardware.chosen_by}); {run.hardware.reasons[-1]}")
         _configure_threads(spec.spec.benchmark.threads)
         with collected_warnings() as library_warnings:
             for name, step in STEPS:

@@ -152,6 +152,14 @@ def _notes(results: Results) -> list[str]:
     return lines or ["- none"]
 
 
+def _hardware_lines(record: dict | None) -> list[str]:
+    if not record:
+        return []
+    head = f"- Quantized for: **{record['isa']}** ({record['chosenBy']}; this machine: {record['detected']}), " \
+           f"INT8 weights {'7-bit (reduce_range)' if record['reduceRange'] else 'full 8-bit'}"
+    return [head, *[f"  - {reason}" for reason in record["reasons"]]]
+
+
 def _library_warnings(results: Results) -> list[str]:
     """What PyTorch, ONNX Runtime and friends warned about during the run (kept off the terminal)."""
     if not results.warnings:
@@ -291,6 +299,7 @@ def markdown(results: Results) -> str:
         f"- CPU: {env.cpu}; INT8-relevant flags: {', '.join(env.cpuFlags) or 'none'}",
         f"- Python {env.python}; " + ", ".join(f"{k} {v}" for k, v in env.packages.items()),
         f"- ONNX Runtime providers available: {', '.join(env.availableProviders)}",
+        *_hardware_lines(env.hardware),
         "",
         "## Pipeline steps",
         "",

@@ -112,6 +112,7 @@ class Environment(_Record):
     threads: int
     device: str
     availableProviders: list[str]
+    hardware: dict[str, Any] | None = None  # optimizer.hardware.HardwareProfile.record(): the choices and why
 
 
 class Analysis(_Record):

@@ -229,6 +229,12 @@ class BenchmarkSpec(_Strict):
         default_factory=lambda: [1, 2], description="Thread counts for the scaling table."
     )
     scalingRuns: int = Field(3, ge=1, description="Timed runs per scaling cell (after one warm-up).")
+    profile: Literal["auto", "avx2", "avx512", "avx-vnni", "avx512-vnni", "amx"] = Field(
+        "auto",
+        description="CPU class to quantize for: auto (this machine's) or the class of the nodes that will "
+        "serve the model (avx2 and avx512 get 7-bit INT8 weights, the VNNI/AMX classes full 8-bit). "
+        "Timings are always of the machine that runs mlopt.",
+    )
 
 
 class AcceptanceSpec(_Strict):

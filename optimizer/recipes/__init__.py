@@ -30,7 +30,7 @@ class BuildContext:
     workdir: Path
     threads: int
     device: str
-    cpu_flags: frozenset[str]
+    hardware: object  # optimizer.hardware.HardwareProfile: the quantization choices for the target CPU
     reporter: object = None  # optimizer.console reporter: progress for calibration
     metric: str = "agreement"  # the resolved accuracy metric (QAT picks its loss from it)
     data_source: str = "random"  # data.source as used, for messages
@@ -50,9 +50,6 @@ class BuildContext:
             self.cache["external_data"] = self.fp32_onnx is not None and onnx_files.has_external_data(self.fp32_onnx)
         return self.cache["external_data"]
 
-    @property
-    def has_vnni(self) -> bool:
-        return bool(self.cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @dataclass

@@ -105,3 +105,12 @@ def test_quantized_lstms_raise_no_note(conv_lstm_run):
     results, _ = conv_lstm_run
     for name in ("ort-int8-dynamic", "ort-int8-static-dynamic"):
         assert not any("stayed FP32" in note for note in results.variant(name).notes)
+
+
+def test_ort_recipes_quantize_for_the_recorded_hardware_profile(conv_lstm_run):
+    results, output = conv_lstm_run
+    hardware = results.environment.hardware
+    assert hardware["chosenBy"] == "detected" and hardware["isa"] == hardware["detected"]
+    for name in ("ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic"):
+        assert results.variant(name).lineage.options["reduceRange"] == hardware["reduceRange"], name
+    assert f"Quantized for: **{hardware['isa']}**" in (output / "report.md").read_text()

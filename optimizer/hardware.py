@@ -1,0 +1,70 @@
+"""The hardware profile: the one place that turns a CPU's flags into quantization choices.
+
+INT8 kernels differ by instruction set. Without VNNI (AVX2, plain AVX-512) ONNX Runtime multiplies
+uint8 activations by int8 weights with vpmaddubsw, whose 16-bit intermediate sums saturate when
+both operands use their full range; the error is small per product and large over an LSTM's
+time steps (the CRNN lost 4 points of argmax agreement with dynamic INT8 on an AVX2-only EPYC).
+7-bit weights (`reduce_range`) keep the sums in range at no cost in speed there. VNNI and AMX
+accumulate in 32 bits, so full 8-bit weights are both exact and the better choice.
+
+`benchmark.profile` picks the class to optimize for when the models will serve on other nodes
+than the one running mlopt; timings are still of this machine, and the results say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+ISA_CLASSES = ("avx2", "avx512", "avx-vnni", "avx512-vnni", "amx")
+
+
+def isa_class(flags) -> str:
+    """The instruction-set class of a CPU, most capable first."""
+    flags = set(flags)
+    if "amx_int8" in flags:
+        return "amx"
+    if "avx512_vnni" in flags:
+        return "avx512-vnni"
+    if "avx_vnni" in flags:
+        return "avx-vnni"
+    if "avx512f" in flags or "avx512bw" in flags:
+        return "avx512"
+    return "avx2"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    isa: str  # one of ISA_CLASSES, or cuda
+    detected: str  # the class of the CPU this run is on
+    chosen_by: str  # "detected" or "benchmark.profile"
+    reduce_range: bool  # 7-bit INT8 weights for ORT's quantizers
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def vnni(self) -> bool:
+        return self.isa in ("avx-vnni", "avx512-vnni", "amx")
+
+    def record(self) -> dict:
+        return {"isa": self.isa, "detected": self.detected, "chosenBy": self.chosen_by,
+                "reduceRange": self.reduce_range, "reasons": list(self.reasons)}
+
+
+def resolve(requested: str, flags, device: str = "cpu") -> HardwareProfile:
+    """The profile to optimize for: `requested` (benchmark.profile) or, for auto, this CPU's."""
+    detected = isa_class(flags)
+    if device == "cuda":
+        return HardwareProfile("cuda", detected, "detected", False,
+                               ["CUDA: INT8 models are quantized for the GPU's tensor cores, full 8-bit weights"])
+    isa, chosen_by = (detected, "detected") if requested == "auto" else (requested, "benchmark.profile")
+    vnni = isa in ("avx-vnni", "avx512-vnni", "amx")
+    reasons = []
+    if chosen_by == "benchmark.profile" and isa != detected:
+        reasons.append(f"optimized for {isa} (benchmark.profile) on a {detected} machine: the quantization "
+                       "choices are for the target, the timings are of this machine")
+    if vnni:
+        reasons.append(f"{isa}: INT8 dot products accumulate in 32 bits, so weights use the full int8 range")
+    else:
+        reasons.append(f"{isa} without VNNI: uint8×int8 products are summed in 16 bits and can saturate, "
+                       "so ORT's INT8 weights are 7-bit (reduce_range), static and dynamic alike")
+    return HardwareProfile(isa, detected, chosen_by, reduce_range=not vnni, reasons=reasons)
