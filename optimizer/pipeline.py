@@ -140,6 +140,8 @@ def planned_variants(run: Run) -> list[VariantSpec]:
     if run.spec.spec.variants is None and run.spec.spec.benchmark.device == "cpu" and _has_training_labels(run.dataset):
         # QAT joins the default set only with labelled data: without labels it can only be skipped.
         variants.append(VariantSpec(name=Recipe.torch_int8_qat.value, recipe=Recipe.torch_int8_qat))
+    if run.spec.spec.variants is None:  # engines that can win on this CPU class (optimizer/hardware.py)
+        variants += [VariantSpec(name=recipe, recipe=recipe) for recipe in run.hardware.default_extras]
     expanded = []
     for variant in variants:
         if not (variant.compareCalibration and variant.recipe in CALIBRATED_RECIPES):
@@ -175,10 +177,14 @@ def _keep(variant: VariantSpec, result: VariantResult, built: Built, models_dir:
     if artifact.suffix == ".onnx":
         onnx_files.move(built.artifact, artifact)  # with its external data, if any
         result.artifactFiles = [f"models/{p.name}" for p in onnx_files.files(artifact)[1:]]
+    elif artifact.suffix == ".xml":  # OpenVINO IR: the graph and its weights
+        shutil.move(built.artifact.with_suffix(".bin"), artifact.with_suffix(".bin"))
+        shutil.move(built.artifact, artifact)
+        result.artifactFiles = [f"models/{artifact.with_suffix('.bin').name}"]
     else:
         shutil.move(built.artifact, artifact)
     built.artifact = artifact
-    if isinstance(built.runner, OrtRunner):
+    if hasattr(built.runner, "path"):
         built.runner.path = artifact  # later sessions (scaling, profiling) load it from here
     result.runtime, result.provider = built.runner.runtime, built.runner.provider
     result.sizeBytes, result.artifact = built.size_bytes, f"models/{artifact.name}"

@@ -15,7 +15,10 @@ QUANTIZATION = {
                 ("Static + Dynamic", "torch-int8-static-dynamic")],
     "ONNX Runtime": [("Original", "onnx-fp32"), ("Dynamic", "ort-int8-dynamic"), ("Static", "ort-int8-static"),
                      ("Static + Dynamic", "ort-int8-static-dynamic")],
+    "OpenVINO": [("FP32", "openvino-fp32"), ("Default precision", "openvino-default"), ("NNCF INT8", "openvino-int8"),
+                 ("mlopt's QDQ", "openvino-ort-qdq")],
 }
+OPTIONAL_TABLES = ("OpenVINO",)  # shown only when the spec asked for one of its variants
 
 
 def mean_std(variant: VariantResult | None) -> str:
@@ -267,6 +270,8 @@ def markdown(results: Results) -> str:
         "",
     ]
     for runtime, columns in QUANTIZATION.items():
+        if runtime in OPTIONAL_TABLES and not any(recipe in found for _, recipe in columns):
+            continue
         out += [f"## Quantization with {runtime}", "", *_columns_table(columns, found, device), ""]
     out += [
         "## All variants",

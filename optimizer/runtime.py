@@ -94,6 +94,9 @@ class TorchRunner:
 
         return [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
 
+    def with_threads(self, count: int) -> "TorchRunner":
+        return self  # PyTorch reads its thread count per call (torch_threads)
+
     def __call__(self, feed: Feed) -> list[np.ndarray]:
         import torch
 
@@ -158,6 +161,9 @@ class OrtRunner:
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
 
+    def with_threads(self, count: int) -> "OrtRunner":
+        return OrtRunner(self.path, threads=count, device=self.device)
+
     def __call__(self, feed: Feed) -> list[np.ndarray]:
         return [np.asarray(o, dtype=np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o)
                 for o in self.session.run(None, {n: feed[n] for n in self.input_names})]
@@ -178,6 +184,55 @@ class OrtRunner:
             binding.synchronize_outputs()
 
         return run_once
+
+
+@dataclass
+class OpenVinoRunner:
+    """An OpenVINO IR (model.xml + model.bin) compiled for the CPU plugin, one inference request.
+
+    precision: "f32" pins FP32 arithmetic; None leaves OpenVINO its default (bf16 on CPUs with
+    AMX or AVX-512 BF16, f32 elsewhere). `provider` says which it really used."""
+
+    path: Path
+    threads: int = 1
+    precision: str | None = "f32"
+    device: str = "cpu"
+    runtime: str = "openvino"
+    compiled: object = field(init=False, repr=False)
+
+    def __post_init__(self):
+        import openvino as ov
+
+        config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if self.precision:
+            config["INFERENCE_PRECISION_HINT"] = self.precision
+        self.compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+
+    @property
+    def provider(self) -> str:
+        precision = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: f32, bf16, f16
+        return f"CPU ({precision.get_type_name() if hasattr(precision, 'get_type_name') else precision})"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [port.get_any_name() for port in self.compiled.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [port.get_any_name() for port in self.compiled.outputs]
+
+    def with_threads(self, count: int) -> "OpenVinoRunner":
+        return OpenVinoRunner(self.path, threads=count, precision=self.precision)
+
+    def __call__(self, feed: Feed) -> list[np.ndarray]:
+        result = self.request.infer({name: feed[name] for name in self.input_names})
+        return [np.array(result[port], dtype=np.float32) if result[port].dtype.kind == "f" else np.array(result[port])
+                for port in self.compiled.outputs]
+
+    def bind(self, feed: Feed) -> Callable[[], object]:
+        request, inputs = self.request, {name: feed[name] for name in self.input_names}
+        return lambda: request.infer(inputs)
 
 
 def op_counts(onnx_path: Path) -> dict[str, int]:

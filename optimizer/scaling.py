@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from optimizer.benchmark import measure
 from optimizer.export import random_feed
-from optimizer.runtime import OrtRunner, torch_threads
+from optimizer.runtime import torch_threads
 
 
 def batchable(inputs) -> bool:
@@ -15,8 +15,8 @@ def scale(name: str, runner, inputs, batches: list[int], threads: list[int], war
     """One row per (batch, threads): mean latency and samples per second."""
     rows = []
     for thread_count in threads:
-        # ORT fixes its thread count per session; PyTorch reads it per call (set by torch_threads).
-        timed = OrtRunner(runner.path, threads=thread_count, device=runner.device) if isinstance(runner, OrtRunner) else runner
+        # ORT and OpenVINO fix their thread count when compiled; PyTorch reads it per call (torch_threads).
+        timed = runner.with_threads(thread_count)
         with torch_threads(thread_count):
             for batch in batches:
                 shapes = {s.name: [batch, *s.shape[1:]] for s in inputs}

@@ -47,6 +47,10 @@ class Recipe(str, Enum):
     torch_int8_static_dynamic = "torch-int8-static-dynamic"
     torch_int8_qat = "torch-int8-qat"
     onnx_fp16 = "onnx-fp16"
+    openvino_fp32 = "openvino-fp32"
+    openvino_default = "openvino-default"
+    openvino_int8 = "openvino-int8"
+    openvino_ort_qdq = "openvino-ort-qdq"
 
 
 class Calibration(str, Enum):

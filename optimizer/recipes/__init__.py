@@ -62,11 +62,13 @@ class Built:
 
     @property
     def size_bytes(self) -> int:
-        """On disk, external data included."""
+        """On disk, external data (ONNX) and weights (OpenVINO's .bin) included."""
         if self.artifact.suffix == ".onnx":
             from optimizer import onnx_files
 
             return onnx_files.total_size(self.artifact)
+        if self.artifact.suffix == ".xml":
+            return self.artifact.stat().st_size + self.artifact.with_suffix(".bin").stat().st_size
         return self.artifact.stat().st_size
 
 
@@ -74,7 +76,7 @@ RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
 
 
 def registry() -> dict[str, RecipeFunction]:
-    from optimizer.recipes import ort, qat, torch_ao
+    from optimizer.recipes import openvino, ort, qat, torch_ao
 
     return {
         Recipe.onnx_fp32.value: ort.onnx_fp32,
@@ -86,4 +88,8 @@ def registry() -> dict[str, RecipeFunction]:
         Recipe.torch_int8_static.value: torch_ao.torch_int8_static,
         Recipe.torch_int8_static_dynamic.value: torch_ao.torch_int8_static_dynamic,
         Recipe.torch_int8_qat.value: qat.torch_int8_qat,
+        Recipe.openvino_fp32.value: openvino.openvino_fp32,
+        Recipe.openvino_default.value: openvino.openvino_default,
+        Recipe.openvino_int8.value: openvino.openvino_int8,
+        Recipe.openvino_ort_qdq.value: openvino.openvino_ort_qdq,
     }

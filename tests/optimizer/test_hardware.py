@@ -34,5 +34,10 @@ def test_benchmark_profile_targets_other_nodes_and_says_so():
     assert not resolve("amx", AVX2_EPYC).reduce_range
 
 
+def test_only_amx_adds_openvino_to_the_default_set():
+    assert resolve("auto", SAPPHIRE_RAPIDS).default_extras == ("openvino-ort-qdq", "openvino-default")
+    assert all(resolve("auto", flags).default_extras == () for flags in (AVX2_EPYC, SKYLAKE_SP, ZEN4, ALDER_LAKE))
+
+
 def test_cuda_keeps_full_range_weights():
     assert resolve("auto", AVX2_EPYC, "cuda").isa == "cuda" and not resolve("auto", AVX2_EPYC, "cuda").reduce_range

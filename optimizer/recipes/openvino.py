@@ -1,0 +1,89 @@
+"""OpenVINO recipes: the verified ONNX model as OpenVINO IR, compiled by OpenVINO's CPU plugin.
+
+Users compare us with OpenVINO, so its variants sit in the same table, timed by the same
+interleaved harness and checked against the same FP32 reference:
+- `openvino-fp32`: IR, FP32 arithmetic pinned (INFERENCE_PRECISION_HINT f32);
+- `openvino-default`: the same IR with OpenVINO's default precision (bf16 on AMX or AVX-512 BF16
+  CPUs, f32 elsewhere; the variant's provider says which ran);
+- `openvino-int8`: NNCF post-training INT8 on the spec's calibration data;
+- `openvino-ort-qdq`: mlopt's own `ort-int8-static` QDQ model, compiled by OpenVINO.
+
+The IR is `<variant>.xml` plus `<variant>.bin` (weights); its size counts both. OpenVINO and NNCF
+are optional: where they are not installed the variants are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from optimizer.recipes import BuildContext, Built, NotApplicable
+from optimizer.runtime import OpenVinoRunner
+from optimizer.spec import VariantSpec
+
+
+def _engine(ctx: BuildContext, needs_nncf: bool = False):
+    if ctx.device != "cpu":
+        raise NotApplicable("OpenVINO recipes run on the CPU plugin; not applicable with benchmark.device cuda")
+    try:
+        import openvino as ov
+
+        if needs_nncf:
+            import nncf  # noqa: F401
+    except ImportError as error:
+        raise NotApplicable(f"skipped (not installed): {error.name} is missing; pip install 'mlopt[optimizer]' "
+                            "brings openvino and nncf") from None
+    return ov
+
+
+def _save(ov, model, target: Path) -> Path:
+    ov.save_model(model, str(target), compress_to_fp16=False)  # weights stay FP32 (or INT8) as built
+    return target
+
+
+def _built(ctx: BuildContext, path: Path, precision: str | None, parent: str, options: dict) -> Built:
+    runner = OpenVinoRunner(path, threads=ctx.threads, precision=precision)
+    return Built(runner, path, parent=parent, options={"engine": "openvino", **options},
+                 notes=[f"OpenVINO ran it in {runner.provider}"] if precision is None else [])
+
+
+def openvino_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
+    ov = _engine(ctx)
+    path = _save(ov, ov.convert_model(str(ctx.require_onnx())), ctx.workdir / f"{variant.name}.xml")
+    return _built(ctx, path, "f32", "onnx-fp32", {"precision": "f32"})
+
+
+def openvino_default(ctx: BuildContext, variant: VariantSpec) -> Built:
+    ov = _engine(ctx)
+    path = _save(ov, ov.convert_model(str(ctx.require_onnx())), ctx.workdir / f"{variant.name}.xml")
+    return _built(ctx, path, None, "onnx-fp32", {"precision": "OpenVINO's default"})
+
+
+def openvino_int8(ctx: BuildContext, variant: VariantSpec) -> Built:
+    ov = _engine(ctx, needs_nncf=True)
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    items = ctx.dataset.calibration
+    names = [spec.name for spec in ctx.loaded.inputs]
+    model = ov.convert_model(str(ctx.require_onnx()))
+    with warnings.catch_warnings(), ctx.reporter.task(f"calibrating {variant.name} (NNCF)", 1) as advance:
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(model, nncf.Dataset(items, lambda item: {n: item[n] for n in names}),
+                                  subset_size=len(items))
+        advance()
+    path = _save(ov, quantized, ctx.workdir / f"{variant.name}.xml")
+    return _built(ctx, path, "f32", "onnx-fp32",
+                  {"quantizer": "nncf.quantize (post-training)", "calibrationSamples": len(items)})
+
+
+def openvino_ort_qdq(ctx: BuildContext, variant: VariantSpec) -> Built:
+    """mlopt's QDQ model (ort-int8-static's recipe, minmax) run by OpenVINO instead of ONNX Runtime."""
+    ov = _engine(ctx)
+    from optimizer.recipes.ort import _static
+
+    qdq = ctx.workdir / f"{variant.name}.qdq.onnx"
+    options = _static(ctx, variant, qdq)
+    path = _save(ov, ov.convert_model(str(qdq)), ctx.workdir / f"{variant.name}.xml")
+    return _built(ctx, path, "f32", "onnx-fp32", {"qdq": options})
