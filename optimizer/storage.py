@@ -50,8 +50,8 @@ class Location:
 
     def child(self, name: str) -> str:
         """The URI of `name` under this prefix."""
-        base = self.key if self.is_prefix else self.key.rpartition("/")[0] + "/"
-        return f"{self.scheme}://{self.container}/{base.lstrip('/') if base != '/' else ''}{name}"
+        folder = self.key if self.is_prefix else self.key[: self.key.rfind("/") + 1]  # "" at the top level
+        return f"{self.scheme}://{self.container}/{folder}{name}"
 
 
 def parse(uri: str, field: str) -> Location:
