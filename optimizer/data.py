@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.errors import DataLoadError
-from optimizer.spec import InputSpec
+from optimizer.spec import DataSpec, InputSpec
 
 RANDOM_SEEDS = {"calibration": 0, "evaluation": 1}
 DEFAULT_RANGES = {"float": (0.0, 1.0), "int": (0, 100)}
@@ -61,9 +61,10 @@ def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_di
 
         if "://" not in source and not (Path(base_dir) / source).is_file():
             return _npz(Path(base_dir) / source, samples, inputs)  # says where it looked and how to fix it
+        limits = spec or DataSpec(source=source)  # maxSizeMB and sha256 as the spec (or its defaults) say
         try:
-            path = fetch(source, "data.source", Path(base_dir), max_bytes=(spec.maxSizeMB if spec else 4096) * 2**20,
-                         sha256=spec.sha256 if spec else None, pin_field="data.sha256", storage=storage)
+            path = fetch(source, "data.source", Path(base_dir), max_bytes=limits.maxSizeMB * 2**20,
+                         sha256=limits.sha256, pin_field="data.sha256", storage=storage)
         except StorageError as error:  # status.reason DataLoadFailed
             raise DataError(str(error)) from None
         return _npz(path, samples, inputs)

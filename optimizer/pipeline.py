@@ -22,7 +22,7 @@ from optimizer.evaluate import accuracy, fidelity, run_all
 from optimizer.export import ROUTES, ExportError, ExportResult, export_onnx, random_feed
 from optimizer.input_check import check_inputs
 from optimizer.load import LoadedModel, load_model
-from optimizer.recipes import BuildContext, Built, NotApplicable, RecipeFailure, registry
+from optimizer.recipes import BuildContext, Built, NotApplicable, RecipeFailure, artifact_files, registry
 from optimizer.results import (
     BASELINE_NAME, Analysis, Fallback, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
 )
@@ -175,14 +175,11 @@ def _keep(variant: VariantSpec, result: VariantResult, built: Built, models_dir:
     """Move the variant's model into models/ and record what it is."""
     artifact = models_dir / f"{variant.name}{built.artifact.suffix}"
     if artifact.suffix == ".onnx":
-        onnx_files.move(built.artifact, artifact)  # with its external data, if any
-        result.artifactFiles = [f"models/{p.name}" for p in onnx_files.files(artifact)[1:]]
-    elif artifact.suffix == ".xml":  # OpenVINO IR: the graph and its weights
-        shutil.move(built.artifact.with_suffix(".bin"), artifact.with_suffix(".bin"))
-        shutil.move(built.artifact, artifact)
-        result.artifactFiles = [f"models/{artifact.with_suffix('.bin').name}"]
+        onnx_files.move(built.artifact, artifact)  # external data keeps its names: the graph refers to them
     else:
-        shutil.move(built.artifact, artifact)
+        for source, target in zip(artifact_files(built.artifact), artifact_files(artifact)):
+            shutil.move(source, target)  # OpenVINO finds <name>.bin beside <name>.xml
+    result.artifactFiles = [f"models/{p.name}" for p in artifact_files(artifact)[1:]]
     built.artifact = artifact
     if hasattr(built.runner, "path"):
         built.runner.path = artifact  # later sessions (scaling, profiling) load it from here

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from optimizer.errors import OptimizationError
@@ -47,11 +48,6 @@ class Location:
     @property
     def is_prefix(self) -> bool:
         return self.key.endswith("/") or self.key == ""
-
-    def child(self, name: str) -> str:
-        """The URI of `name` under this prefix."""
-        folder = self.key if self.is_prefix else self.key[: self.key.rfind("/") + 1]  # "" at the top level
-        return f"{self.scheme}://{self.container}/{folder}{name}"
 
 
 def parse(uri: str, field: str) -> Location:
@@ -129,13 +125,7 @@ def _store(bucket: str, settings: S3Settings):
     if bundle:
         client["root_certificate"] = Path(bundle).read_bytes()
     return S3Store(bucket, config=config, client_options=client,
-                   retry_config={"max_retries": 3, "retry_timeout": _seconds(120)})
-
-
-def _seconds(count: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=count)
+                   retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
 
 
 def _explain(error: BaseException, field: str, uri: str) -> StorageError:
@@ -269,10 +259,9 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
 def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, max_bytes: int, storage=None) -> None:
     """Fetch the objects named `names` that sit beside `uri` (an ONNX model's external data) next to
     its local copy `local`. The names were validated by the caller (relative, no '..')."""
-    location = parse(uri, field)
+    folder = uri[: uri.rfind("/") + 1]  # s3://bucket/dir/ or https://host/dir/
     for name in names:
-        sibling = location.child(name) if location.scheme == "s3" else uri.rsplit("/", 1)[0] + "/" + name
-        fetch(sibling, field, local.parent, max_bytes=max_bytes, storage=storage, into=local.parent / name)
+        fetch(folder + name, field, local.parent, max_bytes=max_bytes, storage=storage, into=local.parent / name)
 
 
 def _sha256_file(path: Path) -> str:
@@ -283,11 +272,15 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _run_files(directory: Path) -> list[Path]:
+    """Every file of a run but results.json, in upload order (results.json goes up after them)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != RESULTS_FILE)
+
+
 def describe_outputs(directory: Path) -> list[dict]:
     """Every file of a run (results.json aside) with its size and sha256, in upload order."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != RESULTS_FILE)
     return [{"path": p.relative_to(directory).as_posix(), "sizeBytes": p.stat().st_size, "sha256": _sha256_file(p)}
-            for p in files]
+            for p in _run_files(directory)]
 
 
 # --- delivery --------------------------------------------------------------------------------------
@@ -310,8 +303,7 @@ def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str =
 
     location = output_location(uri, field)
     store = _store(location.container, S3Settings.of(storage))
-    files = sorted((p for p in directory.rglob("*") if p.is_file() and p.name != RESULTS_FILE), key=str)
-    files.append(directory / RESULTS_FILE)
+    files = [*_run_files(directory), directory / RESULTS_FILE]
     for index, path in enumerate(files, 1):
         key = location.key + path.relative_to(directory).as_posix()
         if reporter:

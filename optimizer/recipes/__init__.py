@@ -18,7 +18,7 @@ class NotApplicable(Exception):
     """The recipe does not apply to this model or device; the variant is recorded as skipped."""
 
 
-__all__ = ["BuildContext", "Built", "NotApplicable", "RecipeFailure", "registry"]
+__all__ = ["BuildContext", "Built", "NotApplicable", "RecipeFailure", "artifact_files", "registry"]
 
 
 @dataclass
@@ -63,13 +63,18 @@ class Built:
     @property
     def size_bytes(self) -> int:
         """On disk, external data (ONNX) and weights (OpenVINO's .bin) included."""
-        if self.artifact.suffix == ".onnx":
-            from optimizer import onnx_files
+        return sum(path.stat().st_size for path in artifact_files(self.artifact))
 
-            return onnx_files.total_size(self.artifact)
-        if self.artifact.suffix == ".xml":
-            return self.artifact.stat().st_size + self.artifact.with_suffix(".bin").stat().st_size
-        return self.artifact.stat().st_size
+
+def artifact_files(artifact: Path) -> list[Path]:
+    """A saved model's files, the model file first: ONNX external data, OpenVINO's .bin weights."""
+    if artifact.suffix == ".onnx":
+        from optimizer import onnx_files
+
+        return onnx_files.files(artifact)
+    if artifact.suffix == ".xml":
+        return [artifact, artifact.with_suffix(".bin")]
+    return [artifact]
 
 
 RecipeFunction = Callable[[BuildContext, VariantSpec], Built]

@@ -48,16 +48,19 @@ def _built(ctx: BuildContext, path: Path, precision: str | None, parent: str, op
                  notes=[f"OpenVINO ran it in {runner.provider}"] if precision is None else [])
 
 
-def openvino_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
+def _converted(ctx: BuildContext, variant: VariantSpec, precision: str | None) -> Built:
+    """The verified FP32 export as IR, compiled at `precision` (None: OpenVINO's default)."""
     ov = _engine(ctx)
     path = _save(ov, ov.convert_model(str(ctx.require_onnx())), ctx.workdir / f"{variant.name}.xml")
-    return _built(ctx, path, "f32", "onnx-fp32", {"precision": "f32"})
+    return _built(ctx, path, precision, "onnx-fp32", {"precision": precision or "OpenVINO's default"})
+
+
+def openvino_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
+    return _converted(ctx, variant, "f32")
 
 
 def openvino_default(ctx: BuildContext, variant: VariantSpec) -> Built:
-    ov = _engine(ctx)
-    path = _save(ov, ov.convert_model(str(ctx.require_onnx())), ctx.workdir / f"{variant.name}.xml")
-    return _built(ctx, path, None, "onnx-fp32", {"precision": "OpenVINO's default"})
+    return _converted(ctx, variant, None)
 
 
 def openvino_int8(ctx: BuildContext, variant: VariantSpec) -> Built:
