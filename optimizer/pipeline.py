@@ -127,6 +127,7 @@ def _context(run: Run) -> BuildContext:
         loaded=run.loaded, fp32_onnx=fp32, export_error=run.export_error, dataset=run.dataset,
         workdir=run.scratch, threads=run.spec.spec.benchmark.threads, device=run.spec.spec.benchmark.device,
         hardware=run.hardware, reporter=run.reporter, metric=run.metric, data_source=run.data_source,
+        acceptance=run.spec.spec.acceptance,
     )
 
 
@@ -398,7 +399,10 @@ def analyze_step(run: Run) -> None:
             rows.append((best, best_built.runner))
         with run.reporter.task("scaling table", len(rows)) as advance:
             for name, runner in rows:
-                analysis.scaling += scale(name, runner, inputs, batches, bench.scalingThreads, 1, bench.scalingRuns)
+                try:
+                    analysis.scaling += scale(name, runner, inputs, batches, bench.scalingThreads, 1, bench.scalingRuns)
+                except Exception as error:  # e.g. a compiled PT2E program that inductor cannot recompile at batch 8
+                    analysis.notes.append(f"no scaling rows for {name}: {type(error).__name__}: {str(error).strip()[:200]}")
                 advance()
     if bench.tune and ort_best:
         with run.reporter.task(f"tuning session options for {best}", 1):

@@ -17,8 +17,9 @@ QUANTIZATION = {
                      ("Static + Dynamic", "ort-int8-static-dynamic")],
     "OpenVINO": [("FP32", "openvino-fp32"), ("Default precision", "openvino-default"), ("NNCF INT8", "openvino-int8"),
                  ("mlopt's QDQ", "openvino-ort-qdq")],
+    "torchao (PT2E)": [("Dynamic", "torchao-pt2e-int8-dynamic"), ("Static", "torchao-pt2e-int8-static")],
 }
-OPTIONAL_TABLES = ("OpenVINO",)  # shown only when the spec asked for one of its variants
+OPTIONAL_TABLES = ("OpenVINO", "torchao (PT2E)")  # shown only when the spec asked for one of its variants
 
 
 def mean_std(variant: VariantResult | None) -> str:
@@ -285,7 +286,8 @@ def markdown(results: Results) -> str:
         "Latency is measured in one process on the same input after warm-up, in "
         f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
         "across variants; the speedup in brackets is its lowest and highest over those rounds. Sizes are the "
-        "saved files: the PyTorch FP32 baseline as its state_dict, PyTorch INT8 variants as TorchScript.",
+        "saved files: the PyTorch FP32 baseline as its state_dict, torch.ao INT8 variants as TorchScript, "
+        "torchao PT2E variants as the quantized torch.export program (.pt2).",
         "",
         *calibration_section(results),
         *fallback_section(results),

@@ -46,6 +46,8 @@ class Recipe(str, Enum):
     torch_int8_static = "torch-int8-static"
     torch_int8_static_dynamic = "torch-int8-static-dynamic"
     torch_int8_qat = "torch-int8-qat"
+    torchao_pt2e_int8_static = "torchao-pt2e-int8-static"
+    torchao_pt2e_int8_dynamic = "torchao-pt2e-int8-dynamic"
     onnx_fp16 = "onnx-fp16"
     openvino_fp32 = "openvino-fp32"
     openvino_default = "openvino-default"

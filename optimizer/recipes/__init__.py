@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from optimizer.errors import RecipeFailure
-from optimizer.spec import Recipe, VariantSpec
+from optimizer.spec import AcceptanceSpec, Recipe, VariantSpec
 
 
 class NotApplicable(Exception):
@@ -34,6 +34,7 @@ class BuildContext:
     reporter: object = None  # optimizer.console reporter: progress for calibration
     metric: str = "agreement"  # the resolved accuracy metric (QAT picks its loss from it)
     data_source: str = "random"  # data.source as used, for messages
+    acceptance: AcceptanceSpec = field(default_factory=AcceptanceSpec)  # the budget (NNCF's accuracy control aims at it)
     cache: dict = field(default_factory=dict)  # shared intermediate files, e.g. the pre-processed model
 
     def require_onnx(self) -> Path:
@@ -54,7 +55,7 @@ class BuildContext:
 
 @dataclass
 class Built:
-    runner: object  # optimizer.runtime.TorchRunner | OrtRunner
+    runner: object  # optimizer.runtime.TorchRunner | CompiledTorchRunner | OrtRunner | OpenVinoRunner
     artifact: Path
     parent: str
     options: dict = field(default_factory=dict)
@@ -81,7 +82,7 @@ RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
 
 
 def registry() -> dict[str, RecipeFunction]:
-    from optimizer.recipes import openvino, ort, qat, torch_ao
+    from optimizer.recipes import openvino, ort, qat, torch_ao, torchao_pt2e
 
     return {
         Recipe.onnx_fp32.value: ort.onnx_fp32,
@@ -93,6 +94,8 @@ def registry() -> dict[str, RecipeFunction]:
         Recipe.torch_int8_static.value: torch_ao.torch_int8_static,
         Recipe.torch_int8_static_dynamic.value: torch_ao.torch_int8_static_dynamic,
         Recipe.torch_int8_qat.value: qat.torch_int8_qat,
+        Recipe.torchao_pt2e_int8_static.value: torchao_pt2e.torchao_pt2e_int8_static,
+        Recipe.torchao_pt2e_int8_dynamic.value: torchao_pt2e.torchao_pt2e_int8_dynamic,
         Recipe.openvino_fp32.value: openvino.openvino_fp32,
         Recipe.openvino_default.value: openvino.openvino_default,
         Recipe.openvino_int8.value: openvino.openvino_int8,

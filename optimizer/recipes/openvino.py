@@ -5,7 +5,9 @@ interleaved harness and checked against the same FP32 reference:
 - `openvino-fp32`: IR, FP32 arithmetic pinned (INFERENCE_PRECISION_HINT f32);
 - `openvino-default`: the same IR with OpenVINO's default precision (bf16 on AMX or AVX-512 BF16
   CPUs, f32 elsewhere; the variant's provider says which ran);
-- `openvino-int8`: NNCF post-training INT8 on the spec's calibration data;
+- `openvino-int8`: NNCF post-training INT8 on the spec's calibration data; when that data has
+  labels, NNCF's accuracy control (`nncf.quantize_with_accuracy_control`) keeps the layers that
+  cost accuracy in FP32 until the spec's budget holds, scored with the run's own metric;
 - `openvino-ort-qdq`: mlopt's own `ort-int8-static` QDQ model, compiled by OpenVINO.
 
 The IR is `<variant>.xml` plus `<variant>.bin` (weights); its size counts both. OpenVINO and NNCF
@@ -18,8 +20,12 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
+
+from optimizer.metrics import METRICS
 from optimizer.recipes import BuildContext, Built, NotApplicable
 from optimizer.runtime import OpenVinoRunner
+from optimizer.selection import LABELLED_METRICS
 from optimizer.spec import VariantSpec
 
 
@@ -63,22 +69,77 @@ def openvino_default(ctx: BuildContext, variant: VariantSpec) -> Built:
     return _converted(ctx, variant, None)
 
 
+def _labelled_split(ctx: BuildContext) -> list[tuple[dict, np.ndarray]] | None:
+    """The calibration items with their labels, when the run's metric is scored against labels.
+
+    Accuracy control validates on this split, not on the held-out evaluation items, so the
+    accuracy that decides the variant is measured on data the quantizer never tuned itself on."""
+    labels = getattr(ctx.dataset, "calibration_labels", None)
+    if labels is None or ctx.metric not in LABELLED_METRICS:
+        return None
+    return list(zip(ctx.dataset.calibration, labels))
+
+
+def _validation_fn(metric: str):
+    """NNCF calls this with a compiled model (FP32 arithmetic) and (inputs, labels) pairs."""
+
+    def validate(compiled, pairs) -> float:
+        outputs, labels = [], []
+        for feed, item_labels in pairs:
+            result = compiled(feed)
+            outputs.append([np.asarray(result[port]) for port in compiled.outputs])
+            labels.append(item_labels)
+        return METRICS[metric](outputs, labels)
+
+    return validate
+
+
+def _quantize(ctx: BuildContext, model, names: list[str]) -> tuple[object, dict, str]:
+    """NNCF INT8, accuracy-controlled when the data has labels: (model, options, note)."""
+    import nncf
+
+    items = ctx.dataset.calibration
+    calibration = nncf.Dataset(items, lambda item: {n: item[n] for n in names})
+    split = _labelled_split(ctx)
+    if split is None:
+        quantized = nncf.quantize(model, calibration, subset_size=len(items))
+        labelled = getattr(ctx.dataset, "calibration_labels", None) is not None
+        why = "acceptance.metric is agreement" if labelled else f"data.source {ctx.data_source} has no labels"
+        options = {"quantizer": "nncf.quantize (post-training)", "calibrationSamples": len(items)}
+        return quantized, options, f"NNCF mode: plain post-training quantization ({why}; accuracy control needs labels)"
+    budget = ctx.acceptance.maxAccuracyDrop
+    quantized = nncf.quantize_with_accuracy_control(
+        model, calibration, nncf.Dataset(split, lambda pair: {n: pair[0][n] for n in names}),
+        _validation_fn(ctx.metric), max_drop=budget, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items))
+    options = {"quantizer": "nncf.quantize_with_accuracy_control", "calibrationSamples": len(items),
+               "validationMetric": ctx.metric, "validationSamples": len(split), "maxDrop": budget}
+    note = (f"NNCF mode: accuracy control, {ctx.metric} on the {len(split)} labelled calibration item(s), at most "
+            f"{budget * 100:.2f} points below FP32 (acceptance.maxAccuracyDrop)")
+    if ctx.acceptance.maxRelativeAccuracyDrop is not None:
+        note += "; maxRelativeAccuracyDrop is checked afterwards, as for every variant (NNCF takes one budget)"
+    return quantized, options, note
+
+
+def _fake_quantize_count(model) -> int:
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
 def openvino_int8(ctx: BuildContext, variant: VariantSpec) -> Built:
     ov = _engine(ctx, needs_nncf=True)
     import nncf
 
     nncf.set_log_level(logging.ERROR)
-    items = ctx.dataset.calibration
     names = [spec.name for spec in ctx.loaded.inputs]
     model = ov.convert_model(str(ctx.require_onnx()))
     with warnings.catch_warnings(), ctx.reporter.task(f"calibrating {variant.name} (NNCF)", 1) as advance:
         warnings.simplefilter("ignore")
-        quantized = nncf.quantize(model, nncf.Dataset(items, lambda item: {n: item[n] for n in names}),
-                                  subset_size=len(items))
+        quantized, options, note = _quantize(ctx, model, names)
         advance()
+    options["fakeQuantizeNodes"] = _fake_quantize_count(quantized)  # fewer after accuracy control reverts layers
     path = _save(ov, quantized, ctx.workdir / f"{variant.name}.xml")
-    return _built(ctx, path, "f32", "onnx-fp32",
-                  {"quantizer": "nncf.quantize (post-training)", "calibrationSamples": len(items)})
+    built = _built(ctx, path, "f32", "onnx-fp32", options)
+    built.notes.append(note)
+    return built
 
 
 def openvino_ort_qdq(ctx: BuildContext, variant: VariantSpec) -> Built:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .conftest import write_spec
+from .conftest import OUTLIER_INPUTS, QUICK_BENCHMARK, save_user_model, write_spec
 from .test_model_matrix import ARCHITECTURES, QUICK, save_model
 
 OPENVINO_RECIPES = ["openvino-fp32", "openvino-default", "openvino-int8", "openvino-ort-qdq"]
@@ -47,3 +47,55 @@ def test_without_openvino_installed_its_variants_are_skipped_not_crashed(tmp_pat
     skipped = results.variant("openvino-fp32")
     assert skipped.status == "skipped" and skipped.error.startswith("skipped (not installed): openvino")
     assert results.variant("onnx-fp32").status == "ok"
+
+
+def _outlier_run(tmp_path, data: dict):
+    """openvino-int8 on the Outlier model, which plain 8-bit quantization ruins (conftest)."""
+    from optimizer.console import QuietReporter
+    from optimizer.pipeline import optimize
+    from optimizer.spec_loader import load_spec
+
+    weights = save_user_model(tmp_path, "Outlier")
+    spec = write_spec(tmp_path, {
+        "model": {"source": weights.name, "entrypoint": "user_models:Outlier", "inputs": OUTLIER_INPUTS},
+        "variants": [{"name": "openvino-int8", "recipe": "openvino-int8"}], "data": data,
+        "benchmark": QUICK_BENCHMARK, "acceptance": {"maxAccuracyDrop": 0.1}})
+    return optimize(load_spec(spec), tmp_path / "out", tmp_path, QuietReporter()).variant("openvino-int8")
+
+
+def _labelled_outlier_data(tmp_path) -> None:
+    """Labels are the FP32 model's own classes, so FP32 scores 100% top-1 and any drop is quantization's."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    weights = save_user_model(tmp_path, "Outlier")
+    spec = importlib.util.spec_from_file_location("outlier_labels", tmp_path / "user_models.py")
+    source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(source)
+    model = source.Outlier()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    inputs = np.random.default_rng(0).uniform(0, 1, size=(128, 16)).astype(np.float32)
+    with torch.no_grad():
+        labels = model.eval()(torch.from_numpy(inputs)).argmax(-1).numpy()
+    np.savez(tmp_path / "labelled.npz", x=inputs, labels=labels)
+
+
+def test_openvino_int8_controls_accuracy_when_the_data_has_labels(tmp_path):
+    _labelled_outlier_data(tmp_path)
+    controlled = _outlier_run(tmp_path, {"source": "labelled.npz", "samples": 64})
+    options = controlled.lineage.options
+    assert options["quantizer"] == "nncf.quantize_with_accuracy_control"
+    assert options["validationMetric"] == "top1" and options["maxDrop"] == 0.1 and options["validationSamples"] == 64
+    assert any(note.startswith("NNCF mode: accuracy control, top1") for note in controlled.notes), controlled.notes
+    # NNCF kept the ruined layers in FP32: held-out top-1 within the budget, where plain PTQ scores ~0.
+    assert controlled.status == "ok" and controlled.accuracy >= 0.9, (controlled.accuracy, controlled.error)
+
+    (tmp_path / "plain").mkdir()
+    plain = _outlier_run(tmp_path / "plain", {"source": "random", "samples": 128})
+    assert plain.lineage.options["quantizer"] == "nncf.quantize (post-training)"
+    assert any(note.startswith("NNCF mode: plain post-training quantization (data.source random has no labels")
+               for note in plain.notes), plain.notes
+    assert plain.status == "rejected" and plain.accuracy < 0.5  # what accuracy control saved the first run from
+    assert plain.lineage.options["fakeQuantizeNodes"] > options["fakeQuantizeNodes"]

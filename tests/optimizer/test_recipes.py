@@ -114,3 +114,12 @@ def test_ort_recipes_quantize_for_the_recorded_hardware_profile(conv_lstm_run):
     for name in ("ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic"):
         assert results.variant(name).lineage.options["reduceRange"] == hardware["reduceRange"], name
     assert f"Quantized for: **{hardware['isa']}**" in (output / "report.md").read_text()
+
+
+def test_every_recipe_the_spec_accepts_has_a_builder():
+    """The spec's enum (and so the CRD) and the registry name the same recipes, PT2E's included."""
+    from optimizer.recipes import registry
+    from optimizer.spec import Recipe
+
+    assert set(registry()) == {recipe.value for recipe in Recipe}
+    assert {"torchao-pt2e-int8-static", "torchao-pt2e-int8-dynamic"} <= set(registry())
