@@ -17,6 +17,20 @@ from optimizer.crd import GROUP, PLURAL, VERSION
 from .job import LABEL_GENERATION, LABEL_NAME
 
 
+class JobRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.permanent = status != 403
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"HTTP {error.status} {error.reason}"
+
+
 class Cluster:
     def __init__(self) -> None:
         try:
@@ -83,13 +97,17 @@ class Cluster:
         return found["items"]
 
     def create_job(self, job: dict[str, Any]) -> dict[str, Any] | None:
-        """The created Job, or None when a Job of that name exists already."""
+        """The created Job, or None when a Job of that name exists already. JobRefused when the API
+        server says no: `permanent` for an invalid Job (400/422: retrying sends the same Job), not for
+        403 (a quota or an admission policy may change)."""
         namespace = job["metadata"]["namespace"]
         try:
             return self._request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=job)
         except ApiException as error:
             if error.status == 409:
                 return None
+            if error.status in (400, 403, 422):
+                raise JobRefused(error.status, _api_message(error)) from None
             raise
 
     def delete_job(self, namespace: str, name: str) -> None:

@@ -16,10 +16,10 @@ import kopf
 from optimizer.crd import GROUP, PLURAL, VERSION
 from optimizer.spec_loader import SpecError
 
-from .cluster import Cluster
+from .cluster import Cluster, JobRefused
 from .job import LABEL_GENERATION, LABEL_NAME, build_job
 from .settings import Settings
-from .status import TERMINAL, conditions, status_from_job
+from .status import TERMINAL, conditions, job_finished, status_from_job
 
 # Fields of a run's status; reset (None = removed by the merge patch) when a generation starts.
 _RUN_FIELDS = (
@@ -101,10 +101,27 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
             pending = {**reset, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
                        "message": f"Job {job['metadata']['name']} runs generation {generation}"}
             _write(cluster, current, pending, generation)
-        if cluster.create_job(job) is None:
+        try:
+            created = cluster.create_job(job)
+        except JobRefused as refused:
+            _job_refused(cluster, current, job["metadata"]["name"], refused, generation)
+        if created is None:
             logger.info(f"adopted the existing Job {job['metadata']['name']}")
         else:
             logger.info(f"created Job {job['metadata']['name']}")
+
+
+def _job_refused(cluster: Cluster, resource: dict[str, Any], job_name: str, refused: JobRefused,
+                 generation: int) -> None:
+    """The API server refused the Job: Failed when resending cannot help, else Pending with the reason
+    (e.g. a ResourceQuota) and a slow retry. Either way the status says what the API server said."""
+    if refused.permanent:
+        message = f"the API server refused Job {job_name}: {refused.message}"
+        _write(cluster, resource, {"phase": "Failed", "reason": "JobRejected", "message": message}, generation)
+        raise kopf.PermanentError(message)
+    message = f"the API server forbids Job {job_name} for now (retrying every minute): {refused.message}"
+    _write(cluster, resource, {"phase": "Pending", "reason": "JobForbidden", "message": message}, generation)
+    raise kopf.TemporaryError(message, delay=60)
 
 
 def _sync(namespace: str, name: str, generation: str) -> None:
@@ -124,6 +141,9 @@ def _sync(namespace: str, name: str, generation: str) -> None:
             return  # final; pods vanishing later must not change the recorded outcome
         status = status_from_job(job, cluster.pods(namespace, job["metadata"]["name"]))
         _write(cluster, resource, status, int(generation))
+        if status["phase"] == "Failed" and not job_finished(job):
+            # Failed from the pod (e.g. ErrImageNeverPull) while the Job would wait for its deadline.
+            cluster.delete_job(namespace, job["metadata"]["name"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_NAME: kopf.PRESENT, LABEL_GENERATION: kopf.PRESENT})

@@ -22,6 +22,12 @@ _WAITING_PROBLEMS = {
     "CreateContainerConfigError": "the worker container cannot be configured",
     "CreateContainerError": "the worker container cannot be created",
 }
+# Waiting reasons that never resolve on their own: the resource fails now, not at the deadline.
+_WAITING_FATAL = {
+    "ErrImageNeverPull": "the worker image is not on the node and imagePullPolicy is Never: load the image "
+    "onto the node (kind load docker-image, ctr images import) or set the operator's MLOPT_IMAGE_PULL_POLICY",
+    "InvalidImageName": "the worker image name is invalid: fix spec.job.image or the operator's MLOPT_WORKER_IMAGE",
+}
 _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
 
 
@@ -162,6 +168,10 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
     if pod is None:
         return {"phase": "Pending", "reason": "JobCreated", "message": "waiting for the worker pod"}
     waiting = _worker_state(pod).get("waiting") or {}
+    if waiting.get("reason") in _WAITING_FATAL:
+        detail = waiting.get("message") or ""
+        return {"phase": "Failed", "reason": waiting["reason"],
+                "message": f"{_WAITING_FATAL[waiting['reason']]} ({detail})" if detail else _WAITING_FATAL[waiting["reason"]]}
     if waiting.get("reason") in _WAITING_PROBLEMS:
         detail = waiting.get("message") or ""
         return {
@@ -177,6 +187,10 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
                 "message": condition.get("message") or "the worker pod cannot be scheduled",
             }
     return {"phase": "Pending", "reason": "PodPending", "message": "the worker pod is starting"}
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    return _condition(job, ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")) is not None
 
 
 def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:

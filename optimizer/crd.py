@@ -75,7 +75,8 @@ class ModelOptimizationStatus(_Status):
     reason: str | None = Field(
         None,
         description="Why the run failed or waits: InvalidSpec, ModelLoadFailed, OOMKilled, "
-        "DeadlineExceeded, BackoffLimitExceeded, ImagePullBackOff, WorkerExited, ...",
+        "DeadlineExceeded, BackoffLimitExceeded, ImagePullBackOff, ErrImageNeverPull, JobRejected (the API "
+        "server refused the Job), JobForbidden (e.g. a quota; retried), WorkerExited, ...",
     )
     message: str | None = Field(None, description="What happened, for people.")
     exitCode: int | None = Field(None, description="The worker's exit code, once it ended.")

@@ -28,7 +28,10 @@ def optimize_to(spec, output: str, base_dir: Path, reporter, cwd: Path | None = 
     """Run `spec` and store its results at `output`; return the results and results.json's location."""
     folder = local_output(output, cwd or Path.cwd())  # checks the output URI before any work
     if folder is not None:
-        return optimize(spec, folder, base_dir, reporter), str(folder / RESULTS_FILE)
+        results = optimize(spec, folder, base_dir, reporter)
+        if output.startswith("pvc://"):  # the claim's URI, not where this pod happened to mount it
+            return results, f"{output.rstrip('/')}/{RESULTS_FILE}"
+        return results, str(folder / RESULTS_FILE)
     with tempfile.TemporaryDirectory(prefix="mlopt-run-") as scratch:
         results = optimize(spec, Path(scratch) / "results", base_dir, reporter)
         return results, deliver(Path(scratch) / "results", output, spec.spec.storage, reporter)

@@ -305,20 +305,55 @@ class Toleration(_Strict):
     tolerationSeconds: int | None = None
 
 
+# Kubernetes' quantity grammar (resource.Quantity), without the rarely used sign and "E" forms mixed.
+QUANTITY = r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$"
+_QUANTITY_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                    "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_value(text: str) -> float:
+    """A Kubernetes quantity as a number ('500m' -> 0.5, '48Mi' -> 50331648); the spec's pattern checked
+    the form. Written here because the spec stays pydantic-only (kubernetes.utils.parse_quantity
+    would bring the whole client into the worker)."""
+    match = re.match(QUANTITY, text)
+    number, suffix = match.group(1), match.group(3) or ""
+    if suffix[:1] in ("e", "E") and suffix[1:]:
+        return float(number) * 10 ** int(suffix[1:])
+    return float(number) * _QUANTITY_SUFFIX[suffix]
+
+
 class ResourceList(_Strict):
-    cpu: str | None = Field(None, description="e.g. '2' or '500m'.")
-    memory: str | None = Field(None, description="e.g. '4Gi'.")
+    cpu: str | None = Field(None, pattern=QUANTITY, description="e.g. '2' or '500m'.")
+    memory: str | None = Field(None, pattern=QUANTITY, description="e.g. '4Gi'.")
 
 
 class Resources(_Strict):
     requests: ResourceList = Field(
         default_factory=lambda: ResourceList(cpu="1", memory="2Gi"),
-        description="Requested CPU and memory for the optimization pod.",
+        description="Requested CPU and memory for the optimization pod; when not set and a limit is "
+        "below the default (1 CPU, 2Gi), the request is the limit.",
     )
     limits: ResourceList = Field(
         default_factory=lambda: ResourceList(cpu="2", memory="8Gi"),
         description="CPU and memory limits for the optimization pod.",
     )
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> "Resources":
+        """Kubernetes refuses a pod whose request exceeds its limit: say so here, naming the field,
+        instead of a Job the API server rejects. A default request follows a lower limit down."""
+        lowered = {}
+        for resource in ("cpu", "memory"):
+            request, limit = getattr(self.requests, resource), getattr(self.limits, resource)
+            if request is None or limit is None or quantity_value(request) <= quantity_value(limit):
+                continue
+            if "requests" in self.model_fields_set:
+                raise ValueError(f"requests.{resource} {request} is above limits.{resource} {limit}: a pod's request "
+                                 f"cannot exceed its limit; lower requests.{resource} or raise limits.{resource}")
+            lowered[resource] = limit
+        if lowered:  # one assignment: it validates the model again, now within the limits
+            self.requests = self.requests.model_copy(update=lowered)
+        return self
 
 
 class JobSpec(_Strict):

@@ -129,6 +129,14 @@ def test_image_pull_failure_is_explained_while_pending():
     assert "cannot pull the worker image: pull access denied" in status["message"]
 
 
+def test_image_never_pulled_fails_at_once_not_at_the_deadline():
+    waiting = {"waiting": {"reason": "ErrImageNeverPull",
+                           "message": 'Container image "mlopt/worker:nope" is not present with pull policy of Never'}}
+    status = status_from_job(job(), [pod(waiting, phase="Pending")])
+    assert status["phase"] == "Failed" and status["reason"] == "ErrImageNeverPull"
+    assert "imagePullPolicy is Never" in status["message"] and "mlopt/worker:nope" in status["message"]
+
+
 def test_unschedulable_is_explained():
     cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
             "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}

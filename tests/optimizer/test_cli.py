@@ -135,6 +135,24 @@ def test_worker_writes_summary_and_results(tmp_path):
     assert summary["phase"] == "Failed" and summary["reason"] == "ModelLoadFailed" and "nope" in summary["message"]
 
 
+def test_worker_with_a_claim_output_reports_the_claim_uri_not_the_mount(tmp_path):
+    """status.results must name pvc://claim/..., which a user can find again; the pod's mount path
+    (/mnt/pvc/...) means nothing outside that pod."""
+    (tmp_path / "claims" / "models").mkdir(parents=True)
+    spec = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "w"},
+            "spec": {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                     "benchmark": {"warmup": 1, "runs": 3}, "output": "pvc://models/runs/w/"}}
+    env = {**os.environ, "MLOPT_SPEC": json.dumps(spec), "MLOPT_PVC_ROOT": str(tmp_path / "claims"),
+           "MLOPT_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    done = subprocess.run([MLOPT, "worker"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["output"] == "pvc://models/runs/w/"
+    assert summary["results"] == "pvc://models/runs/w/results.json"
+    assert summary["artifacts"]["best"]["uri"].startswith("pvc://models/runs/w/models/"), summary["artifacts"]
+    assert (tmp_path / "claims" / "models" / "runs" / "w" / "results.json").is_file()
+
+
 def test_cuda_without_a_gpu_is_refused_loudly(tmp_path):
     """A run that asks for CUDA must never quietly time the CPU instead."""
     import torch

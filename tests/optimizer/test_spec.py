@@ -44,6 +44,10 @@ def test_dynamic_axes_keys_arrive_as_strings_from_kubernetes():
      "spec.variants", "repeated: a"),
     ({"model": {"source": "zoo:crnn"}, "acceptance": {"maxAccuracyDrop": 0.01, "maxDrop": 1}}, "spec.acceptance.maxDrop", "remove it"),
     ({"model": {"source": "zoo:crnn", "entrypoint": "not an entrypoint"}}, "spec.model", "package.module:Class"),
+    ({"model": {"source": "zoo:crnn"}, "job": {"resources": {"requests": {"memory": "4Gi"}, "limits": {"memory": "1Gi"}}}},
+     "spec.job.resources", "lower requests.memory or raise limits.memory"),
+    ({"model": {"source": "zoo:crnn"}, "job": {"resources": {"limits": {"memory": "2 GB"}}}},
+     "spec.job.resources.limits.memory", "pattern"),
 ])
 def test_invalid_specs_name_the_field_and_the_fix(spec, field, words):
     with pytest.raises(SpecError) as caught:
@@ -78,3 +82,11 @@ def test_examples_are_valid():
 def test_written_spec_round_trips(tmp_path):
     path = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "data": {"source": "zoo:digits", "samples": 8}})
     assert load_spec(path).spec.data.samples == 8
+
+
+def test_a_limit_below_the_default_request_lowers_the_request():
+    """Only limits set (the usual way to cap memory): the Job must still be valid, request <= limit."""
+    resources = parse_spec(document(job={"resources": {"limits": {"memory": "48Mi", "cpu": "500m"}}})).spec.job.resources
+    assert resources.requests.memory == "48Mi" and resources.requests.cpu == "500m"
+    resources = parse_spec(document(job={"resources": {"limits": {"memory": "16Gi"}}})).spec.job.resources
+    assert resources.requests.memory == "2Gi"  # the default request stays when it fits
