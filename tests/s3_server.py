@@ -20,9 +20,9 @@ class S3ServerError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
@@ -36,25 +36,26 @@ def build() -> Path:
 @dataclass
 class S3Server:
     root: Path
+    host: str = "127.0.0.1"  # the e2e cluster's pods reach it on the node's address instead
     endpoint: str = ""
     process: subprocess.Popen | None = None
 
     def start(self) -> "S3Server":
         binary = build()
-        port = _free_port()
+        port = _free_port(self.host)
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = self.root.parent / "versitygw.log"
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [str(binary), "--port", f"127.0.0.1:{port}", "--access", ACCESS_KEY, "--secret", SECRET_KEY,
+                [str(binary), "--port", f"{self.host}:{port}", "--access", ACCESS_KEY, "--secret", SECRET_KEY,
                  "posix", str(self.root)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.endpoint = f"http://{self.host}:{port}"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise S3ServerError(f"versitygw exited: {self.log.read_text()[-2000:]}")
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                socket.create_connection((self.host, port), timeout=0.2).close()
                 return self
             except OSError:
                 time.sleep(0.1)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver and kube-controller-manager from the Go module proxy (wrapper modules
-# tools/etcd and tools/k8s) into a machine-local cache keyed by version, and prints the bin dir on
-# the last line of stdout. Skips the build when the binaries are already there.
+# Builds the e2e cluster from the Go module proxy into a machine-local cache keyed by version, and
+# prints the bin dir on the last line of stdout. Skips the build when the binaries are already there.
+#   control plane: etcd (tools/etcd), kube-apiserver, kube-controller-manager, kube-scheduler
+#   node:          kubelet (tools/k8s), containerd + containerd-shim-runc-v2 + ctr (tools/containerd);
+#                  runc and the CNI plugins come from Debian (scripts/node-packages)
 #
 #   MLOPT_CACHE  cache root (default ~/.cache/mlopt); binaries go to
-#                $MLOPT_CACHE/k8s-bin/<k8s-version>-etcd<etcd-version>/
+#                $MLOPT_CACHE/k8s-bin/<k8s-version>-etcd<etcd-version>-containerd<version>/
 #   GO           go command (default: `go` on PATH, else /usr/local/go/bin/go)
 #   GOMODCACHE, GOCACHE  default to $MLOPT_CACHE/gomod and $MLOPT_CACHE/go-build
 set -euo pipefail
@@ -32,9 +34,12 @@ k8s_version=$(module_version k8s k8s.io/kubernetes) ||
   die "cannot resolve k8s.io/kubernetes in tools/k8s (is the Go module proxy reachable? GOPROXY=$("$go_cmd" env GOPROXY))"
 etcd_version=$(module_version etcd go.etcd.io/etcd/server/v3) ||
   die "cannot resolve go.etcd.io/etcd/server/v3 in tools/etcd (is the Go module proxy reachable?)"
+containerd_version=$(module_version containerd github.com/containerd/containerd/v2) ||
+  die "cannot resolve github.com/containerd/containerd/v2 in tools/containerd (is the Go module proxy reachable?)"
 
-bin_dir=$cache_root/k8s-bin/$k8s_version-etcd$etcd_version
-binaries=(etcd kube-apiserver kube-controller-manager)
+bin_dir=$cache_root/k8s-bin/$k8s_version-etcd$etcd_version-containerd$containerd_version
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy
+  containerd containerd-shim-runc-v2 ctr)
 
 have_all() { local b; for b in "${binaries[@]}"; do [[ -x $bin_dir/$b ]] || return 1; done; }
 
@@ -57,10 +62,17 @@ if ! have_all; then
     echo "build-control-plane: building etcd $etcd_version into $bin_dir" >&2
     (cd "$tools_dir/etcd" && "$go_cmd" build -trimpath -ldflags "-s -w" -o "$tmp_dir/etcd" \
       go.etcd.io/etcd/server/v3) >&2 || die "etcd build failed (see above; Go module proxy reachable?)"
-    echo "build-control-plane: building kube-apiserver, kube-controller-manager $k8s_version" >&2
+    echo "build-control-plane: building kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy $k8s_version" >&2
     (cd "$tools_dir/k8s" && "$go_cmd" build -trimpath -ldflags "$k8s_ldflags" -o "$tmp_dir/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager) >&2 ||
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy) >&2 ||
       die "kubernetes build failed (see above; Go module proxy reachable?)"
+    echo "build-control-plane: building containerd $containerd_version" >&2
+    ctrd=github.com/containerd/containerd/v2
+    (cd "$tools_dir/containerd" && "$go_cmd" build -trimpath \
+      -ldflags "-s -w -X $ctrd/version.Version=$containerd_version -X $ctrd/version.Revision=go-module" \
+      -o "$tmp_dir/" $ctrd/cmd/containerd $ctrd/cmd/containerd-shim-runc-v2 $ctrd/cmd/ctr) >&2 ||
+      die "containerd build failed (see above; Go module proxy reachable?)"
     # Publish all binaries at once so a half-finished build is never mistaken for a cached one.
     rm -rf "$bin_dir"
     mv "$tmp_dir" "$bin_dir"

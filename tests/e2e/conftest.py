@@ -3,6 +3,7 @@
 - `control_plane` (session): a started ControlPlane with `.kubeconfig`, `.server`, `.bin_dir`,
   `.kubectl(*args, input=None, check=True)`, `.create_namespace()`, `.container_log(...)`.
 - `namespace` (function): a fresh namespace with its `default` service account; deleted afterwards.
+- `s3_server` (session): versitygw on the node's address (pods cannot reach 127.0.0.1 of the host).
 
 If the binaries cannot be built (no Go toolchain, no module proxy) the tests FAIL with the reason;
 they are never skipped.
@@ -14,7 +15,9 @@ import os
 
 import pytest
 
+from ..s3_server import S3Server, S3ServerError
 from .control_plane import ControlPlane, ControlPlaneError
+from .node import NODE_IP
 
 _planes: list[ControlPlane] = []
 
@@ -46,6 +49,18 @@ def control_plane(tmp_path_factory):
         os.environ["KUBECONFIG"] = previous
     plane.stop()
     _planes.remove(plane)
+
+
+@pytest.fixture(scope="session")
+def s3_server(control_plane, tmp_path_factory):
+    """The real S3 server on the node's address, so pods reach it as they would a cluster's object store."""
+    server = S3Server(tmp_path_factory.mktemp("s3-e2e") / "root", host=NODE_IP)
+    try:
+        server.start()
+    except S3ServerError as err:
+        pytest.fail(f"cannot start the S3 test server: {err}", pytrace=False)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""A real Kubernetes control plane for tests: etcd, kube-apiserver, kube-controller-manager and the
-test node (tests/e2e/testnode.py), started as local processes on free ports.
+"""A real Kubernetes cluster for tests: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+and a real node (tests/e2e/node.py: containerd + runc, the kubelet, kube-proxy), started as local
+processes on free ports, running the images of tools/build-images.sh.
 
 Used by the pytest fixtures in tests/e2e/conftest.py and by scripts/cluster-up:
 
@@ -8,12 +9,14 @@ Used by the pytest fixtures in tests/e2e/conftest.py and by scripts/cluster-up:
         ns = cp.create_namespace("demo")
 
 Binaries come from tools/build-control-plane.sh (built from Go modules, cached per version), or from
-MLOPT_K8S_BIN_DIR if set. Every process runs in its own process group and is killed by PID in stop().
+MLOPT_K8S_BIN_DIR if set; images from tools/build-images.sh, or MLOPT_IMAGES_DIR. Every process runs
+in its own process group and is killed by PID in stop().
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import ipaddress
 import json
 import os
@@ -25,17 +28,22 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import testnode
+from .node import NODE_IP, Node, NodeError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tools" / "build-control-plane.sh"
-TESTNODE_SCRIPT = Path(testnode.__file__).resolve()
-NODE_NAME = "mlopt-test-node"
+IMAGES_SCRIPT = REPO_ROOT / "tools" / "build-images.sh"
+NODE_NAME = "mlopt-node"
 SERVICE_CIDR = "10.0.0.0/24"
+# The images the node imports: the base (small, for plain test pods) and the two the Dockerfile builds.
+BASE_IMAGE = "localhost/mlopt/base:bookworm-py3.11"
+OPERATOR_IMAGE = "docker.io/mlopt/operator:0.1.0"
+WORKER_IMAGE = "docker.io/mlopt/worker:0.1.0"
 KCM_CONTROLLERS = [
     "job-controller",
     "garbage-collector-controller",
@@ -44,9 +52,17 @@ KCM_CONTROLLERS = [
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",  # kube-root-ca.crt, used by projected SA volumes
     "ttl-after-finished-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "endpoints-controller",
+    "endpointslice-controller",  # kube-proxy routes the `kubernetes` Service from its EndpointSlice
+    "endpointslice-mirroring-controller",
+    "persistentvolume-binder-controller",  # pvc:// tests bind a claim to a local PersistentVolume
+    "persistentvolumeclaim-protection-controller",  # lift the finalizers admission puts on claims and
+    "persistentvolume-protection-controller",  # volumes, or deleting their namespace never ends
+    "pod-garbage-collector-controller",
+    "node-lifecycle-controller",  # lifts the not-ready taint the kubelet registers with (and sets it again)
 ]
-# No node-lifecycle/taint-eviction controllers: the test node sends no heartbeats and would be
-# marked NotReady and its pods evicted. No scheduler: the test node binds pods itself.
 
 
 class ControlPlaneError(RuntimeError):
@@ -57,20 +73,29 @@ class ControlPlaneError(RuntimeError):
 # Binaries
 
 
-def build_binaries(log_file: Path) -> Path:
-    """Build (or find cached) etcd/kube-apiserver/kube-controller-manager; return their directory."""
-    if os.environ.get("MLOPT_K8S_BIN_DIR"):
-        return Path(os.environ["MLOPT_K8S_BIN_DIR"])
+def _cached_build(script: Path, env_override: str, log_file: Path, needs: str) -> Path:
+    """Run a tools/ build script (it returns at once when its cache is current); return the folder it
+    prints last. `env_override` names a variable that points at a prepared folder instead."""
+    if os.environ.get(env_override):
+        return Path(os.environ[env_override])
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as log:
-        result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=log, text=True)
+        result = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, stderr=log, text=True)
     if result.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise ControlPlaneError(
-            f"{BUILD_SCRIPT} failed (exit {result.returncode}); it needs the Go toolchain (>= 1.26) and "
-            f"the Go module proxy. Last lines of {log_file}:\n{tail}"
-        )
+        raise ControlPlaneError(f"{script} failed (exit {result.returncode}); it needs {needs}. "
+                                f"Last lines of {log_file}:\n{tail(log_file, 30)}")
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+def build_binaries(log_file: Path) -> Path:
+    """etcd, the Kubernetes components and containerd, built from Go modules (cached)."""
+    return _cached_build(BUILD_SCRIPT, "MLOPT_K8S_BIN_DIR", log_file, "the Go toolchain (>= 1.26) and the Go module proxy")
+
+
+def build_images(log_file: Path) -> Path:
+    """The base, pause, operator and worker images as archives (cached)."""
+    return _cached_build(IMAGES_SCRIPT, "MLOPT_IMAGES_DIR", log_file,
+                         "root, buildah and debootstrap (scripts/node-packages) and PyPI")
 
 
 def find_kubectl(bin_dir: Path) -> str:
@@ -95,9 +120,13 @@ class Pki:
     admin_key: Path
     sa_key: Path
     sa_pub: Path
+    node_cert: Path
+    node_key: Path
+    proxy_cert: Path
+    proxy_key: Path
 
 
-def make_pki(directory: Path) -> Pki:
+def make_pki(directory: Path, node_name: str = NODE_NAME) -> Pki:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -145,30 +174,43 @@ def make_pki(directory: Path) -> Pki:
     server_key = ec.generate_private_key(ec.SECP256R1())
     sans = [x509.DNSName(d) for d in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                                       "kubernetes.default.svc.cluster.local")]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "10.0.0.1")]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "10.0.0.1", NODE_IP)]
     server = issue(name("kube-apiserver"), server_key, ca_name, ca_key, ca=False,
                    usage=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans)
     admin_key = ec.generate_private_key(ec.SECP256R1())
     admin = issue(name("mlopt-admin", "system:masters"), admin_key, ca_name, ca_key, ca=False,
                   usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    # The kubelet's identity for the Node authorizer, and kube-proxy's (bound by the default RBAC).
+    node_key = ec.generate_private_key(ec.SECP256R1())
+    node = issue(name(f"system:node:{node_name}", "system:nodes"), node_key, ca_name, ca_key, ca=False,
+                 usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    proxy_key = ec.generate_private_key(ec.SECP256R1())
+    proxy = issue(name("system:kube-proxy", "system:node-proxier"), proxy_key, ca_name, ca_key, ca=False,
+                  usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
     # Service-account tokens are signed with RSA (RS256 is what every client library verifies).
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     pki = Pki(directory / "ca.crt", directory / "apiserver.crt", directory / "apiserver.key",
-              directory / "admin.crt", directory / "admin.key", directory / "sa.key", directory / "sa.pub")
+              directory / "admin.crt", directory / "admin.key", directory / "sa.key", directory / "sa.pub",
+              directory / "node.crt", directory / "node.key", directory / "proxy.crt", directory / "proxy.key")
     write_cert(ca, pki.ca_cert)
     write_cert(server, pki.server_cert)
     write_key(server_key, pki.server_key)
     write_cert(admin, pki.admin_cert)
     write_key(admin_key, pki.admin_key)
     write_key(sa_key, pki.sa_key)
+    write_cert(node, pki.node_cert)
+    write_key(node_key, pki.node_key)
+    write_cert(proxy, pki.proxy_cert)
+    write_key(proxy_key, pki.proxy_key)
     pki.sa_pub.write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
     return pki
 
 
-def kubeconfig_dict(server: str, pki: Pki, user: str = "mlopt-admin") -> dict:
-    """Admin kubeconfig with the certificates embedded, so it can be copied anywhere."""
+def kubeconfig_dict(server: str, pki: Pki, user: str = "mlopt-admin", cert: Path | None = None,
+                    key: Path | None = None) -> dict:
+    """A kubeconfig (admin unless another cert is given) with the certificates embedded."""
     import base64
 
     b64 = lambda path: base64.b64encode(path.read_bytes()).decode()  # noqa: E731
@@ -176,8 +218,8 @@ def kubeconfig_dict(server: str, pki: Pki, user: str = "mlopt-admin") -> dict:
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "mlopt-test", "cluster": {"server": server, "certificate-authority-data": b64(pki.ca_cert)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(pki.admin_cert),
-                                          "client-key-data": b64(pki.admin_key)}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert or pki.admin_cert),
+                                          "client-key-data": b64(key or pki.admin_key)}}],
         "contexts": [{"name": "mlopt-test", "context": {"cluster": "mlopt-test", "user": user}}],
         "current-context": "mlopt-test",
     }
@@ -264,27 +306,67 @@ def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
         return response.status == 200
 
 
+class ApiError(Exception):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:500]}")
+        self.status = status
+
+
+class Api:
+    """A minimal JSON client for the API server with the admin certificate (no kubectl round trip)."""
+
+    def __init__(self, server: str, ca_file: str, cert_file: str, key_file: str):
+        url = urllib.parse.urlsplit(server)
+        self.host, self.port = url.hostname, url.port or 443
+        self.context = ssl.create_default_context(cafile=ca_file)
+        self.context.load_cert_chain(cert_file, key_file)
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=30)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json",
+                                                           "Accept": "application/json"})
+            response = conn.getresponse()
+            text = response.read().decode()
+        finally:
+            conn.close()
+        if response.status >= 300:
+            raise ApiError(response.status, text)
+        return json.loads(text) if text else {}
+
+    def get_or_none(self, path: str) -> dict | None:
+        try:
+            return self.request("GET", path)
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+
 # --------------------------------------------------------------------------------------------------
-# The control plane
+# The cluster
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + kube-controller-manager (+ test node) under one work directory."""
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler, and a real node, under one
+    work directory."""
 
-    def __init__(self, workdir: Path, bin_dir: Path | None = None, with_node: bool = True,
-                 start_timeout: float = 180):
+    def __init__(self, workdir: Path, bin_dir: Path | None = None, images_dir: Path | None = None,
+                 with_node: bool = True, start_timeout: float = 180):
         self.workdir = Path(workdir).resolve()
         self.log_dir = self.workdir / "logs"
-        self.node_dir = self.workdir / "node"
         self.kubeconfig = self.workdir / "kubeconfig"
         self._bin_dir = bin_dir
+        self._images_dir = images_dir
         self.with_node = with_node
         self.node_name = NODE_NAME
         self.start_timeout = start_timeout
         self.components: list[Component] = []
+        self.node: Node | None = None
         self.server = ""
         self.pki: Pki | None = None
-        self.api: testnode.Api | None = None
+        self.api: Api | None = None
         self._kubectl = ""
 
     # -- lifecycle
@@ -294,47 +376,60 @@ class ControlPlane:
             self._bin_dir = build_binaries(self.log_dir / "build.log")
         return self._bin_dir
 
+    @property
+    def images_dir(self) -> Path:
+        if self._images_dir is None:
+            self._images_dir = build_images(self.log_dir / "build-images.log")
+        return self._images_dir
+
     def start(self) -> "ControlPlane":
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager") if not (self.bin_dir / b).is_file()]
+        wanted = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler"]
+        if self.with_node:
+            wanted += ["kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr"]
+        missing = [b for b in wanted if not (self.bin_dir / b).is_file()]
         if missing:
-            raise ControlPlaneError(f"missing binaries in {self.bin_dir}: {missing}")
+            raise ControlPlaneError(f"missing binaries in {self.bin_dir}: {missing} (run {BUILD_SCRIPT})")
         self._kubectl = find_kubectl(self.bin_dir)
         try:
-            self.pki = make_pki(self.workdir / "pki")
+            if self.with_node:
+                self.node = Node(self.workdir / "node", self.bin_dir, self.images_dir, self.node_name)
+                self.node.prepare()  # the node's address exists before the API server binds to it
+            self.pki = make_pki(self.workdir / "pki", self.node_name)
             etcd_url = self._start_etcd()
             self._start_apiserver(etcd_url)
             self._start_controller_manager()
+            self._start_scheduler()
             self._wait_default_service_account("default")
             if self.with_node:
                 self._start_node()
+        except NodeError as err:
+            self.stop()
+            raise ControlPlaneError(str(err)) from None
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self) -> None:
-        """Node first (it kills its containers), then the rest in reverse start order."""
+        """The node first (its pods, then its processes and what they left), then the control plane."""
+        if self.node is not None:
+            try:
+                self.node.stop(self.api if self._apiserver_alive() else None)
+            finally:
+                self.node = None
         for comp in reversed(self.components):
             comp.stop()
-        self._kill_leftover_containers()
         self.components.clear()
+
+    def _apiserver_alive(self) -> bool:
+        return self.api is not None and any(c.name == "kube-apiserver" and c.alive() for c in self.components)
 
     def __enter__(self) -> "ControlPlane":
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def _kill_leftover_containers(self) -> None:
-        """If the test node was killed hard, its containers' process groups are listed in running/."""
-        running = self.node_dir / "running"
-        for entry in running.glob("*") if running.exists() else []:
-            try:
-                os.killpg(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-            entry.unlink(missing_ok=True)
 
     # -- components
     def _start_etcd(self) -> str:
@@ -356,31 +451,39 @@ class ControlPlane:
 
     def _start_apiserver(self, etcd_url: str) -> None:
         pki, port = self.pki, free_port()
-        self.server = f"https://127.0.0.1:{port}"
-        comp = start_component("kube-apiserver", [
+        # On the node's address (when there is a node): the kubelet's iptables rules drop traffic from
+        # pods to 127.0.0.0/8, and the `kubernetes` Service needs an endpoint that is not loopback.
+        address = NODE_IP if self.with_node else "127.0.0.1"
+        self.server = f"https://{address}:{port}"
+        argv = [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={port}",
-            # Endpoints validation rejects loopback IPs, so the `kubernetes` Service gets none.
-            "--endpoint-reconciler-type=none",
+            f"--bind-address={address}", f"--advertise-address={address}", f"--secure-port={port}",
             f"--cert-dir={self.workdir / 'pki'}",
             f"--tls-cert-file={pki.server_cert}", f"--tls-private-key-file={pki.server_key}",
             f"--client-ca-file={pki.ca_cert}",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--authorization-mode=RBAC",  # so the operator's RBAC manifests are really exercised
+            # RBAC so the operator's manifests are really exercised; Node + NodeRestriction for the kubelet.
+            "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+            # `kubectl logs/exec` go API server -> kubelet with this client identity.
+            f"--kubelet-client-certificate={pki.admin_cert}", f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             "--allow-privileged=true",
             "--enable-priority-and-fairness=false",  # less CPU on small CI machines
             "--profiling=false",
-        ], self.log_dir)
+        ]
+        if not self.with_node:  # Endpoints validation rejects loopback IPs
+            argv.append("--endpoint-reconciler-type=none")
+        comp = start_component("kube-apiserver", argv, self.log_dir)
         self.components.append(comp)
         context = ssl.create_default_context(cafile=str(pki.ca_cert))
         wait_until("kube-apiserver /readyz", lambda: http_ok(f"{self.server}/readyz", context),
                    self.start_timeout, self.components)
         self.kubeconfig.write_text(json.dumps(kubeconfig_dict(self.server, pki), indent=1))
         self.kubeconfig.chmod(0o600)
-        self.api = testnode.Api(self.server, str(pki.ca_cert), str(pki.admin_cert), str(pki.admin_key))
+        self.api = Api(self.server, str(pki.ca_cert), str(pki.admin_cert), str(pki.admin_key))
 
     def _start_controller_manager(self) -> None:
         comp = start_component("kube-controller-manager", [
@@ -394,20 +497,37 @@ class ControlPlane:
         ], self.log_dir)
         self.components.append(comp)
 
+    def _start_scheduler(self) -> None:
+        self.components.append(start_component("kube-scheduler", [
+            str(self.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={self.kubeconfig}", f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+        ], self.log_dir))
+
     def _start_node(self) -> None:
-        argv = [sys.executable, str(TESTNODE_SCRIPT), "run",
-                f"--server={self.server}", f"--ca-file={self.pki.ca_cert}",
-                f"--cert-file={self.pki.admin_cert}", f"--key-file={self.pki.admin_key}",
-                f"--name={self.node_name}", f"--workdir={self.node_dir}"]
-        if sys.prefix != sys.base_prefix:  # running from a venv: containers run the project's code
-            argv.append(f"--path-prepend={Path(sys.prefix) / 'bin'}")
-        self.components.append(start_component("testnode", argv, self.log_dir))
-        wait_until(f"node {self.node_name} Ready", self._node_ready, self.start_timeout, self.components)
+        def identity(name: str, cert: Path, key: Path) -> Path:
+            path = self.workdir / f"{name}.kubeconfig"
+            path.write_text(json.dumps(kubeconfig_dict(self.server, self.pki, name, cert, key)))
+            path.chmod(0o600)
+            return path
+
+        self.node.start(
+            start_component=start_component, wait_until=wait_until, server=self.server, ca_file=self.pki.ca_cert,
+            node_kubeconfig=identity("kubelet", self.pki.node_cert, self.pki.node_key),
+            proxy_kubeconfig=identity("kube-proxy", self.pki.proxy_cert, self.pki.proxy_key),
+            log_dir=self.log_dir, images=["base", "operator", "worker"], timeout=self.start_timeout,
+        )
+        wait_until(f"node {self.node_name} Ready and schedulable", self._node_ready, self.start_timeout,
+                   self.components + self.node.components)
 
     def _node_ready(self) -> bool:
-        node = self.api.get_or_none(f"/api/v1/nodes/{self.node_name}")
-        conditions = (node or {}).get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+        """Ready, and the node-lifecycle controller has lifted the kubelet's not-ready taint."""
+        node = self.api.get_or_none(f"/api/v1/nodes/{self.node_name}") or {}
+        conditions = node.get("status", {}).get("conditions", [])
+        taints = node.get("spec", {}).get("taints", [])
+        return (any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+                and not any(t["key"].startswith("node.kubernetes.io/") for t in taints))
 
     def _wait_default_service_account(self, namespace: str) -> None:
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/default"
@@ -437,7 +557,7 @@ class ControlPlane:
     def delete_namespace(self, name: str, wait: bool = False, timeout: float = 120) -> None:
         try:
             self.api.request("DELETE", f"/api/v1/namespaces/{name}")
-        except testnode.ApiError as err:
+        except ApiError as err:
             if err.status != 404:
                 raise
         if wait:
@@ -445,12 +565,9 @@ class ControlPlane:
                        timeout, self.components)
 
     def log_tails(self, lines: int = 40) -> str:
-        parts = [f"----- {c.name} ({c.log}) -----\n{tail(c.log, lines)}" for c in self.components]
-        logs = (self.node_dir / "logs").glob("*.log") if self.node_dir.exists() else []
-        recent = sorted(logs, key=lambda log: log.stat().st_mtime)[-5:]  # the failing test's, most likely
-        parts += [f"----- container {log.name} -----\n{tail(log, lines)}" for log in recent]
-        return "\n".join(parts)
+        components = self.components + (self.node.components if self.node else [])
+        return "\n".join(f"----- {c.name} ({c.log}) -----\n{tail(c.log, lines)}" for c in components)
 
     def container_log(self, namespace: str, pod: str, container: str) -> str:
-        """What `kubectl logs` would show (the test node does not serve the logs API)."""
-        return (self.node_dir / "logs" / f"{namespace}_{pod}_{container}.log").read_text(errors="replace")
+        """`kubectl logs` (through the API server and the kubelet)."""
+        return self.kubectl("logs", "-n", namespace, pod, "-c", container).stdout

@@ -1,8 +1,10 @@
-"""The operator against the real control plane (tests/e2e/control_plane.py), with kubectl.
+"""The operator on the real cluster (tests/e2e/control_plane.py: kubelet, containerd, runc), with kubectl.
 
-The operator runs as a local process under its own service account's token, with only the RBAC in
-manifests/base; the test node runs the Jobs' `mlopt worker` containers as local processes.
-Most cases use the small digits model with one variant; only examples/crnn.yaml runs the CRNN.
+The operator runs exactly as a user installs it on kind: `kubectl apply -k manifests/overlays/kind`,
+the Deployment from the operator image under its own service account with only the RBAC in
+manifests/base; every Job pod runs the worker image. Both images come from the Dockerfile
+(tools/build-images.sh). Most cases use the small digits model with one variant; only
+examples/crnn.yaml runs the CRNN.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .control_plane import free_port
+from .control_plane import WORKER_IMAGE, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +38,8 @@ DIGITS_RUNS = 5
 
 
 class OperatorProcess:
-    """The operator with a kubeconfig holding the service account's token."""
+    """`mlopt operator` as a local process with a kubeconfig holding the service account's token
+    (the CLI entry point; the cluster's operator is the Deployment below)."""
 
     def __init__(self, kubeconfig: Path, workdir: Path, command: list[str] | None = None):
         self.kubeconfig, self.workdir = kubeconfig, workdir
@@ -47,11 +50,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         self.port = free_port()
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "MLOPT_WORKER_IMAGE": "mlopt/worker:e2e",  # recorded only: the test node runs no images
-        }
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "MLOPT_WORKER_IMAGE": WORKER_IMAGE}
         with open(self.log, "ab") as out:
             # cwd outside the repo, like an installed operator; own process group, killed by PID.
             self.process = subprocess.Popen(
@@ -109,10 +108,50 @@ def token_kubeconfig(control_plane, path: Path) -> Path:
     return path
 
 
+class OperatorDeployment:
+    """The operator's Deployment (manifests/overlays/kind) as it runs on the node."""
+
+    def __init__(self, cp, kubeconfig: Path):
+        self.cp, self.kubeconfig = cp, kubeconfig  # kubeconfig: the operator SA's token, for `auth can-i`
+
+    def pod(self) -> dict:
+        pods = self.cp.kubectl_json("get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=mlopt-operator")
+        return max(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        self.cp.kubectl("rollout", "status", "deployment/mlopt-operator", "-n", OPERATOR_NS, f"--timeout={timeout}s",
+                        timeout=timeout + 30)
+        wait_for("the operator pod to be Ready",
+                 lambda: all(c.get("ready") for c in self.pod()["status"].get("containerStatuses") or [{}]),
+                 timeout, self.tail)
+
+    def crash(self) -> None:
+        """SIGKILL to the operator's process in its container: no chance to clean up."""
+        (status,) = self.pod()["status"]["containerStatuses"]
+        self.restarts = status["restartCount"]
+        self.cp.node.ctr("tasks", "kill", "-s", "SIGKILL", status["containerID"].removeprefix("containerd://"))
+
+    def wait_restarted(self, timeout: float = 240) -> None:
+        def restarted():
+            (status,) = self.pod()["status"]["containerStatuses"]
+            return status["restartCount"] > self.restarts and status.get("ready")
+
+        wait_for("the operator container to restart", restarted, timeout, self.tail)
+
+    def tail(self, lines: int = 60) -> str:
+        result = self.cp.kubectl("logs", "-n", OPERATOR_NS, "deployment/mlopt-operator", f"--tail={lines}",
+                                 check=False)
+        return result.stdout + result.stderr
+
+    def logs(self) -> str:
+        return self.cp.kubectl("logs", "-n", OPERATOR_NS, "deployment/mlopt-operator").stdout
+
+
 @pytest.fixture(scope="module")
 def installed(control_plane):
-    """CRD + manifests/base (namespace, service account, RBAC, Deployment) applied as admin."""
-    control_plane.kubectl("apply", "-k", str(REPO / "manifests" / "base"))
+    """What a user applies on kind: the CRD + manifests/base (namespace, service account, RBAC, the
+    Deployment) through the kind overlay (images never pulled)."""
+    control_plane.kubectl("apply", "-k", str(REPO / "manifests" / "overlays" / "kind"))
     control_plane.kubectl("wait", "--for=condition=Established", "crd/modeloptimizations.mlopt.io", "--timeout=60s")
     return control_plane
 
@@ -120,10 +159,9 @@ def installed(control_plane):
 @pytest.fixture(scope="module")
 def operator(installed, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("operator")
-    process = OperatorProcess(token_kubeconfig(installed, workdir / "kubeconfig"), workdir)
-    process.start()
-    yield process
-    process.stop()
+    deployment = OperatorDeployment(installed, token_kubeconfig(installed, workdir / "kubeconfig"))
+    deployment.wait_ready()
+    yield deployment
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +219,7 @@ def events(cp, namespace: str, name: str) -> list[dict]:
 
 
 def worker_pids(marker: str) -> list[int]:
-    """Local processes of the worker whose MLOPT_SPEC names this resource (the test node runs them)."""
+    """The worker processes (in their containers, seen from the host) whose MLOPT_SPEC names this resource."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -210,12 +248,14 @@ def test_runs_under_its_own_service_account_with_only_the_manifests_rbac(operato
     assert control_plane.kubectl("auth", "whoami", f"--kubeconfig={token_config}", "-o", "json", check=False
                                  ).stdout.count(f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}") >= 1
     assert can("create", "jobs.batch", "-A") == "yes"
+    pod = operator.pod()
+    assert pod["spec"]["serviceAccountName"] == OPERATOR_SA and pod["status"]["phase"] == "Running"
     assert can("patch", "modeloptimizations.mlopt.io/status", "-A") == "yes"
     for verb, resource in (("get", "secrets"), ("create", "pods"), ("delete", "modeloptimizations.mlopt.io"),
                            ("list", "customresourcedefinitions"), ("update", "jobs.batch")):
         assert can(verb, resource, "-A") == "no", f"the operator may {verb} {resource}"
-    assert operator.process.poll() is None
-    assert "Forbidden" not in operator.log.read_text(), operator.tail()
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0, operator.tail()
+    assert "Forbidden" not in operator.logs(), operator.tail()
 
 
 def test_mlopt_operator_cli_runs_the_operator(installed, tmp_path):
@@ -266,6 +306,9 @@ def test_example_crnn_succeeds_and_get_prints_the_columns(operator, control_plan
     assert header.split() == ["NAME", "PHASE", "BEST", "SIZE", "LATENCY", "SPEEDUP", "AGE"]
     assert re.search(r"^crnn\s+Succeeded\s+\S+\s+[\d.]+ [kM]B\s+[\d.]+ ms\s+[\d.]+x\s+\S+$", row), table
     print(table)
+    logs = control_plane.kubectl("logs", "-n", namespace, f"job/{status['jobName']}").stdout
+    assert "export" in logs and "benchmark" in logs, logs[-3000:]  # the worker's progress, step by step
+    print(logs[-2000:])
 
 
 def test_model_that_cannot_load_fails_with_reason_and_event(operator, control_plane, namespace):
@@ -296,6 +339,61 @@ def test_killed_worker_fails_with_the_exit_code(operator, control_plane, namespa
     assert status["reason"] == "BackoffLimitExceeded"
 
 
+def test_worker_pod_is_locked_down_as_seen_from_inside(operator, control_plane, namespace):
+    """uid 10001, read-only root, no service-account token, no capabilities: read in the pod itself."""
+    name = "locked-down"
+    apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 10_000_000}))
+    wait_status(control_plane, operator, namespace, name, phase_is("Running"))
+    (pod,) = pods(control_plane, namespace, name)
+    # The manifests say mlopt/worker:0.1.0; the runtime reports the image it really ran, fully qualified.
+    assert pod["status"]["containerStatuses"][0]["image"] == WORKER_IMAGE
+    probe = (
+        "import json, os\n"
+        "try:\n    open('/probe', 'w'); root = 'writable'\nexcept OSError as err:\n    root = err.strerror\n"
+        "caps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapBnd'))]\n"
+        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'root': root, 'caps': caps,\n"
+        "  'token': os.path.exists('/var/run/secrets/kubernetes.io/serviceaccount/token'),\n"
+        "  'scratch': os.access('/scratch', os.W_OK)}))\n"
+    )
+    seen = json.loads(control_plane.kubectl("exec", "-n", namespace, pod["metadata"]["name"], "--",
+                                            "python", "-c", probe).stdout)
+    assert seen == {"uid": 10001, "gid": 10001, "root": "Read-only file system", "caps": ["0" * 16] * 3,
+                    "token": False, "scratch": True}, seen
+
+
+def test_memory_limit_ends_failed_with_oomkilled_from_the_kernel(operator, control_plane, namespace):
+    name = "tiny-memory"
+    apply(control_plane, namespace, digits(name, job={"resources": {"limits": {"memory": "48Mi"}}}))
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"))["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "OOMKilled", status
+    assert "limit 48Mi" in status["message"] and "spec.job.resources.limits.memory" in status["message"]
+    (pod,) = pods(control_plane, namespace, name)
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["reason"] == "OOMKilled" and terminated["exitCode"] == 137
+
+
+def test_missing_image_with_pull_policy_never_fails_with_the_reason(operator, control_plane, namespace):
+    name = "no-image"
+    apply(control_plane, namespace, digits(name, job={"image": "docker.io/mlopt/worker:not-built"}))
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"),
+                         timeout=120)["status"]  # the Job's deadline is 3600 s: this is not it
+    assert status["phase"] == "Failed" and status["reason"] == "ErrImageNeverPull", status
+    assert "mlopt/worker:not-built" in status["message"] and "imagePullPolicy is Never" in status["message"]
+    wait_for("the Job to be deleted", lambda: not jobs(control_plane, namespace, name), 60)
+
+
+def test_a_job_the_api_server_refuses_fails_at_once_with_its_message(operator, control_plane, namespace):
+    """A nodeSelector key that is not a label key passes the spec (any string map) but not the API
+    server: Failed with the API server's words, not a retry every 5 s with no phase."""
+    name = "bad-selector"
+    apply(control_plane, namespace, digits(name, job={"nodeSelector": {"gpu type": "a100"}}))
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"),
+                         timeout=60)["status"]
+    assert status["phase"] == "Failed" and status["reason"] == "JobRejected", status
+    assert "nodeSelector" in status["message"] and "gpu type" in status["message"], status
+    assert not jobs(control_plane, namespace, name)
+
+
 def test_deadline_exceeded_is_explained(operator, control_plane, namespace):
     name = "too-slow"
     apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 10_000_000},
@@ -312,9 +410,9 @@ def test_restart_during_a_run_adopts_the_job(operator, control_plane, namespace)
     name = "restart"
     apply(control_plane, namespace, digits(name, benchmark={"warmup": 1, "runs": 2000}))
     wait_status(control_plane, operator, namespace, name, phase_is("Running"))
-    operator.stop(signal.SIGKILL)  # a crash: no chance to clean up
+    operator.crash()
     assert len(jobs(control_plane, namespace, name)) == 1
-    operator.start()
+    operator.wait_restarted()
     status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"))["status"]
     assert status["phase"] == "Succeeded", status
     found = jobs(control_plane, namespace, name)
@@ -441,3 +539,56 @@ def test_worker_killed_during_upload_leaves_no_results_json_and_fails(operator, 
     assert status["exitCode"] == 137
     keys = uploaded()
     assert keys and prefix + "results.json" not in keys, keys  # partial upload: readers see no results
+
+
+# --------------------------------------------------------------------------------------------------
+# pvc://: the model from a PersistentVolumeClaim, the optimized model written back to it
+
+
+def test_model_from_a_claim_optimized_model_back_on_the_volume(operator, control_plane, namespace, tmp_path):
+    import hashlib
+
+    volume = tmp_path / "volume"
+    (volume / "in").mkdir(parents=True)
+    _onnx_model(volume / "in" / "model.onnx", hidden=256)
+    for path in [volume, *volume.rglob("*")]:
+        os.chown(path, 10001, 10001)  # the worker runs as 10001; hostPath volumes get no fsGroup
+    pv_name = f"pv-{namespace}"
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(volume), "type": "Directory"},
+                  "claimRef": {"namespace": namespace, "name": "models"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models", "namespace": namespace},
+         "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv_name,
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ]}))
+    wait_for("the claim to bind", lambda: control_plane.kubectl_json(
+        "get", "pvc", "models", "-n", namespace)["status"].get("phase") == "Bound", 60)
+    spec = digits("from-pvc", model={"source": "pvc://models/in/model.onnx",
+                                     "inputs": [{"name": "x", "shape": [1, 256], "dynamicAxes": {0: "batch"}}]},
+                  variants=[{"name": "onnx-fp32", "recipe": "onnx-fp32"},
+                            {"name": "int8", "recipe": "ort-int8-dynamic"}],
+                  output="pvc://models/out/", benchmark={"warmup": 5, "runs": 40})
+    apply(control_plane, namespace, spec)
+    try:
+        status = wait_status(control_plane, operator, namespace, "from-pvc", phase_is("Succeeded", "Failed"))["status"]
+        assert status["phase"] == "Succeeded", status
+        assert status["output"] == "pvc://models/out/" and status["results"] == "pvc://models/out/results.json"
+        results = json.loads((volume / "out" / "results.json").read_text())
+        assert results["best"] == status["best"]
+        for stored in results["outputs"]:  # the whole run is on the volume, byte for byte
+            on_volume = volume / "out" / stored["path"]
+            assert hashlib.sha256(on_volume.read_bytes()).hexdigest() == stored["sha256"], stored["path"]
+        assert any(o["path"].startswith("models/") for o in results["outputs"]), results["outputs"]
+        if status["best"] == results["baseline"]["name"]:  # timing picked the user's own model: nothing to ship
+            assert "artifacts" not in status, status
+        else:
+            best = status["artifacts"]["best"]
+            assert best["uri"].startswith("pvc://models/out/models/"), best
+            on_volume = volume / best["uri"].removeprefix("pvc://models/")
+            assert on_volume.is_file() and hashlib.sha256(on_volume.read_bytes()).hexdigest() == best["sha256"]
+    finally:
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False,
+                              timeout=150)
+        control_plane.kubectl("delete", "pv", pv_name, "--wait=false", check=False)
