@@ -18,7 +18,10 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # ---- build: one wheel of the project -------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# pyproject's `readme` is only the package's long description: a stub keeps a docs edit from
+# rebuilding the images (the worker's is ~6 GB to export and import).
+RUN echo "# mlopt (see the project's README)" > README.md
 COPY optimizer ./optimizer
 COPY operator ./operator
 RUN --mount=type=cache,target=/root/.cache/pip pip wheel --no-deps --wheel-dir /wheels . \

@@ -414,6 +414,10 @@ class ControlPlane:
     def stop(self) -> None:
         """The node first (its pods, then its processes and what they left), then the control plane."""
         if self.node is not None:
+            # No controller may replace the pods the node is about to delete (a Deployment's would).
+            for comp in self.components:
+                if comp.name in ("kube-controller-manager", "kube-scheduler"):
+                    comp.stop()
             try:
                 self.node.stop(self.api if self._apiserver_alive() else None)
             finally:

@@ -126,8 +126,9 @@ class Node:
                     (root / knob).write_text((hierarchy / knob).read_text())
 
     @staticmethod
-    def _hierarchies() -> list[Path]:
-        return [p for p in CGROUP_FS.iterdir() if p.is_dir() and not p.is_symlink() and p.name != "unified"]
+    def _hierarchies(unified: bool = False) -> list[Path]:
+        """The v1 hierarchies; with `unified`, also the hybrid layout's v2 tree (the kubelet uses it too)."""
+        return [p for p in CGROUP_FS.iterdir() if p.is_dir() and not p.is_symlink() and (unified or p.name != "unified")]
 
     # -- containerd, images, kubelet, kube-proxy
     def start(self, *, start_component, wait_until, server: str, ca_file: Path, node_kubeconfig: Path,
@@ -162,9 +163,8 @@ class Node:
         if image_id and recorded.get("id") == image_id and set(recorded.get("refs", [])) <= present:
             return
         marker.unlink(missing_ok=True)
-        output = self.ctr("images", "import", "--snapshotter=overlayfs", str(archive)).stdout
-        # ctr 2.x prints "<ref>  saved" per image in the archive (then the manifest and a progress line).
-        refs = [words[0] for words in map(str.split, output.splitlines()) if words[1:2] == ["saved"]]
+        self.ctr("images", "import", "--snapshotter=overlayfs", str(archive))
+        refs = archive_refs(archive)
         if image_id and refs:
             marker.parent.mkdir(exist_ok=True)
             marker.write_text(json.dumps({"id": image_id, "refs": refs}))
@@ -318,7 +318,7 @@ state = "{base / 'state'}"
 
     def _remove_leftovers(self) -> None:
         # Shims and pod processes of a run that died: every process in our cgroup tree.
-        for hierarchy in self._hierarchies() if CGROUP_FS.exists() else []:
+        for hierarchy in self._hierarchies(unified=True) if CGROUP_FS.exists() else []:
             for procs in (hierarchy / CGROUP_ROOT).rglob("cgroup.procs") if (hierarchy / CGROUP_ROOT).exists() else []:
                 for pid in procs.read_text().split():
                     try:
@@ -340,7 +340,7 @@ state = "{base / 'state'}"
             if master.exists() and master.resolve().name == POD_BRIDGE:
                 run("ip", "link", "del", veth.name, check=False)
         remove_kube_iptables_chains()
-        for hierarchy in self._hierarchies() if CGROUP_FS.exists() else []:
+        for hierarchy in self._hierarchies(unified=True) if CGROUP_FS.exists() else []:
             root = hierarchy / CGROUP_ROOT
             if root.exists():
                 for cgroup in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts),
@@ -351,6 +351,35 @@ state = "{base / 'state'}"
                         pass
         for path in HOST_PATHS:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def archive_refs(archive: Path) -> list[str]:
+    """The image names a docker-archive holds (its manifest.json's RepoTags); ctr's own output
+    mangles some of them for display."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:  # uncompressed: members are found by seeking, not reading
+        manifest = tar.extractfile("manifest.json")
+        return [tag for image in json.load(manifest) for tag in image.get("RepoTags") or []]
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """What a stopped node would have left on this machine: empty when the teardown was complete."""
+    found = []
+    for link in (POD_BRIDGE, NODE_BRIDGE):
+        if (Path("/sys/class/net") / link).exists():
+            found.append(f"network link {link}")
+    roots = [str(workdir), *(str(p) for p in HOST_PATHS)]
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        mount = line.split()[1]
+        if any(mount == r or mount.startswith(r + "/") for r in roots):
+            found.append(f"mount {mount}")
+    found += [f"path {p}" for p in HOST_PATHS if p.exists()]
+    found += [f"cgroup {p / CGROUP_ROOT}" for p in Node._hierarchies(unified=True) if (p / CGROUP_ROOT).exists()]
+    if shutil.which("iptables-save"):
+        found += [f"iptables chain {line[1:].split()[0]}" for line in run("iptables-save", check=False).stdout.splitlines()
+                  if line.startswith(":KUBE-")]
+    return found
 
 
 def remove_kube_iptables_chains() -> None:
