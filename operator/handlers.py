@@ -104,7 +104,7 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
         try:
             created = cluster.create_job(job)
         except JobRefused as refused:
-            _job_refused(cluster, current, job["metadata"]["name"], refused, generation)
+            raise _job_refused(cluster, current, job["metadata"]["name"], refused, generation) from None
         if created is None:
             logger.info(f"adopted the existing Job {job['metadata']['name']}")
         else:
@@ -112,16 +112,17 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
 
 
 def _job_refused(cluster: Cluster, resource: dict[str, Any], job_name: str, refused: JobRefused,
-                 generation: int) -> None:
+                 generation: int) -> Exception:
     """The API server refused the Job: Failed when resending cannot help, else Pending with the reason
-    (e.g. a ResourceQuota) and a slow retry. Either way the status says what the API server said."""
+    (e.g. a ResourceQuota) and a slow retry. Either way the status says what the API server said;
+    returns the error that tells kopf which of the two it is."""
     if refused.permanent:
         message = f"the API server refused Job {job_name}: {refused.message}"
         _write(cluster, resource, {"phase": "Failed", "reason": "JobRejected", "message": message}, generation)
-        raise kopf.PermanentError(message)
+        return kopf.PermanentError(message)
     message = f"the API server forbids Job {job_name} for now (retrying every minute): {refused.message}"
     _write(cluster, resource, {"phase": "Pending", "reason": "JobForbidden", "message": message}, generation)
-    raise kopf.TemporaryError(message, delay=60)
+    return kopf.TemporaryError(message, delay=60)
 
 
 def _sync(namespace: str, name: str, generation: str) -> None:

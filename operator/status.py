@@ -28,6 +28,9 @@ _WAITING_FATAL = {
     "onto the node (kind load docker-image, ctr images import) or set the operator's MLOPT_IMAGE_PULL_POLICY",
     "InvalidImageName": "the worker image name is invalid: fix spec.job.image or the operator's MLOPT_WORKER_IMAGE",
 }
+# Job condition types that mean it ended (FailureTarget and SuccessCriteriaMet come first, while its pods terminate).
+_COMPLETE = ("Complete", "SuccessCriteriaMet")
+_FAILED = ("Failed", "FailureTarget")
 _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
 
 
@@ -128,7 +131,7 @@ def _log_tail(terminated: dict[str, Any]) -> str:
 
 def _failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
     """Why a failed Job failed, most specific cause first."""
-    failed = _condition(job, ("Failed", "FailureTarget")) or {}
+    failed = _condition(job, _FAILED) or {}
     terminated = _latest_terminated(pods)
     waiting = _worker_state(_latest(pods)).get("waiting") or {}
     out: dict[str, Any] = {"phase": "Failed"}
@@ -168,16 +171,12 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
     if pod is None:
         return {"phase": "Pending", "reason": "JobCreated", "message": "waiting for the worker pod"}
     waiting = _worker_state(pod).get("waiting") or {}
-    if waiting.get("reason") in _WAITING_FATAL:
-        detail = waiting.get("message") or ""
-        return {"phase": "Failed", "reason": waiting["reason"],
-                "message": f"{_WAITING_FATAL[waiting['reason']]} ({detail})" if detail else _WAITING_FATAL[waiting["reason"]]}
-    if waiting.get("reason") in _WAITING_PROBLEMS:
-        detail = waiting.get("message") or ""
+    reason = waiting.get("reason")
+    if explained := _WAITING_FATAL.get(reason) or _WAITING_PROBLEMS.get(reason):
         return {
-            "phase": "Pending",
-            "reason": waiting["reason"],
-            "message": f"{_WAITING_PROBLEMS[waiting['reason']]}: {detail}".rstrip(": "),
+            "phase": "Failed" if reason in _WAITING_FATAL else "Pending",
+            "reason": reason,
+            "message": f"{explained}: {waiting.get('message') or ''}".rstrip(": "),
         }
     for condition in pod.get("status", {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
@@ -190,7 +189,7 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def job_finished(job: dict[str, Any]) -> bool:
-    return _condition(job, ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")) is not None
+    return _condition(job, _COMPLETE + _FAILED) is not None
 
 
 def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
@@ -199,8 +198,8 @@ def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str
     status: dict[str, Any] = {"jobName": job["metadata"]["name"]}
     if job_status.get("startTime"):
         status["startTime"] = job_status["startTime"]
-    complete = _condition(job, ("Complete", "SuccessCriteriaMet"))
-    failed = _condition(job, ("Failed", "FailureTarget"))
+    complete = _condition(job, _COMPLETE)
+    failed = _condition(job, _FAILED)
     if complete or failed:
         status["completionTime"] = job_status.get("completionTime") or (complete or failed).get(
             "lastTransitionTime"

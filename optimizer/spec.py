@@ -305,7 +305,7 @@ class Toleration(_Strict):
     tolerationSeconds: int | None = None
 
 
-# Kubernetes' quantity grammar (resource.Quantity), without the rarely used sign and "E" forms mixed.
+# Kubernetes' quantity grammar (resource.Quantity), less the leading sign no resource request uses.
 QUANTITY = r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$"
 _QUANTITY_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
                     "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}

@@ -17,7 +17,7 @@ import pytest
 
 from ..s3_server import S3Server, S3ServerError
 from .control_plane import ControlPlane, ControlPlaneError
-from .node import NODE_IP, leftovers
+from .node import NODE_IP
 
 _planes: list[ControlPlane] = []
 
@@ -50,8 +50,7 @@ def control_plane(tmp_path_factory):
     plane.stop()
     _planes.remove(plane)
     # The node must leave this machine as it found it: a leftover fails the run here.
-    left = leftovers(workdir / "node")
-    assert not left, f"the e2e node left these behind: {left}"
+    assert not plane.left_behind, f"the e2e node left these behind: {plane.left_behind}"
 
 
 @pytest.fixture(scope="session")

@@ -364,6 +364,7 @@ class ControlPlane:
         self.start_timeout = start_timeout
         self.components: list[Component] = []
         self.node: Node | None = None
+        self.left_behind: list[str] = []  # what the last stop() could not remove (see Node.leftovers)
         self.server = ""
         self.pki: Pki | None = None
         self.api: Api | None = None
@@ -420,6 +421,7 @@ class ControlPlane:
                     comp.stop()
             try:
                 self.node.stop(self.api if self._apiserver_alive() else None)
+                self.left_behind = self.node.leftovers()
             finally:
                 self.node = None
         for comp in reversed(self.components):

@@ -325,13 +325,8 @@ state = "{base / 'state'}"
                         os.kill(int(pid), 9)
                     except (ProcessLookupError, ValueError):
                         pass
-        for pattern in ("containerd-shim-runc-v2",):
-            run("pkill", "-9", "-f", f"{self.bin_dir / pattern}", check=False)
-        # Mounts under the work dir and the host paths, deepest first (rootfs overlays, netns, shm).
-        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-        roots = [str(self.workdir), str(self.store_dir), *(str(p) for p in HOST_PATHS)]
-        for mount in sorted((m for m in mounts if any(m.startswith(r + "/") or m == r for r in roots)),
-                            key=len, reverse=True):
+        run("pkill", "-9", "-f", str(self.bin_dir / "containerd-shim-runc-v2"), check=False)
+        for mount in self._mounts():
             run("umount", "-l", mount, check=False)
         for link in (POD_BRIDGE, NODE_BRIDGE):
             run("ip", "link", "del", link, check=False)
@@ -352,6 +347,24 @@ state = "{base / 'state'}"
         for path in HOST_PATHS:
             shutil.rmtree(path, ignore_errors=True)
 
+    def _mounts(self) -> list[str]:
+        """Mounts under the work dir, the image store and the host paths (rootfs overlays, netns, shm),
+        deepest first so that each can be unmounted."""
+        roots = [str(self.workdir), str(self.store_dir), *(str(p) for p in HOST_PATHS)]
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        return sorted((m for m in mounts if any(m == r or m.startswith(r + "/") for r in roots)), key=len, reverse=True)
+
+    def leftovers(self) -> list[str]:
+        """What the node has left on this machine: empty after a complete stop()."""
+        found = [f"network link {link}" for link in (POD_BRIDGE, NODE_BRIDGE) if (Path("/sys/class/net") / link).exists()]
+        found += [f"mount {mount}" for mount in self._mounts()]
+        found += [f"path {p}" for p in HOST_PATHS if p.exists()]
+        found += [f"cgroup {p / CGROUP_ROOT}" for p in self._hierarchies(unified=True) if (p / CGROUP_ROOT).exists()]
+        if shutil.which("iptables-save"):
+            found += [f"iptables chain {line[1:].split()[0]}"
+                      for line in run("iptables-save", check=False).stdout.splitlines() if line.startswith(":KUBE-")]
+        return found
+
 
 def archive_refs(archive: Path) -> list[str]:
     """The image names a docker-archive holds (its manifest.json's RepoTags); ctr's own output
@@ -361,25 +374,6 @@ def archive_refs(archive: Path) -> list[str]:
     with tarfile.open(archive) as tar:  # uncompressed: members are found by seeking, not reading
         manifest = tar.extractfile("manifest.json")
         return [tag for image in json.load(manifest) for tag in image.get("RepoTags") or []]
-
-
-def leftovers(workdir: Path) -> list[str]:
-    """What a stopped node would have left on this machine: empty when the teardown was complete."""
-    found = []
-    for link in (POD_BRIDGE, NODE_BRIDGE):
-        if (Path("/sys/class/net") / link).exists():
-            found.append(f"network link {link}")
-    roots = [str(workdir), *(str(p) for p in HOST_PATHS)]
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        mount = line.split()[1]
-        if any(mount == r or mount.startswith(r + "/") for r in roots):
-            found.append(f"mount {mount}")
-    found += [f"path {p}" for p in HOST_PATHS if p.exists()]
-    found += [f"cgroup {p / CGROUP_ROOT}" for p in Node._hierarchies(unified=True) if (p / CGROUP_ROOT).exists()]
-    if shutil.which("iptables-save"):
-        found += [f"iptables chain {line[1:].split()[0]}" for line in run("iptables-save", check=False).stdout.splitlines()
-                  if line.startswith(":KUBE-")]
-    return found
 
 
 def remove_kube_iptables_chains() -> None:

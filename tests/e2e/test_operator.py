@@ -113,17 +113,16 @@ class OperatorDeployment:
 
     def __init__(self, cp, kubeconfig: Path):
         self.cp, self.kubeconfig = cp, kubeconfig  # kubeconfig: the operator SA's token, for `auth can-i`
+        self.restarts = 0  # the container's restartCount when crash() killed it
 
     def pod(self) -> dict:
         pods = self.cp.kubectl_json("get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=mlopt-operator")
         return max(pods["items"], key=lambda p: p["metadata"]["creationTimestamp"])
 
     def wait_ready(self, timeout: float = 240) -> None:
+        # Returns once the new replica is available, i.e. Ready (the Deployment has no minReadySeconds).
         self.cp.kubectl("rollout", "status", "deployment/mlopt-operator", "-n", OPERATOR_NS, f"--timeout={timeout}s",
                         timeout=timeout + 30)
-        wait_for("the operator pod to be Ready",
-                 lambda: all(c.get("ready") for c in self.pod()["status"].get("containerStatuses") or [{}]),
-                 timeout, self.tail)
 
     def crash(self) -> None:
         """SIGKILL to the operator's process in its container: no chance to clean up."""
