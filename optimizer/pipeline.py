@@ -350,22 +350,29 @@ def select_step(run: Run) -> None:
 
 
 def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
-    from optimizer.compute import clock_ghz, compute_limits, count_macs, gemm_peaks, measured_limits
+    from optimizer.compute import (clock_ghz, compute_limits, count_products, gemm_peaks, macs_by_type,
+                                   measured_limits, shape_limits)
 
     if not run.loaded.is_eager or run.spec.spec.benchmark.device != "cpu":
         return None  # hooks need the Python module, on the CPU
-    by_type = count_macs(run.loaded.module, random_feed(run.loaded.inputs), [s.name for s in run.loaded.inputs])
-    if not by_type:
+    products = count_products(run.loaded.module, random_feed(run.loaded.inputs), [s.name for s in run.loaded.inputs])
+    if not products:
         return None
+    by_type = macs_by_type(products)
     macs = sum(by_type.values())
+    threads = run.spec.spec.benchmark.threads
     nominal = compute_limits(macs, flags, clock_ghz())
-    measured = measured_limits(macs, gemm_peaks(run.spec.spec.benchmark.threads), nominal["fp32MacsPerCycle"])
-    compute = {"macs": macs, "byType": by_type, "nominal": nominal, "measured": measured}
+    measured = measured_limits(macs, gemm_peaks(threads), nominal["fp32MacsPerCycle"])
+    at_shapes = shape_limits(products, threads)
+    compute = {"macs": macs, "byType": by_type, "nominal": nominal, "measured": measured, "atShapes": at_shapes}
     if best and best.latencyMs:
         precision = "int8" if "int8" in best.recipe else "fp32"
-        limit = measured[f"{precision}LimitMs"]
-        compute["best"] = {"variant": best.name, "precision": precision, "meanMs": best.latencyMs.mean,
-                           "limitMs": limit, "fractionOfLimit": limit / best.latencyMs.mean}
+        mean = best.latencyMs.mean
+        compute["best"] = {"variant": best.name, "precision": precision, "meanMs": mean,
+                           "limitMs": at_shapes[f"{precision}LimitMs"],
+                           "fractionOfLimit": at_shapes[f"{precision}LimitMs"] / mean,
+                           "peakLimitMs": measured[f"{precision}LimitMs"],
+                           "fractionOfPeakLimit": measured[f"{precision}LimitMs"] / mean}
     return compute
 
 
@@ -385,7 +392,8 @@ def analyze_step(run: Run) -> None:
         analysis.profiledVariant = best
         analysis.profile = op_time_split(best_built.artifact, random_feed(inputs), bench.threads, 20, run.scratch)
         if analysis.compute:
-            rows = layer_efficiency(analysis.compute["byType"], analysis.profile, analysis.compute["measured"])
+            rows = layer_efficiency(analysis.compute["byType"], analysis.profile, analysis.compute["measured"],
+                                    analysis.compute["atShapes"])
             analysis.compute["byLayer"] = rows
             analysis.compute["otherOpsMs"] = sum(r["ms"] for r in analysis.profile) - sum(r["ms"] for r in rows)
     elif best:

@@ -188,15 +188,23 @@ def _rate(macs_per_s: float) -> str:
 
 
 def _compute_section(c: dict) -> list[str]:
-    """MACs, the limits they imply (measured and nominal), and how close each layer type gets."""
+    """MACs, the limits they imply (at the model's shapes, at the kernels' peak, on paper), and how
+    close each layer type gets."""
     by_type = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(c["byType"].items(), key=lambda kv: -kv[1]))
-    nominal, measured = c["nominal"], c["measured"]
+    nominal, measured, at_shapes = c["nominal"], c["measured"], c.get("atShapes")
     out = ["## Compute", "",
-           f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type}).",
-           f"- ONNX Runtime's own GEMM kernels reach {_rate(measured['fp32MacsPerS'])} (FP32) and "
-           f"{_rate(measured['int8MacsPerS'])} (INT8) here with {measured['threads']} thread(s) "
-           f"(a {measured['gemm']} product, fastest run of 0.1 s): this model cannot run faster than "
-           f"{_ms(measured['fp32LimitMs'])} in FP32 or {_ms(measured['int8LimitMs'])} in INT8."]
+           f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type})."]
+    if at_shapes:
+        out.append(f"- At this model's own shapes, ONNX Runtime's kernels take {_ms(at_shapes['fp32LimitMs'])} in FP32 "
+                   f"and {_ms(at_shapes['int8LimitMs'])} in INT8 for these products ({at_shapes['shapes']} distinct "
+                   "shapes, each timed here: a convolution as its im2col GEMM, an LSTM/GRU as one GEMM for its input "
+                   "over all steps and one matrix-vector product per step for its recurrence): the limit a runtime "
+                   "can approach, since what runs between the products only adds to it.")
+    out.append(f"- At the kernels' peak ({_rate(measured['fp32MacsPerS'])} FP32, {_rate(measured['int8MacsPerS'])} "
+               f"INT8 on a {measured['gemm']} product, fastest run of 0.1 s, {measured['threads']} thread(s)) every "
+               f"layer would take {_ms(measured['fp32LimitMs'])} in FP32 or {_ms(measured['int8LimitMs'])} in INT8: "
+               "this model cannot run faster than that; small products (matrix-vector steps, thin convolutions) "
+               "never reach the peak.")
     if nominal.get("clockGHz") and nominal.get("fp32LimitMs"):
         implied = (f"; the measured FP32 rate implies {measured['impliedClockGHz']:.2f} GHz"
                    if measured.get("impliedClockGHz") else "")
@@ -205,15 +213,23 @@ def _compute_section(c: dict) -> list[str]:
                    f"{_ms(nominal['int8LimitMs'])}{implied} (cloud CPUs report the base clock, not the boost).")
     best = c.get("best")
     if best:
+        precision = best["precision"].upper()
+        peak = (f"; {best['fractionOfPeakLimit']:.0%} of the {precision} peak limit"
+                if best.get("fractionOfPeakLimit") is not None else "")
         out.append(f"- The best variant, {best['variant']} ({_ms(best['meanMs'])}), runs at "
-                   f"{best['fractionOfLimit']:.0%} of the measured {best['precision'].upper()} limit.")
+                   f"{best['fractionOfLimit']:.0%} of the {precision} limit at the model's shapes{peak}.")
     if c.get("byLayer"):
-        out += ["", "How close each layer type gets to the kernel peak (the best variant's profile):", "",
-                "| layers | MACs | ran as | ms per inference | rate | of peak |", "|---|---:|---|---:|---:|---:|"]
-        out += [f"| {r['layer']} | {r['macs'] / 1e6:.1f} M | {', '.join(r['ranAs'])} | {r['ms']:.3f} | "
-                f"{_rate(r['macsPerS'])} | {r['fractionOfPeak']:.0%} {r['precision'].upper()} |" for r in c["byLayer"]]
+        out += ["", "How close each layer type gets (the best variant's profile; kernel time at the layer's shapes and "
+                "the large-GEMM peak of its precision):", "",
+                "| layers | MACs | ran as | ms per inference | kernel at its shapes | of that | rate | of peak |",
+                "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for r in c["byLayer"]:
+            at = (f"{r['shapeLimitMs']:.3f} ms | {r['fractionOfShapeLimit']:.0%}" if r.get("shapeLimitMs") is not None
+                  else "— | —")
+            out.append(f"| {r['layer']} | {r['macs'] / 1e6:.1f} M | {', '.join(r['ranAs'])} | {r['ms']:.3f} | {at} | "
+                       f"{_rate(r['macsPerS'])} | {r['fractionOfPeak']:.0%} {r['precision'].upper()} |")
         if c.get("otherOpsMs") is not None:
-            out.append(f"| everything else | — | pooling, reshapes, (de)quantization | {c['otherOpsMs']:.3f} | — | — |")
+            out.append(f"| everything else | — | pooling, reshapes, (de)quantization | {c['otherOpsMs']:.3f} | — | — | — | — |")
     return out + [""]
 
 

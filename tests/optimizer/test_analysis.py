@@ -22,6 +22,45 @@ def test_macs_match_the_layer_arithmetic(conv_lstm_run):
     assert results.analysis.compute["macs"] == sum(expected.values())
 
 
+def test_products_keep_each_layers_shapes_and_the_recurrence_step_by_step():
+    import numpy as np
+    import torch
+
+    from optimizer.compute import Product, count_products, macs_by_type
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1, groups=2)
+            self.rnn = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            features = self.conv(x).mean(2).transpose(1, 2)  # batch × width × channels
+            return self.head(self.rnn(features)[0])
+
+    feed = {"x": np.zeros((3, 4, 6, 10), np.float32)}
+    products = count_products(Net().eval(), feed, ["x"])
+    assert products == [
+        Product("Conv", 3 * 6 * 10, 2 * 9, 4, 2),  # per group: input channels/groups × kernel area
+        Product("LSTM", 3 * 10, 8, 64, 2), Product("LSTM", 3, 16, 64, 10 * 2),  # layer 1: input GEMM, steps
+        Product("LSTM", 3 * 10, 32, 64, 2), Product("LSTM", 3, 16, 64, 10 * 2),  # layer 2 reads both directions
+        Product("Linear", 3 * 10, 32, 5),
+    ]
+    assert macs_by_type(products)["LSTM"] == 3 * 10 * 2 * 64 * ((8 + 16) + (32 + 16))
+
+
+def test_recurrent_steps_cannot_reach_the_large_gemm_peak():
+    from optimizer.compute import Product, gemm_peaks, shape_limits
+
+    steps = [Product("LSTM", 1, 256, 1024, 48)]  # one matrix-vector product per step, as batch-1 inference runs them
+    at_shapes = shape_limits(steps, threads=1, budget_s=0.2)
+    peaks = gemm_peaks(threads=1, budget_s=0.05)
+    at_peak_ms = steps[0].macs / peaks["int8MacsPerS"] * 1000.0
+    assert at_shapes["int8LimitMs"] > at_peak_ms and at_shapes["byType"]["LSTM"]["int8Ms"] == at_shapes["int8LimitMs"]
+    assert at_shapes["fp32LimitMs"] > 0 and at_shapes["shapes"] == 1
+
+
 def test_compute_limits_follow_the_cpu_flags():
     vnni = compute_limits(64_000_000, ["avx2", "avx512f", "avx512_vnni"], 2.0)
     assert vnni["fp32LimitMs"] == pytest.approx(2.0) and vnni["int8LimitMs"] == pytest.approx(0.5)
@@ -83,6 +122,10 @@ def test_measured_limits_and_layer_efficiency():
     assert rows["Conv"]["precision"] == "int8" and rows["Conv"]["fractionOfPeak"] == pytest.approx(0.5)
     assert rows["LSTM"]["macsPerS"] == pytest.approx(50e9) and rows["LSTM"]["fractionOfPeak"] == pytest.approx(0.25)
     assert rows["Linear"]["precision"] == "fp32" and rows["Linear"]["fractionOfPeak"] == pytest.approx(0.4)
+    at_shapes = {"byType": {"Conv": {"fp32Ms": 2.0, "int8Ms": 0.8}, "Linear": {"fp32Ms": 0.2, "int8Ms": 0.1}}}
+    rows = {r["layer"]: r for r in layer_efficiency({"Conv": 100_000_000, "Linear": 5_000_000}, profile, peaks, at_shapes)}
+    assert rows["Conv"]["shapeLimitMs"] == 0.8 and rows["Conv"]["fractionOfShapeLimit"] == pytest.approx(0.8)
+    assert rows["Linear"]["shapeLimitMs"] == 0.2  # it ran in FP32: the FP32 kernels' time is its limit
 
 
 def test_gemm_peaks_are_measured_for_both_precisions():
@@ -97,7 +140,8 @@ def test_report_explains_the_limit_per_layer_type(conv_lstm_run):
     compute = results.analysis.compute
     assert compute["measured"]["int8LimitMs"] > 0 and compute["nominal"]["macs"] == compute["macs"]
     report = (output / "report.md").read_text()
-    assert "this model cannot run faster than" in report
+    assert "this model cannot run faster than" in report and "At this model's own shapes" in report
+    assert compute["atShapes"]["int8LimitMs"] > 0 and set(compute["atShapes"]["byType"]) == set(compute["byType"])
     best = results.variant(results.best) if results.best else None
     if best is not None and best.runtime == "onnxruntime":
         layers = {r["layer"] for r in compute["byLayer"]}
