@@ -104,7 +104,7 @@ class Row:
     torch_module: object = None  # or a PyTorch module, timed with TorchRunner
     runner: object = None  # or a runner built already (OpenVINO, a torch.compile'd program)
     size: int | None = None
-    latency: object = None  # optimizer.results.Latency
+    latency: object = None  # optimizer.api.results.Latency
     agreement: float | None = None  # argmax agreement with PyTorch FP32 on the evaluation set
     accuracy: float | None = None  # the run's metric (evaluate.accuracy), the same for every row
     error: str | None = None
@@ -142,7 +142,7 @@ def version(name: str) -> str:
 def run_mlopt(zoo: str, args, output: Path) -> tuple[list[Row], object]:
     from optimizer.console import LogReporter, QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import parse_spec
+    from optimizer.api.spec_loader import parse_spec
 
     spec = parse_spec({
         "apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "peers"},
@@ -174,14 +174,14 @@ def run_mlopt(zoo: str, args, output: Path) -> tuple[list[Row], object]:
 
 def mlopt_row(label: str, variant, output: Path, threads: int, input_names: list[str]) -> Row:
     """One of mlopt's variants, loaded from what the run saved and timed by the runner its runtime uses."""
-    from optimizer.recipes import artifact_files
+    from optimizer.engines import artifact_files
 
     artifact = output / variant.artifact
     size = sum(path.stat().st_size for path in artifact_files(artifact))
     if variant.runtime == "onnxruntime":
         return Row("mlopt", label, path=artifact, size=size)
     if variant.runtime == "openvino":
-        from optimizer.runtime import OpenVinoRunner
+        from optimizer.engines.runners import OpenVinoRunner
 
         precision = variant.lineage.options.get("precision", "f32")
         precision = None if precision == "OpenVINO's default" else precision
@@ -191,8 +191,8 @@ def mlopt_row(label: str, variant, output: Path, threads: int, input_names: list
     if variant.runtime == "pytorch-inductor":  # a PT2E .pt2, compiled as the recipe compiled it
         import torchao  # noqa: F401  (registers the quantized ops the program calls)
 
-        from optimizer.recipes.torchao_pt2e import INDUCTOR_CONFIG
-        from optimizer.runtime import CompiledTorchRunner
+        from optimizer.engines.torchao_pt2e import INDUCTOR_CONFIG
+        from optimizer.engines.runners import CompiledTorchRunner
 
         module = torch.compile(torch.export.load(str(artifact)).module())
         return Row("mlopt", label, runner=CompiledTorchRunner(module, input_names, inductor_config=INDUCTOR_CONFIG),
@@ -293,7 +293,7 @@ OPENVINO_ROWS = ("default precision", "NNCF INT8 (nncf.quantize)")
 
 
 def ir_size(path: Path) -> int:
-    from optimizer.recipes import artifact_files
+    from optimizer.engines import artifact_files
 
     return sum(part.stat().st_size for part in artifact_files(path))  # model.xml + model.bin
 
@@ -305,7 +305,7 @@ def run_openvino(module, dataset, input_names: list[str], workdir: Path, threads
 
     import torch
 
-    from optimizer.runtime import OpenVinoRunner
+    from optimizer.engines.runners import OpenVinoRunner
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -360,8 +360,8 @@ def run_torchao(module, dataset, input_names: list[str], workdir: Path) -> list[
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-        from optimizer.recipes.torchao_pt2e import drop_unused_weights
-        from optimizer.runtime import CompiledTorchRunner
+        from optimizer.engines.torchao_pt2e import drop_unused_weights
+        from optimizer.engines.runners import CompiledTorchRunner
 
         example = tuple(torch.from_numpy(dataset.calibration[0][name]) for name in input_names)
         captured = torch.export.export(copy.deepcopy(module).eval(), example).module()
@@ -390,9 +390,9 @@ def run_torchao(module, dataset, input_names: list[str], workdir: Path) -> list[
 def time_rows(rows: list[Row], feed: dict, dataset, reference, input_names, metric: str, args) -> None:
     """Every model: same feed, same runner settings, timed in interleaved rounds like the pipeline
     does; and the same accuracy measure (`metric` on the held-out items) for every row."""
-    from optimizer.benchmark import measure_interleaved
-    from optimizer.evaluate import accuracy, fidelity, run_all
-    from optimizer.runtime import OrtRunner, TorchRunner
+    from optimizer.measure.benchmark import measure_interleaved
+    from optimizer.steps.evaluate import accuracy, fidelity, run_all
+    from optimizer.engines.runners import OrtRunner, TorchRunner
 
     runners = {}
     for row in rows:
@@ -503,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from optimizer.data import load_dataset
-    from optimizer.environment import cpu_info
-    from optimizer.runtime import TorchRunner
+    from optimizer.steps.data import load_dataset
+    from optimizer.measure.environment import cpu_info
+    from optimizer.engines.runners import TorchRunner
     from optimizer.zoo import get_zoo_model
 
     output = Path(args.output or tempfile.mkdtemp(prefix="mlopt-peers-")).resolve()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from optimizer.console import LogReporter, QuietReporter
 from optimizer.pipeline import optimize
-from optimizer.report import CONVERSION, QUANTIZATION, by_recipe, mean_std, size_mb
-from optimizer.spec_loader import parse_spec
+from optimizer.steps.report import CONVERSION, QUANTIZATION, by_recipe, mean_std, size_mb
+from optimizer.api.spec_loader import parse_spec
 
 NOTE_CONVERSION = {"pytorch-fp32": ("30 MB", "39.3 ms ± 410 µs"), "onnx-fp32": ("30 MB", "29.5 ms ± 2.11 ms")}
 NOTE_QUANTIZATION = {"pytorch-fp32": ("30 MB", "39.3 ms ± 410 µs"), "torch-int8-dynamic": ("24 MB", "34.6 ms ± 574 µs"),

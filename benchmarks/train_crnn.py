@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from optimizer.metrics import cer, exact_match
+from optimizer.measure.metrics import cer, exact_match
 from optimizer.zoo import crnn_ocr, textlines
 from optimizer.zoo.weights import save_atomically
 

@@ -12,7 +12,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from optimizer.crd import GROUP, PLURAL, VERSION
+from optimizer.api.crd import GROUP, PLURAL, VERSION
 
 from .job import LABEL_GENERATION, LABEL_NAME
 

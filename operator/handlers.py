@@ -13,8 +13,8 @@ from typing import Any
 
 import kopf
 
-from optimizer.crd import GROUP, PLURAL, VERSION
-from optimizer.spec_loader import SpecError
+from optimizer.api.crd import GROUP, PLURAL, VERSION
+from optimizer.api.spec_loader import SpecError
 
 from .cluster import Cluster, JobRefused
 from .job import LABEL_GENERATION, LABEL_NAME, build_job

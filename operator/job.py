@@ -10,8 +10,8 @@ import hashlib
 import json
 from typing import Any
 
-from optimizer.crd import GROUP, KIND, VERSION
-from optimizer.spec import ModelOptimization
+from optimizer.api.crd import GROUP, KIND, VERSION
+from optimizer.api.spec import ModelOptimization
 
 from .settings import Settings
 
@@ -134,7 +134,7 @@ def _env(resource: dict[str, Any]) -> list[dict[str, str]]:
 
 def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The batch/v1 Job for the resource's current generation. Raises SpecError for an invalid spec."""
-    from optimizer.spec_loader import parse_spec
+    from optimizer.api.spec_loader import parse_spec
 
     spec = parse_spec(resource, f"{KIND} {resource['metadata'].get('name')}")
     meta = resource["metadata"]

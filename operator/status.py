@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from optimizer.summary import parse_summary
+from optimizer.api.summary import parse_summary
 
 from .job import CONTAINER
 

@@ -15,13 +15,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from optimizer.spec_loader import SpecError, load_spec
+from optimizer.api.spec_loader import SpecError, load_spec
 
 
 def _optimize(args: argparse.Namespace, console: Console) -> int:
     from optimizer.console import LogReporter, QuietReporter, RichReporter, print_results
-    from optimizer.delivery import optimize_to
-    from optimizer.errors import OptimizationError
+    from optimizer.artifacts.delivery import optimize_to
+    from optimizer.api.errors import OptimizationError
 
     spec = load_spec(args.spec)
     output = args.output or spec.spec.output  # a folder (relative to here), pvc:// or s3://bucket/prefix/
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # an mlopt bug: one line, the traceback only when asked for
         if getattr(args, "debug", False):
             traceback.print_exc()
-        from optimizer.errors import internal_error
+        from optimizer.api.errors import internal_error
 
         _print_error(internal_error(error) + ("" if getattr(args, "debug", False) else "; rerun with --debug for the traceback"))
         return 1

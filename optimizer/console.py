@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from optimizer.results import Results, VariantResult
+from optimizer.api.results import Results, VariantResult
 
 Advance = Callable[[], None]
 
@@ -83,7 +83,7 @@ def _cell(value: float | None, pattern: str) -> str:
 def results_table(results: Results) -> Table:
     table = Table(title=f"{results.name}: {results.model['source']} on {results.environment.device} "
                         f"({results.environment.threads} thread{'s' if results.environment.threads > 1 else ''})")
-    from optimizer.report import metric_label  # report imports this module: import at call time
+    from optimizer.steps.report import metric_label  # report imports this module: import at call time
 
     # With metric "agreement" the accuracy column would repeat the argmax-agreement one: show it once.
     accuracy_column = results.accuracyMetric != "agreement"

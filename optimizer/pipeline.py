@@ -15,21 +15,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optimizer import environment, hardware, onnx_files
-from optimizer.benchmark import measure_interleaved, round_sizes, speedup_range, steps
-from optimizer.errors import internal_error
-from optimizer.evaluate import accuracy, fidelity, run_all
-from optimizer.export import ROUTES, ExportError, ExportResult, export_onnx, random_feed
-from optimizer.input_check import check_inputs
-from optimizer.load import LoadedModel, load_model
-from optimizer.recipes import BuildContext, Built, NotApplicable, RecipeFailure, artifact_files, registry
-from optimizer.results import (
+from optimizer.artifacts import onnx_files
+from optimizer.measure import environment, hardware
+from optimizer.measure.benchmark import measure_interleaved, round_sizes, speedup_range, steps
+from optimizer.api.errors import internal_error
+from optimizer.steps.evaluate import accuracy, fidelity, run_all
+from optimizer.steps.export import ROUTES, ExportError, ExportResult, export_onnx, random_feed
+from optimizer.steps.inputs import check_inputs
+from optimizer.steps.load import LoadedModel, load_model
+from optimizer.engines import BuildContext, Built, NotApplicable, RecipeFailure, artifact_files, registry
+from optimizer.api.results import (
     BASELINE_NAME, Analysis, Fallback, Lineage, Results, StepTiming, VariantResult, VariantStatus, write_json_atomically,
 )
 from optimizer.run_log import RecordingReporter, collected_warnings
-from optimizer.runtime import OrtRunner, TorchRunner, check_device, op_counts
-from optimizer.selection import apply_budget, budget_failure, flag_slow_variants, pick_best, resolve_metric
-from optimizer.spec import Calibration, ModelOptimization, Recipe, VariantSpec
+from optimizer.engines.runners import OrtRunner, TorchRunner, check_device, op_counts
+from optimizer.steps.select import apply_budget, budget_failure, flag_slow_variants, pick_best, resolve_metric
+from optimizer.api.spec import Calibration, ModelOptimization, Recipe, VariantSpec
 
 # compareCalibration expands these; torch.ao's observers are fixed by its qconfig, so not torch's.
 CALIBRATED_RECIPES = (Recipe.ort_int8_static.value, Recipe.ort_int8_static_dynamic.value)
@@ -59,8 +60,8 @@ class Run:
     built: dict[str, Built] = field(default_factory=dict)
     results: dict[str, VariantResult] = field(default_factory=dict)
     baseline: VariantResult | None = None
-    env: object = None  # optimizer.results.Environment
-    hardware: object = None  # optimizer.hardware.HardwareProfile
+    env: object = None  # optimizer.api.results.Environment
+    hardware: object = None  # optimizer.measure.hardware.HardwareProfile
     best: str | None = None
     best_reason: str = ""
     analysis: Analysis | None = None
@@ -89,7 +90,7 @@ def inputs_step(run: Run) -> None:
 
 
 def data_step(run: Run) -> None:
-    from optimizer.data import load_dataset
+    from optimizer.steps.data import load_dataset
 
     data = run.spec.spec.data
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
@@ -141,7 +142,7 @@ def planned_variants(run: Run) -> list[VariantSpec]:
     if run.spec.spec.variants is None and run.spec.spec.benchmark.device == "cpu" and _has_training_labels(run.dataset):
         # QAT joins the default set only with labelled data: without labels it can only be skipped.
         variants.append(VariantSpec(name=Recipe.torch_int8_qat.value, recipe=Recipe.torch_int8_qat))
-    if run.spec.spec.variants is None:  # engines that can win on this CPU class (optimizer/hardware.py)
+    if run.spec.spec.variants is None:  # engines that can win on this CPU class (optimizer/measure/hardware.py)
         variants += [VariantSpec(name=recipe, recipe=recipe) for recipe in run.hardware.default_extras]
     expanded = []
     for variant in variants:
@@ -265,7 +266,7 @@ def _budget_failure(run: Run, value: float) -> str | None:
 
 
 def _needs_fallback(run: Run, name: str) -> bool:
-    from optimizer.fallback import RECIPES
+    from optimizer.steps.fallback import RECIPES
 
     result = run.results[name]
     return (result.recipe in RECIPES and result.status == VariantStatus.ok.value and result.accuracy is not None
@@ -274,8 +275,8 @@ def _needs_fallback(run: Run, name: str) -> bool:
 
 def fallback_step(run: Run) -> None:
     """Retry each ORT static variant that misses the budget with its most sensitive nodes in FP32."""
-    from optimizer.fallback import Attempt, recover
-    from optimizer.recipes.ort import preprocessed
+    from optimizer.steps.fallback import Attempt, recover
+    from optimizer.engines.ort import preprocessed
 
     if not run.spec.spec.acceptance.fallback:
         return
@@ -350,7 +351,7 @@ def select_step(run: Run) -> None:
 
 
 def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
-    from optimizer.compute import (clock_ghz, compute_limits, count_products, gemm_peaks, macs_by_type,
+    from optimizer.measure.compute import (clock_ghz, compute_limits, count_products, gemm_peaks, macs_by_type,
                                    measured_limits, shape_limits)
 
     if not run.loaded.is_eager or run.spec.spec.benchmark.device != "cpu":
@@ -378,10 +379,10 @@ def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | N
 
 def analyze_step(run: Run) -> None:
     """Explain the pick: arithmetic vs the machine's limit, time per op type, scaling, tuning."""
-    from optimizer.compute import layer_efficiency
-    from optimizer.profiling import op_time_split
-    from optimizer.scaling import batchable, scale
-    from optimizer.tuning import tune
+    from optimizer.measure.compute import layer_efficiency
+    from optimizer.measure.profiling import op_time_split
+    from optimizer.measure.scaling import batchable, scale
+    from optimizer.measure.tuning import tune
 
     bench, inputs, best = run.spec.spec.benchmark, run.loaded.inputs, run.best
     analysis = run.analysis = Analysis()
@@ -437,7 +438,7 @@ def _model_record(run: Run) -> dict:
 
 def _publish(staging: Path, output: Path, results: Results) -> None:
     """Move everything into the output directory; results.json goes last, atomically."""
-    from optimizer.storage import describe_outputs
+    from optimizer.artifacts.storage import describe_outputs
 
     output.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging / "scratch", ignore_errors=True)
@@ -494,7 +495,7 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter) ->
             environment=run.env, analysis=run.analysis, steps=run.steps, warnings=library_warnings,
         )
         with _timed(run, "report"):
-            from optimizer.report import write_report
+            from optimizer.steps.report import write_report
 
             write_report(results, staging)
         results.steps = run.steps

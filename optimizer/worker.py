@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 
 from optimizer.console import LogReporter
-from optimizer.spec_loader import SpecError, parse_spec
-from optimizer.summary import failure_summary, success_summary
+from optimizer.api.spec_loader import SpecError, parse_spec
+from optimizer.api.summary import failure_summary, success_summary
 
 DEFAULT_OUTPUT = "/scratch/results"
 TERMINATION_LOG = "/dev/termination-log"
@@ -38,8 +38,8 @@ def main() -> int:
     except (SpecError, ValueError) as error:
         _write_summary(failure_summary("InvalidSpec", str(error)))
         return 2
-    from optimizer.delivery import optimize_to
-    from optimizer.errors import OptimizationError, internal_error
+    from optimizer.artifacts.delivery import optimize_to
+    from optimizer.api.errors import OptimizationError, internal_error
 
     # spec.output when the user set one (s3:// or pvc://: a path would die with the pod); else the
     # scratch folder, and the status says that nothing was kept.

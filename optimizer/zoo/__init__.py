@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from optimizer.spec import InputSpec
+from optimizer.api.spec import InputSpec
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +24,7 @@ class ZooModel:
     build: Callable[[], "torch.nn.Module"]  # eval-mode module with weights ready
     inputs: tuple[InputSpec, ...]  # with dynamicAxes where the model supports them
     data: str  # default data.source when the spec sets none: "random" or "zoo:<dataset>"
-    metric: str  # a name in optimizer/metrics.py: "top1"/"cer" (the data has labels) or "agreement"
+    metric: str  # a name in optimizer/measure/metrics.py: "top1"/"cer" (the data has labels) or "agreement"
 
 
 def _lazy_build(module: str) -> Callable[[], "torch.nn.Module"]:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from optimizer.cache import cache_dir
+from optimizer.artifacts.cache import cache_dir
 from optimizer.zoo import textlines
-from optimizer.runtime import torch_threads
+from optimizer.engines.runners import torch_threads
 from optimizer.zoo.crnn import CRNN
 from optimizer.zoo.weights import cached_or_trained, seeded
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from optimizer.cache import cache_dir
-from optimizer.data import digits_split
-from optimizer.runtime import torch_threads
+from optimizer.artifacts.cache import cache_dir
+from optimizer.steps.data import digits_split
+from optimizer.engines.runners import torch_threads
 from optimizer.zoo.weights import cached_or_trained, seeded
 
 # Part of the cache file name: bump it whenever the architecture or the training changes, so an

@@ -472,7 +472,7 @@ def _onnx_model(path: Path, hidden: int) -> Path:
 
 
 def _s3_setup(control_plane, namespace, s3_server, tmp_path, name: str, hidden: int) -> tuple[dict, str]:
-    from optimizer.storage import S3Settings, _store
+    from optimizer.artifacts.storage import S3Settings, _store
 
     import obstore
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import yaml
 
-from optimizer import crd
+from optimizer.api import crd
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "modeloptimizations.mlopt.io.yaml"
 
@@ -19,8 +19,8 @@ def _walk(schema, path="$"):
 
 def test_committed_crd_is_generated_from_the_spec_model():
     assert CRD_FILE.read_text() == crd.render(), (
-        "crds/ is out of sync with optimizer/spec.py: run "
-        "`python -m optimizer.crd > crds/modeloptimizations.mlopt.io.yaml`"
+        "crds/ is out of sync with optimizer/api/spec.py: run "
+        "`python -m optimizer.api.crd > crds/modeloptimizations.mlopt.io.yaml`"
     )
 
 
@@ -75,7 +75,7 @@ def test_free_form_arguments_and_string_keyed_axes():
 
 
 def test_yaml_dynamic_axes_keys_arrive_as_strings_and_still_validate():
-    from optimizer.spec_loader import parse_spec
+    from optimizer.api.spec_loader import parse_spec
 
     document = yaml.safe_load(
         """

@@ -4,7 +4,7 @@ import pytest
 
 from mlopt_operator.job import build_job, job_name
 from mlopt_operator.settings import Settings
-from optimizer.spec_loader import SpecError, parse_spec
+from optimizer.api.spec_loader import SpecError, parse_spec
 
 SETTINGS = Settings(worker_image="mlopt/worker:test", gpu_worker_image="mlopt/worker-gpu:test")
 

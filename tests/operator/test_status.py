@@ -1,7 +1,7 @@
 import json
 
 from mlopt_operator.status import conditions, human_latency, human_size, status_from_job
-from optimizer.summary import failure_summary
+from optimizer.api.summary import failure_summary
 
 SUCCESS = json.dumps({
     "v": 1, "phase": "Succeeded", "message": "best ort-int8-static-dynamic: 6.07x faster, 7.9 MB",
@@ -72,7 +72,7 @@ def test_succeeded_with_results_and_printer_strings():
 
 
 def test_status_fits_the_crd_status_model():
-    from optimizer.crd import ModelOptimizationStatus
+    from optimizer.api.crd import ModelOptimizationStatus
 
     status = status_from_job(job(("Complete", "", "")), [pod(terminated(0, SUCCESS, "Completed"))])
     status["conditions"] = conditions(status, 1, None, "2026-01-01T00:05:00Z")

@@ -136,7 +136,7 @@ def conv_lstm_run(tmp_path_factory):
     """One full pipeline run over every recipe on the miniature CRNN (user state_dict + entrypoint)."""
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     directory = tmp_path_factory.mktemp("conv_lstm")
     weights = save_user_model(directory, "ConvLstm")
@@ -158,7 +158,7 @@ def digits_run(tmp_path_factory):
     """One run on the zoo's digits CNN (real labels): calibration comparison, torch static and QAT."""
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     directory = tmp_path_factory.mktemp("digits")
     spec_path = write_spec(directory, {

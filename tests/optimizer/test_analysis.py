@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from optimizer.compute import compute_limits
-from optimizer.tuning import candidates
+from optimizer.measure.compute import compute_limits
+from optimizer.measure.tuning import candidates
 
 from .conftest import write_spec
 
@@ -26,7 +26,7 @@ def test_products_keep_each_layers_shapes_and_the_recurrence_step_by_step():
     import numpy as np
     import torch
 
-    from optimizer.compute import Product, count_products, macs_by_type
+    from optimizer.measure.compute import Product, count_products, macs_by_type
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -51,7 +51,7 @@ def test_products_keep_each_layers_shapes_and_the_recurrence_step_by_step():
 
 
 def test_recurrent_steps_cannot_reach_the_large_gemm_peak():
-    from optimizer.compute import Product, gemm_peaks, shape_limits
+    from optimizer.measure.compute import Product, gemm_peaks, shape_limits
 
     steps = [Product("LSTM", 1, 256, 1024, 48)]  # one matrix-vector product per step, as batch-1 inference runs them
     at_shapes = shape_limits(steps, threads=1, budget_s=0.2)
@@ -93,7 +93,7 @@ def test_tuning_candidates_stay_within_the_thread_budget():
 def test_tune_records_what_was_chosen(tmp_path):
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
                                  "benchmark": {"warmup": 1, "runs": 5, "tune": True, "scalingBatches": []}})
@@ -108,7 +108,7 @@ def test_tune_records_what_was_chosen(tmp_path):
 
 
 def test_measured_limits_and_layer_efficiency():
-    from optimizer.compute import layer_efficiency, measured_limits
+    from optimizer.measure.compute import layer_efficiency, measured_limits
 
     peaks = {"gemm": "128x1024x512", "threads": 1, "fp32MacsPerS": 50e9, "int8MacsPerS": 200e9}
     limits = measured_limits(100_000_000, peaks, 16)
@@ -129,7 +129,7 @@ def test_measured_limits_and_layer_efficiency():
 
 
 def test_gemm_peaks_are_measured_for_both_precisions():
-    from optimizer.compute import gemm_peaks
+    from optimizer.measure.compute import gemm_peaks
 
     peaks = gemm_peaks(threads=1, budget_s=0.01)
     assert peaks["fp32MacsPerS"] > 0 and peaks["int8MacsPerS"] > 0 and peaks["threads"] == 1
@@ -171,7 +171,7 @@ def test_speedups_come_with_their_range_over_interleaved_rounds(conv_lstm_run):
 
 
 def test_results_json_reads_back_as_the_same_record(conv_lstm_run):
-    from optimizer.results import load_results
+    from optimizer.api.results import load_results
 
     results, output = conv_lstm_run
     assert load_results(output / "results.json").model_dump(mode="json") == results.model_dump(mode="json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimizer.benchmark import measure, measure_interleaved, round_sizes, steps
+from optimizer.measure.benchmark import measure, measure_interleaved, round_sizes, steps
 
 
 def _recorder(log: list[str], name: str):
@@ -41,7 +41,7 @@ def test_no_warmup_means_no_rewarm_and_one_round_is_back_to_back():
 def test_round_means_give_the_speedup_range():
     import numpy as np
 
-    from optimizer.benchmark import speedup_range, summarize
+    from optimizer.measure.benchmark import speedup_range, summarize
 
     baseline = summarize(np.array([10.0, 10.0, 12.0, 12.0]), [2, 2])
     candidate = summarize(np.array([2.0, 2.0, 3.0, 3.0]), [2, 2])

@@ -103,7 +103,7 @@ def test_one_failing_variant_does_not_stop_the_others(tmp_path):
 def test_interrupted_run_leaves_no_results(tmp_path):
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     class InterruptAtBenchmark(QuietReporter):
         def log(self, message):

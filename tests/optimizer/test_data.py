@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer.data import DataError, Dataset, digits_split, load_dataset
-from optimizer.spec import InputSpec
+from optimizer.steps.data import DataError, Dataset, digits_split, load_dataset
+from optimizer.api.spec import InputSpec
 
 IMAGE = InputSpec(name="image", shape=[1, 1, 8, 8], dynamicAxes={0: "batch"})
 TOKENS = InputSpec(name="tokens", shape=[2, 16], dtype="int64", valueRange=[0, 9])
@@ -211,7 +211,7 @@ def test_npz_inputs_must_agree_on_the_sample_count(tmp_path):
 
 def test_labelled_sources_keep_calibration_labels_for_qat(tmp_path):
     """QAT fine-tunes on the calibration split, so its labels must travel with it."""
-    from optimizer.spec import InputSpec
+    from optimizer.api.spec import InputSpec
 
     spec = InputSpec(name="image", shape=[1, 1, 8, 8], dynamicAxes={0: "batch"})
     digits = load_dataset("zoo:digits", 16, [spec], tmp_path)

@@ -7,9 +7,9 @@ import importlib
 import numpy as np
 import pytest
 
-from optimizer.export import ExportError, ParityError, compare_outputs, export_onnx, parity_shapes
-from optimizer.runtime import OrtRunner, TorchRunner
-from optimizer.spec import ExportSpec, InputSpec, Tolerance
+from optimizer.steps.export import ExportError, ParityError, compare_outputs, export_onnx, parity_shapes
+from optimizer.engines.runners import OrtRunner, TorchRunner
+from optimizer.api.spec import ExportSpec, InputSpec, Tolerance
 
 from .conftest import save_user_model
 
@@ -65,7 +65,7 @@ def test_dynamic_model_exports_and_runs_at_other_shapes(tmp_path, exporter):
 
 
 def test_auto_exports_recurrent_models_with_the_legacy_exporter_first_and_says_why(tmp_path):
-    from optimizer.export import exporter_order
+    from optimizer.steps.export import exporter_order
 
     module = _user_module(tmp_path, "ConvLstm")
     inputs = [InputSpec(name="image", shape=[1, 1, 8, 16], dynamicAxes={0: "batch", 3: "width"})]

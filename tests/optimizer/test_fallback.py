@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 from optimizer.console import QuietReporter
-from optimizer.errors import DataLoadError
+from optimizer.api.errors import DataLoadError
 from optimizer.pipeline import optimize
-from optimizer.spec_loader import load_spec
+from optimizer.api.spec_loader import load_spec
 
 from .conftest import OUTLIER_INPUTS, QUICK_BENCHMARK, save_user_model, write_spec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.hardware import isa_class, resolve
+from optimizer.measure.hardware import isa_class, resolve
 
 AVX2_EPYC = ["avx2", "fma", "f16c"]  # AMD Zen 3
 ZEN4 = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"]

@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
-from optimizer.errors import OptimizationError
-from optimizer.load import ModelLoadError, detect_format, load_model
-from optimizer.spec import ModelSpec
+from optimizer.api.errors import OptimizationError
+from optimizer.steps.load import ModelLoadError, detect_format, load_model
+from optimizer.api.spec import ModelSpec
 
 from .conftest import save_user_model
 

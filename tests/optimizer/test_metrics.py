@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from optimizer.evaluate import accuracy
-from optimizer.metrics import METRIC_LABELS, METRICS, agreement, cer, char_accuracy, edit_distance, exact_match, top1
-from optimizer.results import Fidelity
+from optimizer.steps.evaluate import accuracy
+from optimizer.measure.metrics import METRIC_LABELS, METRICS, agreement, cer, char_accuracy, edit_distance, exact_match, top1
+from optimizer.api.results import Fidelity
 from optimizer.zoo.textlines import encode, pad_labels
 
 

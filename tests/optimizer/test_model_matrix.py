@@ -160,7 +160,7 @@ def test_model_matrix_cell(tmp_path, architecture, fmt):
 
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the user's own export, not what is under test

@@ -15,7 +15,7 @@ OPENVINO_RECIPES = ["openvino-fp32", "openvino-default", "openvino-int8", "openv
 def _run(tmp_path, recipes):
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     model = save_model(tmp_path, "conv-bn-relu", "state-dict")
     spec = write_spec(tmp_path, {"model": model, "variants": [{"name": r, "recipe": r} for r in recipes],
@@ -53,7 +53,7 @@ def _outlier_run(tmp_path, data: dict):
     """openvino-int8 on the Outlier model, which plain 8-bit quantization ruins (conftest)."""
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     weights = save_user_model(tmp_path, "Outlier")
     spec = write_spec(tmp_path, {

@@ -7,7 +7,7 @@ import json
 import onnx
 import torch
 
-from optimizer.results import Results
+from optimizer.api.results import Results
 
 from .conftest import ALL_RECIPES
 
@@ -89,7 +89,7 @@ def test_lstm_left_in_fp32_is_reported_not_hidden(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from optimizer.recipes.ort import _left_in_fp32
+    from optimizer.engines.ort import _left_in_fp32
 
     # An LSTM whose weights come from a graph input, not an initializer: nothing to quantize.
     lstm = helper.make_node("LSTM", ["x", "w", "r"], ["y"], name="rnn", hidden_size=2)
@@ -118,8 +118,8 @@ def test_ort_recipes_quantize_for_the_recorded_hardware_profile(conv_lstm_run):
 
 def test_every_recipe_the_spec_accepts_has_a_builder():
     """The spec's enum (and so the CRD) and the registry name the same recipes, PT2E's included."""
-    from optimizer.recipes import registry
-    from optimizer.spec import Recipe
+    from optimizer.engines import registry
+    from optimizer.api.spec import Recipe
 
     assert set(registry()) == {recipe.value for recipe in Recipe}
     assert {"torchao-pt2e-int8-static", "torchao-pt2e-int8-dynamic"} <= set(registry())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from optimizer.results import Latency, VariantResult
-from optimizer.selection import apply_budget, flag_slow_variants, pick_best
+from optimizer.api.results import Latency, VariantResult
+from optimizer.steps.select import apply_budget, flag_slow_variants, pick_best
 
 
 def variant(name, recipe, mean, accuracy=1.0, runtime="onnxruntime", ops=None, size=1_000_000):
@@ -53,7 +53,7 @@ def test_missing_vnni_is_named_as_the_reason():
 
 
 def test_absolute_and_relative_budgets_must_both_hold_and_the_message_says_which():
-    from optimizer.selection import budget_failure
+    from optimizer.steps.select import budget_failure
 
     assert budget_failure(0.95, 0.96, 0.02, 0.02, "top1") is None
     relative_only = budget_failure(0.45, 0.50, 0.10, 0.05, "top1")  # 5 points, but 10% of FP32's 0.50
@@ -70,8 +70,8 @@ def test_absolute_and_relative_budgets_must_both_hold_and_the_message_says_which
 def test_metric_resolution():
     import pytest
 
-    from optimizer.errors import DataLoadError
-    from optimizer.selection import resolve_metric
+    from optimizer.api.errors import DataLoadError
+    from optimizer.steps.select import resolve_metric
 
     assert resolve_metric("auto", "top1", True, "zoo:digits") == "top1"
     assert resolve_metric("auto", "cer", True, "zoo:textlines") == "cer"
@@ -93,7 +93,7 @@ def test_differences_within_noise_are_not_flagged():
 def test_metric_must_fit_the_labels():
     import pytest
 
-    from optimizer.selection import MetricError, resolve_metric
+    from optimizer.steps.select import MetricError, resolve_metric
 
     assert resolve_metric("auto", "agreement", True, "lines.npz", sequence_labels=True) == "cer"
     assert resolve_metric("auto", "agreement", True, "digits.npz") == "top1"

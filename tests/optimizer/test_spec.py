@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from optimizer.spec import ModelOptimization, default_variants
-from optimizer.spec_loader import SpecError, load_spec, parse_spec
+from optimizer.api.spec import ModelOptimization, default_variants
+from optimizer.api.spec_loader import SpecError, load_spec, parse_spec
 
 from .conftest import write_spec
 

@@ -141,7 +141,7 @@ def test_pvc_uris_on_a_laptop_are_refused_or_mapped(tmp_path, s3_server, model_a
     assert "model.source: pvc://models/ext/model.onnx names a PersistentVolumeClaim" in done.stderr
     assert "MLOPT_PVC_ROOT" in done.stderr
 
-    from optimizer.storage import fetch
+    from optimizer.artifacts.storage import fetch
 
     (tmp_path / "claims").mkdir()
     (tmp_path / "claims" / "models").symlink_to(tmp_path)  # the claim "models" as the operator mounts it
@@ -150,7 +150,7 @@ def test_pvc_uris_on_a_laptop_are_refused_or_mapped(tmp_path, s3_server, model_a
 
 
 def test_a_failing_upload_is_retried_with_backoff_then_fails_naming_the_output(tmp_path, s3_server, monkeypatch):
-    from optimizer import storage
+    from optimizer.artifacts import storage
 
     run = tmp_path / "run"
     (run / "models").mkdir(parents=True)
@@ -181,7 +181,7 @@ def test_https_downloads_follow_https_redirects_but_never_to_plain_http(tmp_path
     import ssl
     import threading
 
-    from optimizer.storage import StorageError, fetch
+    from optimizer.artifacts.storage import StorageError, fetch
     from tests.e2e.control_plane import free_port, make_pki
 
     pki = make_pki(tmp_path)  # a throw-away CA and a serving certificate for 127.0.0.1

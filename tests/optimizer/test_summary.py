@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from optimizer.results import VariantResult
-from optimizer.summary import MAX_BYTES, failure_summary, parse_summary, success_summary
+from optimizer.api.results import VariantResult
+from optimizer.api.summary import MAX_BYTES, failure_summary, parse_summary, success_summary
 
 
 def test_summary_fits_even_with_many_long_failures(conv_lstm_run):
@@ -34,7 +34,7 @@ def test_failure_summary_and_non_summaries():
 
 
 def test_summary_names_the_stored_best_model_or_says_nothing_was_kept(conv_lstm_run):
-    from optimizer.storage import _sha256_file
+    from optimizer.artifacts.storage import _sha256_file
 
     results, output = conv_lstm_run
     parsed = parse_summary(success_summary(results, "s3://bucket/run/results.json", "s3://bucket/run/"))

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer.data import TEXTLINES_EVALUATION, DataError, load_dataset
-from optimizer.spec import InputSpec
+from optimizer.steps.data import TEXTLINES_EVALUATION, DataError, load_dataset
+from optimizer.api.spec import InputSpec
 from optimizer.zoo import textlines
 from optimizer.zoo.textlines import ALPHABET, PAD, decode, decode_greedy, encode, render_batch
 

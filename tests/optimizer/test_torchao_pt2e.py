@@ -15,7 +15,7 @@ PT2E_RECIPES = ["torchao-pt2e-int8-static", "torchao-pt2e-int8-dynamic"]
 def _optimize(tmp_path, model: dict, recipes: list[str]):
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     spec = write_spec(tmp_path, {"model": model, "variants": [{"name": r, "recipe": r} for r in recipes],
                                  "data": {"samples": 16}, "benchmark": QUICK_BENCHMARK,
@@ -87,7 +87,7 @@ def test_compiled_runner_compiles_a_new_shape_before_it_is_timed():
     calls neither compile nor run with a config patch around them."""
     import torch._inductor.config as inductor_config
 
-    from optimizer.runtime import CompiledTorchRunner
+    from optimizer.engines.runners import CompiledTorchRunner
 
     calls = []
 

@@ -31,10 +31,10 @@ def _onnx_with_external_data(directory, one_file: bool):
 
 @pytest.mark.parametrize("one_file,by_uri", [(True, False), (False, True)], ids=["one-data-file-path", "file-per-tensor-uri"])
 def test_onnx_with_external_data_yields_every_onnx_variant_with_its_data(tmp_path, one_file, by_uri):
-    from optimizer import onnx_files
+    from optimizer.artifacts import onnx_files
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     model = _onnx_with_external_data(tmp_path, one_file)
     data_files = onnx_files.validate(model)
@@ -167,7 +167,7 @@ def _encoder_script(directory, no_grad: bool):
 def test_torchscript_transformer_exports_through_the_converter_at_its_declared_shape(tmp_path):
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
-    from optimizer.spec_loader import load_spec
+    from optimizer.api.spec_loader import load_spec
 
     _encoder_script(tmp_path, no_grad=False)
     spec = write_spec(tmp_path, {"model": {"source": "encoder.ts", "inputs": [{"name": "x", "shape": [1, 10, 8]}]},
@@ -201,9 +201,9 @@ def test_torchscript_traced_under_no_grad_says_how_to_fix_it(tmp_path):
 
 
 def test_an_unexpected_exception_in_a_recipe_is_reported_as_an_mlopt_bug_not_a_reason(tmp_path):
-    from optimizer.errors import RecipeFailure
+    from optimizer.api.errors import RecipeFailure
     from optimizer.pipeline import _build
-    from optimizer.spec import VariantSpec
+    from optimizer.api.spec import VariantSpec
 
     def crashes(ctx, variant):
         return ctx.loaded  # ctx is None: an AttributeError, as a bug in a recipe would raise

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from optimizer.data import digits_split, load_dataset
+from optimizer.steps.data import digits_split, load_dataset
 from optimizer.zoo import ZOO, get_zoo_model
 
 # From each model's definition: CRNN (time, batch, classes) with 24 steps for width 100,

@@ -1,0 +1,167 @@
+"""results.json: the one versioned record of a run. Status, report, table and charts project it.
+
+Torch-free on purpose: the operator reads the worker's summary with these models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+BASELINE_NAME = "pytorch-fp32"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+
+
+class VariantStatus(str, Enum):
+    ok = "ok"  # built, verified, measured and within the acceptance budget
+    failed = "failed"  # could not be built, exported or verified; `error` says why
+    rejected = "rejected"  # measured, but outside the accuracy budget; `error` says by how much
+    skipped = "skipped"  # not applicable here (e.g. FP16 on CPU); `error` says why
+
+
+class Latency(_Record):
+    mean: float
+    std: float
+    p50: float
+    p90: float
+    p99: float
+    runs: int
+    rounds: int = 1  # the runs were taken in this many rounds, interleaved with the other variants'
+    roundMeans: list[float] = Field(default_factory=list)  # mean of each round, in order
+
+
+class Fidelity(_Record):
+    maxAbsDiff: float
+    cosine: float
+    argmaxAgreement: float
+
+
+class Lineage(_Record):
+    """Where a variant came from, so any number can be reproduced (Olive's 'footprint')."""
+
+    parent: str
+    recipe: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FallbackTry(_Record):
+    """One retry of the accuracy fallback: which nodes stayed FP32 and what that gave."""
+
+    excludedNodes: list[str]
+    accuracy: float | None = None
+    sizeBytes: int | None = None
+    seconds: float
+    withinBudget: bool = False
+    error: str | None = None
+
+
+class Fallback(_Record):
+    """The accuracy fallback of a rejected variant: the nodes ranked by sensitivity, and each try."""
+
+    ranking: list[dict[str, Any]] = Field(default_factory=list)  # [{node, opType, sqnrDropDb}], worst first
+    tries: list[FallbackTry] = Field(default_factory=list)
+    excludedNodes: list[str] = Field(default_factory=list)  # of the recovered variant; [] when not recovered
+    recovered: bool = False
+    variant: str | None = None  # name of the recovered variant (<name>+fallback)
+    seconds: float = 0.0
+    reason: str | None = None  # why it stopped without recovering
+
+
+class VariantResult(_Record):
+    name: str
+    recipe: str
+    status: VariantStatus
+    runtime: str | None = None  # "onnxruntime" or "pytorch"
+    provider: str | None = None  # the execution provider actually bound
+    sizeBytes: int | None = None
+    latencyMs: Latency | None = None
+    speedup: float | None = None  # baseline mean latency / this mean latency
+    speedupRange: list[float] | None = None  # [lowest, highest] of the per-round speedups (same round, same moment)
+    fidelity: Fidelity | None = None
+    accuracy: float | None = None
+    artifact: str | None = None  # path of the saved model, relative to the output dir
+    artifactFiles: list[str] = Field(default_factory=list)  # its ONNX external data files, beside it
+    opCounts: dict[str, int] = Field(default_factory=dict)  # ONNX ops after ORT optimization
+    lineage: Lineage | None = None
+    notes: list[str] = Field(default_factory=list)  # warnings a user should read
+    error: str | None = None
+    fallback: Fallback | None = None  # set on a variant the accuracy fallback retried
+    calibrationOf: str | None = None  # compareCalibration: the spec variant this one was expanded from
+
+
+class StepTiming(_Record):
+    step: str
+    seconds: float
+
+
+class Environment(_Record):
+    cpu: str
+    cpuFlags: list[str]
+    python: str
+    packages: dict[str, str]
+    threads: int
+    device: str
+    availableProviders: list[str]
+    hardware: dict[str, Any] | None = None  # optimizer.measure.hardware.HardwareProfile.record(): the choices and why
+
+
+class Analysis(_Record):
+    """Why the numbers are what they are: arithmetic, time per op type, scaling, tuning."""
+
+    compute: dict[str, Any] | None = None  # MACs by layer type, clock, FP32/INT8 limits, best's fraction
+    profiledVariant: str | None = None
+    profile: list[dict[str, Any]] = Field(default_factory=list)  # [{op, ms, share}]
+    scaling: list[dict[str, Any]] = Field(default_factory=list)  # [{variant, batch, threads, latencyMs, throughput}]
+    tuning: dict[str, Any] | None = None  # {variant, chosen, tried}
+    notes: list[str] = Field(default_factory=list)
+
+
+class Results(_Record):
+    schemaVersion: int = SCHEMA_VERSION
+    name: str
+    model: dict[str, Any]
+    accuracyMetric: str
+    accuracyBudget: dict[str, float | None] | None = None  # {maxAccuracyDrop, maxRelativeAccuracyDrop}
+    dataset: str
+    baseline: VariantResult
+    variants: list[VariantResult]
+    best: str | None
+    bestReason: str
+    environment: Environment
+    analysis: Analysis = Field(default_factory=Analysis)
+    steps: list[StepTiming] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)  # from the libraries (exporters, quantizers), with counts
+    outputs: list[dict[str, Any]] = Field(default_factory=list)  # [{path, sizeBytes, sha256}]: every other file
+
+    def variant(self, name: str) -> VariantResult:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(name)
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Readers never see a half-written file: write a sibling temp file, then rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_results(path: Path) -> Results:
+    return Results.model_validate_json(Path(path).read_text())

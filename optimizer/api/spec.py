@@ -1,0 +1,481 @@
+"""The ModelOptimization spec: the single source of truth.
+
+The CLI validates YAML with these models, the CRD's OpenAPI schema is generated from them
+(`optimizer.api.crd`), and their field descriptions become `kubectl explain` text. This module must
+stay import-light (pydantic only): the operator image imports it without torch.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_VERSION = "mlopt.io/v1alpha1"
+KIND = "ModelOptimization"
+
+_DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors: a typo must never be silently ignored."""
+
+    # validate_default: enum defaults become plain strings too, like values read from YAML.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True, validate_default=True)
+
+
+class ModelFormat(str, Enum):
+    auto = "auto"
+    torchscript = "torchscript"
+    exported_program = "exported-program"
+    state_dict = "state-dict"
+    onnx = "onnx"
+
+
+class Recipe(str, Enum):
+    """Variant recipes. The names are the contract with users; never rename one."""
+
+    onnx_fp32 = "onnx-fp32"
+    ort_int8_dynamic = "ort-int8-dynamic"
+    ort_int8_static = "ort-int8-static"
+    ort_int8_static_dynamic = "ort-int8-static-dynamic"
+    torch_int8_dynamic = "torch-int8-dynamic"
+    torch_int8_static = "torch-int8-static"
+    torch_int8_static_dynamic = "torch-int8-static-dynamic"
+    torch_int8_qat = "torch-int8-qat"
+    torchao_pt2e_int8_static = "torchao-pt2e-int8-static"
+    torchao_pt2e_int8_dynamic = "torchao-pt2e-int8-dynamic"
+    onnx_fp16 = "onnx-fp16"
+    openvino_fp32 = "openvino-fp32"
+    openvino_default = "openvino-default"
+    openvino_int8 = "openvino-int8"
+    openvino_ort_qdq = "openvino-ort-qdq"
+
+
+class Calibration(str, Enum):
+    minmax = "minmax"
+    entropy = "entropy"
+    percentile = "percentile"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    int64 = "int64"
+    int32 = "int32"
+
+
+class InputSpec(_Strict):
+    name: str = Field(description="Input name, used as the ONNX graph input name.", min_length=1)
+    shape: list[int] = Field(
+        description="Example shape used for export and benchmarking, e.g. [1, 1, 32, 100].",
+        min_length=1,
+    )
+    dtype: DType = Field(DType.float32, description="Element type of the input tensor.")
+    dynamicAxes: dict[int, str] = Field(
+        default_factory=dict,
+        description="Axes that may change size at inference time, e.g. {0: batch, 3: width}. "
+        "The exported model is checked at a second shape along these axes.",
+    )
+    valueRange: list[float] | None = Field(
+        None,
+        description="[low, high] of generated random values (defaults: [0, 1] for floats, "
+        "[0, 100] for integers).",
+        min_length=2,
+        max_length=2,
+    )
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_dims(cls, shape: list[int]) -> list[int]:
+        if any(dim < 1 for dim in shape):
+            raise ValueError("every dimension must be a positive integer, e.g. [1, 1, 32, 100]")
+        return shape
+
+    @model_validator(mode="after")
+    def _axes_inside_shape(self) -> "InputSpec":
+        for axis in self.dynamicAxes:
+            if not 0 <= axis < len(self.shape):
+                raise ValueError(
+                    f"dynamicAxes names axis {axis}, but shape {self.shape} has axes "
+                    f"0..{len(self.shape) - 1}"
+                )
+        return self
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        description="Where the model comes from: zoo:<name> (see `mlopt models`), s3://bucket/key, "
+        "pvc://claim/path (cluster), https://..., file://... or a local path. One object (no trailing /); "
+        "an ONNX model's external data files are fetched from beside it.",
+        min_length=1,
+    )
+    format: ModelFormat = Field(
+        ModelFormat.auto,
+        description="auto (from the file suffix), torchscript, exported-program (.pt2), "
+        "state-dict (.pt/.pth/.safetensors, needs entrypoint) or onnx.",
+    )
+    entrypoint: str | None = Field(
+        None,
+        description="For state-dict models: the class that builds the network, as "
+        "package.module:Class (importable in the worker's environment).",
+    )
+    arguments: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments passed to the entrypoint class.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    sha256: str | None = Field(
+        None,
+        description="Expected SHA-256 of the model file; the run fails if it differs.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
+    maxSizeMB: int = Field(
+        2048, description="Refuse model files larger than this (downloads included).", ge=1
+    )
+    inputs: list[InputSpec] | None = Field(
+        None,
+        description="The model's inputs. Optional for zoo models (they declare their own).",
+        min_length=1,
+    )
+
+    @model_validator(mode="after")
+    def _entrypoint_rules(self) -> "ModelSpec":
+        if self.format == ModelFormat.state_dict.value and not self.entrypoint:
+            raise ValueError(
+                "format state-dict needs entrypoint: set model.entrypoint to package.module:Class"
+            )
+        if self.entrypoint and not _ENTRYPOINT.match(self.entrypoint):
+            raise ValueError(
+                f"entrypoint {self.entrypoint!r} must look like package.module:Class"
+            )
+        if not self.source.startswith("zoo:") and not self.inputs:
+            raise ValueError(
+                "model.inputs is required for models outside the zoo, e.g. "
+                "[{name: image, shape: [1, 3, 224, 224]}]"
+            )
+        return self
+
+
+class VariantSpec(_Strict):
+    name: str = Field(description="Unique name of this variant in the results.", min_length=1)
+    recipe: Recipe = Field(description="How the variant is made; see `mlopt recipes`.")
+    calibration: Calibration = Field(
+        Calibration.minmax,
+        description="Static INT8 only: how activation ranges are calibrated.",
+    )
+    perChannel: bool = Field(True, description="Static INT8 only: per-channel weight scales.")
+    opTypes: list[str] | None = Field(
+        None,
+        description="ONNX op types to quantize (ort-int8-dynamic defaults to "
+        "LSTM, GRU, MatMul, Gemm, Attention: ConvInteger is slower than FP32 Conv on CPU).",
+    )
+    excludeNodes: list[str] = Field(
+        default_factory=list,
+        description="ONNX node names to keep in FP32 (ORT recipes). The accuracy fallback fills "
+        "this in for you when a variant misses the budget.",
+    )
+    compareCalibration: bool = Field(
+        False,
+        description="Static INT8 only: build the variant once per calibration method (minmax, "
+        "entropy, percentile) and report the accuracy of each.",
+    )
+    qatSteps: int = Field(
+        100, ge=1, description="torch-int8-qat only: fine-tuning steps with fake quantization."
+    )
+    qatLearningRate: float = Field(
+        1e-4, gt=0, description="torch-int8-qat only: learning rate of the fine-tuning."
+    )
+
+
+class DataSpec(_Strict):
+    source: str = Field(
+        "random",
+        description="Calibration and evaluation data: random, zoo:<dataset>, or a .npz file "
+        "with one array per input name and an optional 'labels' array (a path, file://, s3://, "
+        "pvc:// or https://).",
+    )
+    samples: int = Field(64, description="Samples used for calibration and evaluation.", ge=2)
+    sha256: str | None = Field(
+        None, description="Expected SHA-256 of the .npz file; the run fails if it differs.", pattern=r"^[0-9a-f]{64}$"
+    )
+    maxSizeMB: int = Field(4096, ge=1, description="Refuse data files larger than this (downloads included).")
+
+
+class BenchmarkSpec(_Strict):
+    device: Device = Field(Device.cpu, description="cpu or cuda.")
+    threads: int = Field(1, description="Intra-op threads for every runtime.", ge=1, le=256)
+    warmup: int = Field(10, description="Untimed runs before timing.", ge=0)
+    runs: int = Field(50, description="Timed runs per variant.", ge=1)
+    rounds: int = Field(
+        5,
+        ge=1,
+        description="The timed runs are split into this many rounds (at most runs), taken in turn "
+        "across variants, so a slow patch on a shared machine hits every variant alike; "
+        "1 times each variant's runs back to back.",
+    )
+    tune: bool = Field(
+        False,
+        description="Search ONNX Runtime session options (threads, execution mode, optimization "
+        "level) for the best variant and report the choice.",
+    )
+    scalingBatches: list[int] = Field(
+        default_factory=lambda: [1, 8, 32],
+        description="Batch sizes for the scaling table (needs a dynamic axis 0); [] turns it off.",
+    )
+    scalingThreads: list[int] = Field(
+        default_factory=lambda: [1, 2], description="Thread counts for the scaling table."
+    )
+    scalingRuns: int = Field(3, ge=1, description="Timed runs per scaling cell (after one warm-up).")
+    profile: Literal["auto", "avx2", "avx512", "avx-vnni", "avx512-vnni", "amx"] = Field(
+        "auto",
+        description="CPU class to quantize for: auto (this machine's) or the class of the nodes that will "
+        "serve the model (avx2 and avx512 get 7-bit INT8 weights, the VNNI/AMX classes full 8-bit). "
+        "Timings are always of the machine that runs mlopt.",
+    )
+
+
+class AcceptanceSpec(_Strict):
+    metric: Literal["auto", "top1", "cer", "exact-match", "agreement"] = Field(
+        "auto",
+        description="Accuracy metric: top1 (class labels), cer (character error rate of CTC "
+        "text lines, reported as 1 - CER), exact-match (whole text lines), agreement (with the "
+        "FP32 model's argmax; no labels needed). auto = the zoo model's metric, else top1 when "
+        "the data has labels, else agreement.",
+    )
+    maxAccuracyDrop: float = Field(
+        0.01,
+        description="Largest accepted drop of accuracy against FP32 (absolute, 0.01 = 1 point). "
+        "Without labels, accuracy is agreement with the FP32 model's argmax.",
+        ge=0,
+        le=1,
+    )
+    maxRelativeAccuracyDrop: float | None = Field(
+        None,
+        description="Largest accepted drop relative to FP32's accuracy (0.01 = 1% of it); "
+        "when both are set, a variant must meet both.",
+        ge=0,
+        le=1,
+    )
+    fallback: bool = Field(
+        True,
+        description="When a static INT8 variant misses the budget, find the nodes whose "
+        "quantization hurts most, keep them in FP32 and retry (each try is recorded).",
+    )
+    fallbackSeconds: int = Field(
+        300, ge=1, description="Time budget for the fallback's retries, per variant."
+    )
+
+
+class Tolerance(_Strict):
+    atol: float = Field(1e-4, ge=0, description="Absolute tolerance.")
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance.")
+
+
+class ExportSpec(_Strict):
+    opset: int = Field(18, ge=11, le=23, description="ONNX opset of the exported model.")
+    exporter: Literal["auto", "dynamo", "legacy"] = Field(
+        "auto",
+        description="auto tries torch.onnx's dynamo exporter and falls back to the legacy "
+        "TorchScript exporter when the dynamo export fails or fails the parity check; for models "
+        "with LSTM/GRU/RNN layers it tries the legacy one first (the dynamo exporter takes about a "
+        "minute on them) and falls back to dynamo.",
+    )
+    tolerance: Tolerance = Field(
+        default_factory=Tolerance, description="Parity check tolerance for every output."
+    )
+    outputTolerances: dict[str, Tolerance] = Field(
+        default_factory=dict, description="Per-output tolerance overrides, by output name."
+    )
+
+
+class Toleration(_Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+# Kubernetes' quantity grammar (resource.Quantity), less the leading sign no resource request uses.
+QUANTITY = r"^(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$"
+_QUANTITY_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                    "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_value(text: str) -> float:
+    """A Kubernetes quantity as a number ('500m' -> 0.5, '48Mi' -> 50331648); the spec's pattern checked
+    the form. Written here because the spec stays pydantic-only (kubernetes.utils.parse_quantity
+    would bring the whole client into the worker)."""
+    match = re.match(QUANTITY, text)
+    number, suffix = match.group(1), match.group(3) or ""
+    if suffix[:1] in ("e", "E") and suffix[1:]:
+        return float(number) * 10 ** int(suffix[1:])
+    return float(number) * _QUANTITY_SUFFIX[suffix]
+
+
+class ResourceList(_Strict):
+    cpu: str | None = Field(None, pattern=QUANTITY, description="e.g. '2' or '500m'.")
+    memory: str | None = Field(None, pattern=QUANTITY, description="e.g. '4Gi'.")
+
+
+class Resources(_Strict):
+    requests: ResourceList = Field(
+        default_factory=lambda: ResourceList(cpu="1", memory="2Gi"),
+        description="Requested CPU and memory for the optimization pod; when not set and a limit is "
+        "below the default (1 CPU, 2Gi), the request is the limit.",
+    )
+    limits: ResourceList = Field(
+        default_factory=lambda: ResourceList(cpu="2", memory="8Gi"),
+        description="CPU and memory limits for the optimization pod.",
+    )
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> "Resources":
+        """Kubernetes refuses a pod whose request exceeds its limit: say so here, naming the field,
+        instead of a Job the API server rejects. A default request follows a lower limit down."""
+        lowered = {}
+        for resource in ("cpu", "memory"):
+            request, limit = getattr(self.requests, resource), getattr(self.limits, resource)
+            if request is None or limit is None or quantity_value(request) <= quantity_value(limit):
+                continue
+            if "requests" in self.model_fields_set:
+                raise ValueError(f"requests.{resource} {request} is above limits.{resource} {limit}: a pod's request "
+                                 f"cannot exceed its limit; lower requests.{resource} or raise limits.{resource}")
+            lowered[resource] = limit
+        if lowered:  # one assignment: it validates the model again, now within the limits
+            self.requests = self.requests.model_copy(update=lowered)
+        return self
+
+
+class JobSpec(_Strict):
+    """How the operator runs the optimization in the cluster (ignored by the local CLI)."""
+
+    image: str | None = Field(
+        None, description="Worker image; defaults to the operator's CPU or GPU worker image."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Pod resources.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
+    activeDeadlineSeconds: int = Field(
+        3600, ge=1, description="The Job is stopped after this many seconds."
+    )
+    backoffLimit: int = Field(0, ge=0, le=10, description="Retries of a failed pod.")
+    serviceAccountName: str | None = Field(
+        None,
+        description="Service account for the worker pod, for workload identity (IRSA, GKE/Azure workload "
+        "identity) instead of a Secret; its token is mounted only when this is set.",
+    )
+
+
+class ConfigMapKey(_Strict):
+    name: str = Field(description="ConfigMap name, in the resource's namespace.", min_length=1)
+    key: str = Field("ca.crt", description="Key that holds the PEM bundle.")
+
+
+class StorageSpec(_Strict):
+    """How the worker reaches s3:// sources and outputs. Credentials never live in the resource."""
+
+    secretRef: str | None = Field(
+        None,
+        description="Secret with the standard AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and optional "
+        "AWS_SESSION_TOKEN) keys, given to the worker with envFrom; the operator never reads it. "
+        "The local CLI reads the same variables from its environment.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, ...), e.g. https://minio.storage:9000; "
+        "addressed path-style. Default: AWS (or AWS_ENDPOINT_URL).",
+        pattern=r"^https?://",
+    )
+    region: str | None = Field(None, description="Region (default AWS_REGION, else us-east-1).")
+    anonymous: bool = Field(False, description="Unsigned requests, for public buckets.")
+    caBundle: ConfigMapKey | None = Field(
+        None, description="A CA bundle for a private endpoint's certificate, from a ConfigMap."
+    )
+
+
+class ModelOptimizationSpec(_Strict):
+    model: ModelSpec = Field(description="The model to optimize.")
+    variants: list[VariantSpec] | None = Field(
+        None,
+        description="Variants to build and measure; omitted = the recommended set for the device.",
+    )
+    data: DataSpec = Field(default_factory=DataSpec, description="Calibration/evaluation data.")
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec, description="Timing setup.")
+    acceptance: AcceptanceSpec = Field(
+        default_factory=AcceptanceSpec, description="Budget that the best variant must meet."
+    )
+    export: ExportSpec = Field(default_factory=ExportSpec, description="ONNX export settings.")
+    output: str = Field(
+        "mlopt-results",
+        description="Where results.json, report.md, charts and models go: a local path, "
+        "s3://bucket/prefix/ or pvc://claim/path/ (CLI: --output). In a cluster, omit it to keep "
+        "only the status (the pod's files are then lost).",
+    )
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store access.")
+    job: JobSpec = Field(default_factory=JobSpec, description="Cluster Job settings.")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[VariantSpec] | None) -> list[VariantSpec] | None:
+        names = [v.name for v in variants or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        return variants
+
+
+class Metadata(BaseModel):
+    """Kubernetes object metadata; only `name` matters to the CLI, the rest is kept."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="Name of the optimization (DNS-1123 label).", max_length=63)
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if not _DNS1123.match(name):
+            raise ValueError("use lower-case letters, digits and '-', e.g. crnn-int8")
+        return name
+
+
+class ModelOptimization(_Strict):
+    apiVersion: Literal["mlopt.io/v1alpha1"] = Field(description="Always mlopt.io/v1alpha1.")
+    kind: Literal["ModelOptimization"] = Field(description="Always ModelOptimization.")
+    metadata: Metadata
+    spec: ModelOptimizationSpec
+    status: dict[str, Any] | None = Field(None, description="Written by the operator; ignored.")
+
+    def variants(self) -> list[VariantSpec]:
+        """The spec's variants, or the recommended set for its device."""
+        if self.spec.variants:
+            return self.spec.variants
+        return default_variants(self.spec.benchmark.device)
+
+
+RECOMMENDED: dict[str, list[Recipe]] = {
+    Device.cpu.value: [
+        Recipe.onnx_fp32,
+        Recipe.ort_int8_dynamic,
+        Recipe.ort_int8_static,
+        Recipe.ort_int8_static_dynamic,
+        Recipe.torch_int8_dynamic,
+        Recipe.torch_int8_static,
+        Recipe.torch_int8_static_dynamic,
+        Recipe.onnx_fp16,
+    ],
+    Device.cuda.value: [Recipe.onnx_fp32, Recipe.onnx_fp16, Recipe.ort_int8_static_dynamic],
+}
+
+
+def default_variants(device: str) -> list[VariantSpec]:
+    return [VariantSpec(name=r.value, recipe=r) for r in RECOMMENDED[device]]

@@ -1,0 +1,320 @@
+"""Storage URIs: where models and data come from and where results go, the same locally and in a cluster.
+
+One function per scheme behind two entry points, `fetch(uri, …)` for inputs and `deliver(dir, uri, …)`
+for results (KServe's storage layout, plus the upload it lacks):
+- `s3://bucket/key` — S3 and S3-compatible stores, through obstore (one small wheel with no
+  dependencies, reads the standard AWS_* variables, multipart uploads, retries with backoff;
+  boto3 would also do but brings botocore, and s3fs cannot sit beside a current boto3);
+- `pvc://claim/path` — a PersistentVolumeClaim, mounted by the operator under MLOPT_PVC_ROOT;
+- `https://…` — downloaded, never following a redirect to plain http;
+- a local path or `file://…`.
+
+A trailing `/` means a prefix; anything else is one exact object (`s3://b/m/resnet` never matches
+`resnet50`). Inputs are streamed to disk with a size limit and the sha256 checked on the way, never
+read whole into memory. Uploads put results.json last: its presence means the run is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from optimizer.api.errors import OptimizationError
+
+CHUNK = 1 << 20
+RESULTS_FILE = "results.json"
+PVC_ROOT_ENV = "MLOPT_PVC_ROOT"  # where claims are mounted: <root>/<claim>/<path>
+UPLOAD_ATTEMPTS = 4
+
+
+class StorageError(OptimizationError):
+    """An input cannot be fetched or the results cannot be stored; the message names the field."""
+
+    reason = "StorageFailed"
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str  # s3 | pvc | https | file
+    container: str  # the bucket or the claim ("" for https and file)
+    key: str  # the object key, the path inside the claim, the URL or the local path
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.key.endswith("/") or self.key == ""
+
+
+def parse(uri: str, field: str) -> Location:
+    """Split a storage URI; local paths and file:// come back with scheme "file"."""
+    for scheme in ("s3", "pvc"):
+        if uri.startswith(f"{scheme}://"):
+            container, _, key = uri.removeprefix(f"{scheme}://").partition("/")
+            if not container:
+                raise StorageError(f"{field}: {uri!r} names no {'bucket' if scheme == 's3' else 'claim'}; "
+                                   f"write {scheme}://<{'bucket' if scheme == 's3' else 'claim'}>/<path>")
+            if ".." in key.split("/"):
+                raise StorageError(f"{field}: {uri!r} climbs out with '..'; give the path inside the "
+                                   f"{'bucket' if scheme == 's3' else 'claim'}")
+            return Location(scheme, container, key)
+    if uri.startswith("https://"):
+        return Location("https", "", uri)
+    if uri.startswith("http://"):
+        raise StorageError(f"{field}: plain http is refused ({uri}); use https://")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"{field}: {uri.split('://')[0]}:// is not a storage scheme mlopt reads; use s3://, "
+                           "pvc://, https://, file:// or a local path")
+    return Location("file", "", uri.removeprefix("file://"))
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("s3://", "https://"))
+
+
+def pvc_path(location: Location, field: str) -> Path:
+    """A claim is mounted by the operator at $MLOPT_PVC_ROOT/<claim>; on a laptop there is none."""
+    root = os.environ.get(PVC_ROOT_ENV)
+    if not root:
+        raise StorageError(
+            f"{field}: pvc://{location.container}/{location.key} names a PersistentVolumeClaim, which only a "
+            f"cluster has; on this machine use a local path, or set {PVC_ROOT_ENV} to a folder that holds the "
+            f"claim as a sub-folder ({location.container}/)")
+    return Path(root) / location.container / location.key
+
+
+# --- S3 --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class S3Settings:
+    """spec.storage as the client needs it; credentials come from the environment (AWS_*)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+
+    @classmethod
+    def of(cls, storage) -> "S3Settings":
+        if storage is None:
+            return cls()
+        return cls(endpoint=storage.endpoint, region=storage.region, anonymous=storage.anonymous)
+
+
+def _store(bucket: str, settings: S3Settings):
+    from obstore.store import S3Store
+
+    config: dict = {}
+    endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        # Custom endpoints (MinIO, Ceph, versitygw, …) are addressed path-style: bucket in the path.
+        config.update(endpoint=endpoint, virtual_hosted_style_request=False)
+    if settings.region:
+        config["region"] = settings.region
+    elif not os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
+        config["region"] = "us-east-1"  # S3-compatible stores ignore it; SigV4 needs one
+    if settings.anonymous:
+        config["skip_signature"] = True
+    client: dict = {"timeout": "30 minutes", "connect_timeout": "10 seconds"}  # large models take a while
+    if endpoint and endpoint.startswith("http://"):
+        client["allow_http"] = True
+    bundle = os.environ.get("AWS_CA_BUNDLE")
+    if bundle:
+        client["root_certificate"] = Path(bundle).read_bytes()
+    return S3Store(bucket, config=config, client_options=client,
+                   retry_config={"max_retries": 3, "retry_timeout": timedelta(seconds=120)})
+
+
+def _explain(error: BaseException, field: str, uri: str) -> StorageError:
+    """obstore's errors, as a user can act on them."""
+    from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
+
+    text = " ".join(str(error).split())
+    if isinstance(error, (NotFoundError, FileNotFoundError)) or "NoSuchKey" in text or "NoSuchBucket" in text:
+        return StorageError(f"{field}: no object at {uri}; check the bucket and key")
+    denied = isinstance(error, (PermissionDeniedError, UnauthenticatedError)) or any(
+        word in text for word in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "401"))
+    if denied:
+        return StorageError(
+            f"{field}: access to {uri} was refused ({_short(text)}); check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (in a cluster: the Secret named by spec.storage.secretRef) and spec.storage.endpoint")
+    return StorageError(f"{field}: cannot reach {uri}: {_short(text)}; check spec.storage.endpoint and the network")
+
+
+def _short(text: str) -> str:
+    """The S3 error code, else the HTTP status (a HEAD answer has no body), else the start of the text."""
+    import re
+
+    for code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "NoSuchBucket"):
+        if code in text:
+            return code
+    status = re.search(r"status code: (\d{3} [A-Za-z ]+?):", text)
+    return f"HTTP {status.group(1)}" if status else text[:240]
+
+
+class _Limited:
+    """Writes chunks to a file, hashing as it goes and stopping at the size limit."""
+
+    def __init__(self, target: Path, field: str, uri: str, max_bytes: int):
+        self.handle, self.digest, self.size = target.open("wb"), hashlib.sha256(), 0
+        self.field, self.uri, self.max_bytes = field, uri, max_bytes
+
+    def write(self, chunk) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise StorageError(f"{self.field}: {self.uri} is larger than {self.max_bytes // (1024 * 1024)} MB "
+                               "(maxSizeMB); raise it to load this file")
+        self.digest.update(chunk)
+        self.handle.write(chunk)
+
+
+def _check_pin(field: str, uri: str, sha256: str | None, actual: str, pin_field: str) -> None:
+    if sha256 and actual != sha256:
+        raise StorageError(f"{pin_field} does not match {uri} ({field}): expected {sha256}, the object has {actual}")
+
+
+def _fetch_s3(location: Location, target: Path, field: str, uri: str, max_bytes: int, settings: S3Settings) -> str:
+    import obstore
+
+    store = _store(location.container, settings)
+    try:
+        meta = obstore.head(store, location.key)
+        if meta["size"] > max_bytes:
+            raise StorageError(f"{field}: {uri} is {meta['size'] / 1e6:.0f} MB, over maxSizeMB "
+                               f"({max_bytes // (1024 * 1024)}); raise it to load this file")
+        sink = _Limited(target, field, uri, max_bytes)
+        with sink.handle:
+            for chunk in obstore.get(store, location.key).stream(min_chunk_size=CHUNK):
+                sink.write(chunk)
+    except StorageError:
+        raise
+    except Exception as error:
+        raise _explain(error, field, uri) from None
+    return sink.digest.hexdigest()
+
+
+class _NoPlainHttpRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.startswith("https://"):
+            raise urllib.error.URLError(f"refused a redirect from https to {newurl.split('://')[0]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch_https(uri: str, target: Path, field: str, max_bytes: int) -> str:
+    opener = urllib.request.build_opener(_NoPlainHttpRedirect)
+    try:
+        with opener.open(uri, timeout=60) as response:
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared > max_bytes:
+                raise StorageError(f"{field}: {uri} is {declared / 1e6:.0f} MB, over maxSizeMB")
+            sink = _Limited(target, field, uri, max_bytes)
+            with sink.handle:
+                while chunk := response.read(CHUNK):
+                    sink.write(chunk)
+    except OSError as error:
+        raise StorageError(f"{field}: cannot download {uri}: {error}") from None
+    return sink.digest.hexdigest()
+
+
+def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str | None = None,
+          pin_field: str = "sha256", storage=None, into: Path | None = None) -> Path:
+    """The local file behind `uri`: a local or pvc:// path as it is, a remote object downloaded to
+    `into` (default: a folder of its own under $MLOPT_CACHE/downloads, named as the object, so files
+    fetched beside it keep their names). Checks the size limit and the sha256 pin. Remote objects
+    are downloaded every time: an object may change under the same key."""
+    location = parse(uri, field)
+    if location.is_prefix and location.scheme in ("s3", "pvc"):
+        raise StorageError(f"{field}: {uri} ends with '/', which means a prefix; name one object (no trailing /)")
+    if location.scheme in ("file", "pvc"):
+        path = pvc_path(location, field) if location.scheme == "pvc" else Path(location.key).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise StorageError(f"{field}: no file at {path}")
+        if path.stat().st_size > max_bytes:
+            raise StorageError(f"{field}: {path} is larger than maxSizeMB ({max_bytes // (1024 * 1024)})")
+        if sha256:
+            _check_pin(field, uri, sha256, _sha256_file(path), pin_field)
+        return path
+    from optimizer.artifacts.cache import cache_dir
+
+    name = Path(location.key.rstrip("/")).name or "object"
+    target = into or cache_dir("downloads", hashlib.sha256(uri.encode()).hexdigest()[:24]) / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        if location.scheme == "s3":
+            digest = _fetch_s3(location, partial, field, uri, max_bytes, S3Settings.of(storage))
+        else:
+            digest = _fetch_https(uri, partial, field, max_bytes)
+        _check_pin(field, uri, sha256, digest, pin_field)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, max_bytes: int, storage=None) -> None:
+    """Fetch the objects named `names` that sit beside `uri` (an ONNX model's external data) next to
+    its local copy `local`. The names were validated by the caller (relative, no '..')."""
+    folder = uri[: uri.rfind("/") + 1]  # s3://bucket/dir/ or https://host/dir/
+    for name in names:
+        fetch(folder + name, field, local.parent, max_bytes=max_bytes, storage=storage, into=local.parent / name)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _run_files(directory: Path) -> list[Path]:
+    """Every file of a run but results.json, in upload order (results.json goes up after them)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != RESULTS_FILE)
+
+
+def describe_outputs(directory: Path) -> list[dict]:
+    """Every file of a run (results.json aside) with its size and sha256, in upload order."""
+    return [{"path": p.relative_to(directory).as_posix(), "sizeBytes": p.stat().st_size, "sha256": _sha256_file(p)}
+            for p in _run_files(directory)]
+
+
+# --- delivery --------------------------------------------------------------------------------------
+
+def output_location(uri: str, field: str = "spec.output") -> Location:
+    location = parse(uri, field)
+    if location.scheme == "https":
+        raise StorageError(f"{field}: results cannot be written to https://; use s3://bucket/prefix/, pvc:// or a path")
+    if location.scheme == "s3" and not location.is_prefix:
+        raise StorageError(f"{field}: {uri} must end with '/': results are several files under a prefix "
+                           f"(e.g. {uri}/)")
+    return location
+
+
+def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str = "spec.output") -> str:
+    """Upload a finished run to an s3:// prefix, results.json last; return results.json's URI.
+    Each file is retried with backoff; a file that still fails ends the delivery with StorageError
+    (and with no results.json at the prefix, readers know the run is not there)."""
+    import obstore
+
+    location = output_location(uri, field)
+    store = _store(location.container, S3Settings.of(storage))
+    files = [*_run_files(directory), directory / RESULTS_FILE]
+    for index, path in enumerate(files, 1):
+        key = location.key + path.relative_to(directory).as_posix()
+        if reporter:
+            reporter.log(f"uploading [{index}/{len(files)}] {key} ({path.stat().st_size / 1e6:.1f} MB)")
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                obstore.put(store, key, path, chunk_size=8 * CHUNK, max_concurrency=4)
+                break
+            except Exception as error:
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise StorageError(f"{field}: uploading {path.name} to s3://{location.container}/{key} failed "
+                                       f"{attempt} times: {_explain(error, field, uri)}") from None
+                time.sleep(min(2 ** attempt, 20))
+    return f"s3://{location.container}/{location.key}{RESULTS_FILE}"

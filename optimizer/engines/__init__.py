@@ -1,0 +1,103 @@
+"""Step 3, variants: one recipe per way of making a model smaller or faster.
+
+Each recipe is a small function `(BuildContext, VariantSpec) -> Built` registered under its
+contract name (`optimizer.api.spec.Recipe`). "How is X made?" has exactly one answer: its module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from optimizer.api.errors import RecipeFailure
+from optimizer.api.spec import AcceptanceSpec, Recipe, VariantSpec
+
+
+class NotApplicable(Exception):
+    """The recipe does not apply to this model or device; the variant is recorded as skipped."""
+
+
+__all__ = ["BuildContext", "Built", "NotApplicable", "RecipeFailure", "artifact_files", "registry"]
+
+
+@dataclass
+class BuildContext:
+    loaded: object  # optimizer.steps.load.LoadedModel
+    fp32_onnx: Path | None  # the verified export (or the ONNX source)
+    export_error: str | None  # why there is no fp32_onnx
+    dataset: object  # optimizer.steps.data.Dataset
+    workdir: Path
+    threads: int
+    device: str
+    hardware: object  # optimizer.measure.hardware.HardwareProfile: the quantization choices for the target CPU
+    reporter: object = None  # optimizer.console reporter: progress for calibration
+    metric: str = "agreement"  # the resolved accuracy metric (QAT picks its loss from it)
+    data_source: str = "random"  # data.source as used, for messages
+    acceptance: AcceptanceSpec = field(default_factory=AcceptanceSpec)  # the budget (NNCF's accuracy control aims at it)
+    cache: dict = field(default_factory=dict)  # shared intermediate files, e.g. the pre-processed model
+
+    def require_onnx(self) -> Path:
+        if self.fp32_onnx is None:
+            raise RecipeFailure(f"needs the ONNX export, which failed: {self.export_error}")
+        return self.fp32_onnx
+
+    @property
+    def external_data(self) -> bool:
+        """Whether the FP32 model keeps its weights in external data: its variants do the same."""
+        if "external_data" not in self.cache:
+            from optimizer.artifacts import onnx_files
+
+            self.cache["external_data"] = self.fp32_onnx is not None and onnx_files.has_external_data(self.fp32_onnx)
+        return self.cache["external_data"]
+
+
+
+@dataclass
+class Built:
+    runner: object  # optimizer.engines.runners.TorchRunner | CompiledTorchRunner | OrtRunner | OpenVinoRunner
+    artifact: Path
+    parent: str
+    options: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_bytes(self) -> int:
+        """On disk, external data (ONNX) and weights (OpenVINO's .bin) included."""
+        return sum(path.stat().st_size for path in artifact_files(self.artifact))
+
+
+def artifact_files(artifact: Path) -> list[Path]:
+    """A saved model's files, the model file first: ONNX external data, OpenVINO's .bin weights."""
+    if artifact.suffix == ".onnx":
+        from optimizer.artifacts import onnx_files
+
+        return onnx_files.files(artifact)
+    if artifact.suffix == ".xml":
+        return [artifact, artifact.with_suffix(".bin")]
+    return [artifact]
+
+
+RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
+
+
+def registry() -> dict[str, RecipeFunction]:
+    from optimizer.engines import openvino, ort, qat, torch_ao, torchao_pt2e
+
+    return {
+        Recipe.onnx_fp32.value: ort.onnx_fp32,
+        Recipe.ort_int8_dynamic.value: ort.ort_int8_dynamic,
+        Recipe.ort_int8_static.value: ort.ort_int8_static,
+        Recipe.ort_int8_static_dynamic.value: ort.ort_int8_static_dynamic,
+        Recipe.onnx_fp16.value: ort.onnx_fp16,
+        Recipe.torch_int8_dynamic.value: torch_ao.torch_int8_dynamic,
+        Recipe.torch_int8_static.value: torch_ao.torch_int8_static,
+        Recipe.torch_int8_static_dynamic.value: torch_ao.torch_int8_static_dynamic,
+        Recipe.torch_int8_qat.value: qat.torch_int8_qat,
+        Recipe.torchao_pt2e_int8_static.value: torchao_pt2e.torchao_pt2e_int8_static,
+        Recipe.torchao_pt2e_int8_dynamic.value: torchao_pt2e.torchao_pt2e_int8_dynamic,
+        Recipe.openvino_fp32.value: openvino.openvino_fp32,
+        Recipe.openvino_default.value: openvino.openvino_default,
+        Recipe.openvino_int8.value: openvino.openvino_int8,
+        Recipe.openvino_ort_qdq.value: openvino.openvino_ort_qdq,
+    }

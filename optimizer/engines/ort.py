@@ -1,0 +1,178 @@
+"""ONNX Runtime recipes: FP32, dynamic/static INT8 (QDQ), static+dynamic, and FP16 for GPU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from optimizer.artifacts import onnx_files
+from optimizer.engines import BuildContext, Built, NotApplicable
+from optimizer.engines.runners import OrtRunner, op_counts
+from optimizer.api.spec import VariantSpec
+
+# Conv is deliberately absent: quantize_dynamic turns Conv into ConvInteger, which ORT's CPU
+# provider runs slower than FP32 Conv (0.6x on the CRNN). Static QDQ is the way for convolutions.
+DYNAMIC_DEFAULT_OPS = ["LSTM", "GRU", "MatMul", "Gemm", "Attention"]
+RECURRENT_OPS = ["LSTM", "GRU"]
+
+
+def _runner(ctx: BuildContext, name: str, path: Path) -> OrtRunner:
+    return OrtRunner(path, threads=ctx.threads, device=ctx.device, optimized_path=ctx.workdir / f"{name}.ort-optimized.onnx")
+
+
+def _quiet():
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every skipped node at INFO
+
+
+def preprocessed(ctx: BuildContext) -> Path:
+    """Run quant_pre_process once: without it the quantizer silently skips the dynamo export's
+    LSTM weights (they sit behind Slice/Concat) and leaves the LSTMs in FP32."""
+    if "preprocessed" not in ctx.cache:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        source, target = ctx.require_onnx(), ctx.workdir / "preprocessed.onnx"
+        external = dict(save_as_external_data=ctx.external_data, all_tensors_to_one_file=True,
+                        external_data_location=onnx_files.data_location(target))
+        try:
+            quant_pre_process(str(source), str(target), **external)
+        except Exception:  # symbolic shape inference gives up on some graphs; ONNX's own still helps
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True, **external)
+        ctx.cache["preprocessed"] = target
+    return ctx.cache["preprocessed"]
+
+
+class _Calibration:
+    """ORT's CalibrationDataReader protocol over the data set's calibration items."""
+
+    def __init__(self, items, advance):
+        self._items, self._advance = iter(items), advance
+
+    def get_next(self):
+        item = next(self._items, None)
+        if item is not None:
+            self._advance()
+        return item
+
+    def rewind(self):  # some calibrators ask for it; we are only read once
+        pass
+
+
+def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
+    import onnxruntime as ort
+
+    source = ctx.require_onnx()
+    target = ctx.workdir / f"{variant.name}.onnx"
+    # Offline optimization at the portable level; hardware-specific fusions happen at load time.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    if ctx.external_data:  # keep the weights beside the graph, as the source had them
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         onnx_files.data_location(target))
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return Built(_runner(ctx, variant.name, target), target, parent="export", options={"optimization": "basic"})
+
+
+def _dynamic(ctx: BuildContext, source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet()
+    # Without VNNI the dynamic kernels saturate too (LSTM agreement 96.7% -> 100% with 7-bit weights).
+    quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=list(exclude or []), use_external_data_format=ctx.external_data,
+                     reduce_range=ctx.hardware.reduce_range)
+
+
+def _left_in_fp32(path: Path, op_types: list[str], excluded: list[str]) -> list[str]:
+    """A note when recurrent ops asked for INT8 are still plain FP32 ops: the quantizer skips
+    them silently when their weights are not constant initializers."""
+    import onnx
+
+    left = [n for n in onnx.load(str(path), load_external_data=False).graph.node
+            if n.op_type in op_types and n.op_type in RECURRENT_OPS and n.name not in excluded]
+    if not left:
+        return []
+    kinds = ", ".join(sorted({n.op_type for n in left}))
+    return [f"{len(left)} {kinds} node(s) stayed FP32: the quantizer could not see their weights as constant "
+            "initializers, so they were not quantized"]
+
+
+def ort_int8_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
+    ops = variant.opTypes or DYNAMIC_DEFAULT_OPS
+    target = ctx.workdir / f"{variant.name}.onnx"
+    _dynamic(ctx, preprocessed(ctx), target, ops)
+    notes = _left_in_fp32(target, ops, variant.excludeNodes)
+    if "Conv" in ops:
+        notes.append("Conv is dynamically quantized to ConvInteger, which is usually slower than FP32 Conv on CPU")
+    options = {"opTypes": ops, "weights": "int8", "reduceRange": ctx.hardware.reduce_range}
+    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options, notes=notes)
+
+
+def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    _quiet()
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[variant.calibration]
+    reduce_range = ctx.hardware.reduce_range  # 7-bit weights without VNNI (optimizer/measure/hardware.py)
+    options = {"format": "QDQ", "perChannel": variant.perChannel, "calibration": variant.calibration,
+               "activations": "uint8", "weights": "int8", "reduceRange": reduce_range,
+               "calibrationSamples": len(ctx.dataset.calibration)}
+    if variant.excludeNodes:
+        options["excludeNodes"] = list(variant.excludeNodes)
+    source, items = preprocessed(ctx), ctx.dataset.calibration
+    with ctx.reporter.task(f"calibrating {variant.name} ({variant.calibration})", len(items)) as advance:
+        quantize_static(
+            str(source), str(target), _Calibration(items, advance),
+            quant_format=QuantFormat.QDQ, per_channel=variant.perChannel, reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+            op_types_to_quantize=variant.opTypes, nodes_to_exclude=list(variant.excludeNodes),
+            extra_options={"CalibPercentile": 99.999} if variant.calibration == "percentile" else {},
+            use_external_data_format=ctx.external_data,
+        )
+    return options
+
+
+def ort_int8_static(ctx: BuildContext, variant: VariantSpec) -> Built:
+    target = ctx.workdir / f"{variant.name}.onnx"
+    options = _static(ctx, variant, target)
+    notes = []
+    left = sorted(set(op_counts(target)) & set(RECURRENT_OPS))
+    if left:
+        notes.append(f"{', '.join(left)} stay FP32 in static QDQ; ort-int8-static-dynamic quantizes them dynamically")
+    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options, notes=notes)
+
+
+def ort_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
+    static_path = ctx.workdir / f"{variant.name}.static.onnx"
+    target = ctx.workdir / f"{variant.name}.onnx"
+    options = _static(ctx, variant, static_path)
+    recurrent = sorted(set(op_counts(static_path)) & set(RECURRENT_OPS))
+    notes = []
+    if recurrent:
+        _dynamic(ctx, static_path, target, recurrent, variant.excludeNodes)
+        options["dynamicOpTypes"] = recurrent
+        notes += _left_in_fp32(target, recurrent, variant.excludeNodes)
+        onnx_files.remove(static_path)
+    else:
+        onnx_files.move(static_path, target)
+        notes.append("the model has no LSTM/GRU, so this equals ort-int8-static")
+    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options, notes=notes)
+
+
+def onnx_fp16(ctx: BuildContext, variant: VariantSpec) -> Built:
+    if ctx.device != "cuda":
+        raise NotApplicable(
+            "not applicable on CPU: FP16 needs the CUDA execution provider "
+            "(ONNX Runtime's CPU provider lacks FP16 kernels for most ops and would insert casts)"
+        )
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    target = ctx.workdir / f"{variant.name}.onnx"
+    model = convert_float_to_float16(onnx.load(str(ctx.require_onnx())), keep_io_types=True)
+    onnx.save(model, str(target), save_as_external_data=ctx.external_data, all_tensors_to_one_file=True,
+              location=onnx_files.data_location(target))
+    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options={"keepIoTypes": True})

@@ -1,0 +1,315 @@
+"""Step 2, data: calibration items for static INT8 and held-out evaluation items (with labels if any).
+
+An item is one model call's inputs: input name → array with the InputSpec's shape, so a batch of
+shape[0] samples. Sources (`data.source`):
+- `random`: seeded values in each input's valueRange; `samples` items, half calibration, half
+  evaluation (different seeds); no labels.
+- `zoo:digits`: scikit-learn's bundled digits (8×8 grey images, 10 classes); calibration from the
+  training split, evaluation on the whole test split so accuracy means something.
+- `zoo:textlines`: synthetic text lines ([batch, 1, 32, 100], optimizer/zoo/textlines.py) with
+  padded label sequences; calibration and evaluation rendered from different seeds, neither the
+  seed zoo:crnn-ocr trained on.
+- `<file>.npz` (relative to the spec's directory): one array per input name, first axis =
+  samples, optional integer `labels` (one per sample, or [samples, length] padded sequences);
+  first half calibration, second half evaluation.
+For the labelled sources `samples` caps the calibration samples: calibration cost grows with it,
+while evaluation should use every held-out sample.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.api.errors import DataLoadError
+from optimizer.api.spec import DataSpec, InputSpec
+
+RANDOM_SEEDS = {"calibration": 0, "evaluation": 1}
+DEFAULT_RANGES = {"float": (0.0, 1.0), "int": (0, 100)}
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.3
+DIGITS_SHAPE = (1, 8, 8)  # per sample: one grey channel, 8×8 pixels
+TEXTLINES_SHAPE = (1, 32, 100)  # per sample: one grey channel, height 32, width 100
+TEXTLINES_EVALUATION = 256  # held-out lines: CER on 256 lines (~1,400 characters) moves in 0.07% steps
+
+
+DataError = DataLoadError  # the name the data step's callers and tests use
+
+
+@dataclass
+class Dataset:
+    calibration: list[dict[str, np.ndarray]]
+    evaluation: list[dict[str, np.ndarray]]  # held out from calibration
+    labels: list[np.ndarray] | None  # per evaluation item, the int64 labels of its batch
+    description: str
+    calibration_labels: list[np.ndarray] | None = None  # per calibration item (QAT fine-tunes on them)
+
+
+def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_dir: Path, spec=None,
+                 storage=None) -> Dataset:
+    """spec: the DataSpec (size limit and sha256 pin for files); storage: spec.storage, for s3://."""
+    if source == "random":
+        return _random(samples, inputs)
+    if source.startswith("zoo:"):
+        return _zoo(source.removeprefix("zoo:"), samples, inputs)
+    if source.endswith(".npz"):
+        from optimizer.artifacts.storage import StorageError, fetch
+
+        if "://" not in source and not (Path(base_dir) / source).is_file():
+            return _npz(Path(base_dir) / source, samples, inputs)  # says where it looked and how to fix it
+        limits = spec or DataSpec(source=source)  # maxSizeMB and sha256 as the spec (or its defaults) say
+        try:
+            path = fetch(source, "data.source", Path(base_dir), max_bytes=limits.maxSizeMB * 2**20,
+                         sha256=limits.sha256, pin_field="data.sha256", storage=storage)
+        except StorageError as error:  # status.reason DataLoadFailed
+            raise DataError(str(error)) from None
+        return _npz(path, samples, inputs)
+    raise DataError(
+        f"data.source {source!r} is not a data source: use random, zoo:<dataset> "
+        f"({', '.join(ZOO_DATASETS)}) or a path to a .npz file"
+    )
+
+
+def _numpy_dtype(spec: InputSpec) -> np.dtype:
+    # InputSpec's default dtype stays a DType member (pydantic leaves defaults unconverted).
+    return np.dtype(getattr(spec.dtype, "value", spec.dtype))
+
+
+# --- random -----------------------------------------------------------------------------------
+
+def _random_value(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
+    dtype = _numpy_dtype(spec)
+    kind = "int" if np.issubdtype(dtype, np.integer) else "float"
+    low, high = spec.valueRange or DEFAULT_RANGES[kind]
+    if kind == "int":
+        # Inclusive high: valueRange [0, 999] for a 1000-word vocabulary must reach id 999.
+        return rng.integers(int(low), int(high), size=spec.shape, endpoint=True).astype(dtype)
+    return rng.uniform(low, high, size=spec.shape).astype(dtype)
+
+
+def _random_items(count: int, inputs: Sequence[InputSpec], seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{spec.name: _random_value(spec, rng) for spec in inputs} for _ in range(count)]
+
+
+def _random(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    calibration_count = max(1, samples // 2)
+    evaluation_count = max(1, samples - calibration_count)
+    return Dataset(
+        calibration=_random_items(calibration_count, inputs, RANDOM_SEEDS["calibration"]),
+        evaluation=_random_items(evaluation_count, inputs, RANDOM_SEEDS["evaluation"]),
+        labels=None,
+        description=f"random inputs (seeded), {calibration_count} calibration and "
+        f"{evaluation_count} evaluation items",
+    )
+
+
+# --- batching shared by the labelled sources ----------------------------------------------------
+
+def _batches(arrays: dict[str, np.ndarray], batch: int, partial_ok: bool) -> list[dict[str, np.ndarray]]:
+    """Cut sample arrays (first axis = samples) into items of `batch` samples.
+
+    A last, smaller batch is kept only when the batch axis is dynamic: a model exported with a
+    fixed batch would reject it.
+    """
+    count = len(next(iter(arrays.values())))
+    stops = range(batch, count + (batch - 1 if partial_ok else 0) + 1, batch)
+    return [{name: array[stop - batch:stop] for name, array in arrays.items()} for stop in stops]
+
+
+def _batch_size(spec: InputSpec) -> tuple[int, bool]:
+    return spec.shape[0], 0 in spec.dynamicAxes
+
+
+def _labelled(calibration: dict[str, np.ndarray], evaluation: dict[str, np.ndarray], labels: np.ndarray | None,
+              samples: int, inputs: Sequence[InputSpec], description: str,
+              calibration_labels: np.ndarray | None = None) -> Dataset:
+    """Items from sample arrays: at most `samples` (but one full batch) calibrate, all of evaluation."""
+    batch, partial_ok = _batch_size(inputs[0])
+    calibration_items = _batches({name: array[:max(samples, batch)] for name, array in calibration.items()},
+                                 batch, partial_ok)
+    evaluation_items = _batches(evaluation, batch, partial_ok)
+
+    def label_items(array: np.ndarray | None, limit: int | None = None):
+        if array is None:
+            return None
+        return [item["labels"] for item in _batches({"labels": array[:limit]}, batch, partial_ok)]
+
+    return Dataset(
+        calibration=calibration_items,
+        evaluation=evaluation_items,
+        labels=label_items(labels),
+        calibration_labels=label_items(calibration_labels, max(samples, batch)),
+        description=f"{description}, {_sample_count(calibration_items)} calibration and "
+        f"{_sample_count(evaluation_items)} held-out samples",
+    )
+
+
+def _sample_count(items: list[dict[str, np.ndarray]]) -> int:
+    return sum(len(next(iter(item.values()))) for item in items)
+
+
+# --- zoo:<dataset> --------------------------------------------------------------------------------
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (train_x, test_x, train_y, test_y): float32 [n, 1, 8, 8] in [0, 1].
+
+    The one definition of the split: the zoo's digits model trains on train_x, and zoo:digits
+    evaluates on test_x, so the reported accuracy is on images the model never saw.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32).reshape(-1, *DIGITS_SHAPE)
+    labels = digits.target.astype(np.int64)
+    return tuple(train_test_split(images, labels, test_size=DIGITS_TEST_FRACTION,
+                                  random_state=DIGITS_SPLIT_SEED, stratify=labels))
+
+
+def _single_image_input(dataset: str, sample_shape: tuple[int, ...], inputs: Sequence[InputSpec]) -> InputSpec:
+    """The model's one input, if it takes this zoo data set's images; else a DataError saying so."""
+    spec = inputs[0]
+    if len(inputs) != 1 or list(spec.shape[1:]) != list(sample_shape):
+        wanted = [f"{s.name} {list(s.shape)}" for s in inputs]
+        shape = ", ".join(["batch", *map(str, sample_shape)])
+        raise DataError(
+            f"data.source zoo:{dataset} gives one input of shape [{shape}], but the model's "
+            f"inputs are {', '.join(wanted)}; use data.source random or a .npz file for this model"
+        )
+    return spec
+
+
+def _digits(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    spec = _single_image_input("digits", DIGITS_SHAPE, inputs)
+    train_x, test_x, train_y, test_y = digits_split()
+    dtype = _numpy_dtype(spec)
+    return _labelled(
+        calibration={spec.name: train_x.astype(dtype)},
+        evaluation={spec.name: test_x.astype(dtype)},
+        labels=test_y,
+        calibration_labels=train_y,
+        samples=samples,
+        inputs=inputs,
+        description="scikit-learn digits",
+    )
+
+
+def _textlines(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    from optimizer.zoo import textlines
+
+    spec = _single_image_input("textlines", TEXTLINES_SHAPE, inputs)
+    batch = spec.shape[0]
+    calibration, calibration_labels = textlines.render_batch(max(samples, batch), textlines.SEEDS["calibration"])
+    evaluation, labels = textlines.render_batch(max(TEXTLINES_EVALUATION, batch), textlines.SEEDS["evaluation"])
+    dtype = _numpy_dtype(spec)
+    return _labelled(
+        calibration={spec.name: calibration.astype(dtype)},
+        evaluation={spec.name: evaluation.astype(dtype)},
+        labels=labels,
+        calibration_labels=calibration_labels,
+        samples=samples,
+        inputs=inputs,
+        description="synthetic text lines (DejaVu fonts)",
+    )
+
+
+ZOO_DATASETS = {"digits": _digits, "textlines": _textlines}
+
+
+def _zoo(name: str, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    if name not in ZOO_DATASETS:
+        raise DataError(
+            f"data.source zoo:{name} is not a zoo data set; available: "
+            + ", ".join(f"zoo:{known}" for known in ZOO_DATASETS)
+        )
+    return ZOO_DATASETS[name](samples, inputs)
+
+
+# --- .npz files ------------------------------------------------------------------------------------
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"data.source: {path} does not exist; give a .npz path relative to the spec file")
+    try:
+        # allow_pickle=False: a data file must never run code, so object arrays are refused.
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"data.source: cannot read {path} as .npz ({error})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"data.source: {path} is a single .npy array; save one array per input with np.savez")
+    try:
+        with loaded as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as error:  # raised per array: "Object arrays cannot be loaded ..."
+        raise DataError(
+            f"data.source: {path} cannot be read without pickle ({error}); save plain numeric "
+            "arrays, e.g. np.savez(path, image=x.astype(np.float32), labels=y)"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"data.source: cannot read {path} as .npz ({error})") from None
+
+
+def _checked_input(arrays: dict[str, np.ndarray], spec: InputSpec, path: Path) -> np.ndarray:
+    expected = ["samples"] + [spec.dynamicAxes.get(axis, size) for axis, size in enumerate(spec.shape)][1:]
+    if spec.name not in arrays:
+        raise DataError(
+            f"data.source: {path} has no array {spec.name!r} (found: {', '.join(sorted(arrays)) or 'none'}); "
+            f"add one of shape {expected}"
+        )
+    array = arrays[spec.name]
+    fixed_mismatch = array.ndim != len(spec.shape) or any(
+        array.shape[axis] != size for axis, size in enumerate(spec.shape)
+        if axis > 0 and axis not in spec.dynamicAxes
+    )
+    if fixed_mismatch:
+        raise DataError(
+            f"data.source: array {spec.name!r} in {path} has shape {list(array.shape)}; "
+            f"expected {expected} (first axis = samples)"
+        )
+    dtype = _numpy_dtype(spec)
+    if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise DataError(f"data.source: array {spec.name!r} in {path} is {array.dtype}; the input expects {dtype}")
+    return array.astype(dtype)
+
+
+def _checked_labels(arrays: dict[str, np.ndarray], count: int, path: Path) -> np.ndarray | None:
+    if "labels" not in arrays:
+        return None
+    labels = arrays["labels"]
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape[:1] != (count,):
+        raise DataError(
+            f"data.source: 'labels' in {path} must be integers with one entry per sample "
+            f"({count}); got {labels.dtype} of shape {list(labels.shape)}"
+        )
+    return labels.astype(np.int64)
+
+
+def _npz(path: Path, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    arrays = _read_npz(path)
+    checked = {spec.name: _checked_input(arrays, spec, path) for spec in inputs}
+    counts = {name: len(array) for name, array in checked.items()}
+    if len(set(counts.values())) != 1:
+        raise DataError(f"data.source: arrays in {path} disagree on the number of samples: {counts}")
+    count = next(iter(counts.values()))
+    batch, partial_ok = _batch_size(inputs[0])
+    half = count // 2
+    if half < (1 if partial_ok else batch):
+        raise DataError(
+            f"data.source: {path} has {count} samples; it needs at least {2 * max(batch, 1)} "
+            "(half for calibration, half for evaluation)"
+        )
+    labels = _checked_labels(arrays, count, path)
+    return _labelled(
+        calibration={name: array[:half] for name, array in checked.items()},
+        evaluation={name: array[half:] for name, array in checked.items()},
+        labels=None if labels is None else labels[half:],
+        calibration_labels=None if labels is None else labels[:half],
+        samples=samples,
+        inputs=inputs,
+        description=path.name,
+    )

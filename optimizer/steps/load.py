@@ -1,0 +1,179 @@
+"""Step 1, load: resolve `model.source` and turn it into something we can run and export."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from optimizer.api.errors import ModelLoadError, OptimizationError
+from optimizer.api.spec import InputSpec, ModelSpec
+
+
+@dataclass
+class LoadedModel:
+    source: str
+    format: str  # zoo | torchscript | exported-program | state-dict | onnx
+    inputs: list[InputSpec]
+    module: object | None = None  # torch.nn.Module (or ScriptModule); None for ONNX sources
+    onnx_path: Path | None = None  # set for ONNX sources
+    program: object | None = None  # torch.export.ExportedProgram, for exported-program sources
+    default_data: str = "random"
+    metric: str = "agreement"
+
+    @property
+    def is_eager(self) -> bool:
+        """PyTorch quantization recipes need the model's Python class (an eager nn.Module)."""
+        return self.format in ("zoo", "state-dict")
+
+
+def resolve_source(spec: ModelSpec, base_dir: Path, storage=None) -> Path:
+    """The local file behind model.source (downloaded if remote), checked against maxSizeMB and the pin."""
+    from optimizer.artifacts.storage import StorageError, fetch
+
+    try:
+        return fetch(spec.source, "model.source", base_dir, max_bytes=spec.maxSizeMB * 1024 * 1024,
+                     sha256=spec.sha256, pin_field="model.sha256", storage=storage)
+    except StorageError as error:  # status.reason ModelLoadFailed: the message already names the field
+        raise ModelLoadError(str(error)) from None
+
+
+def detect_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix == ".pt2":
+        return "exported-program"
+    if suffix == ".safetensors":
+        return "state-dict"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any("/code/" in name for name in names):
+            return "torchscript"
+        if any(name.endswith("archive_format") for name in names):
+            return "exported-program"
+    return "state-dict"
+
+
+def _check_onnx_files(spec: ModelSpec, path: Path, storage=None) -> None:
+    """External data must be beside the model and, with it, within maxSizeMB. A remote model's data
+    files are fetched from beside it, once their names are known to stay inside its folder."""
+    from optimizer.artifacts import onnx_files, storage as stores
+
+    try:
+        if stores.is_remote(spec.source):
+            names = onnx_files.external_locations(path)
+            onnx_files.check_locations(path, names)
+            stores.fetch_beside(spec.source, names, "model.source", path, max_bytes=spec.maxSizeMB * 1024 * 1024,
+                                storage=storage)
+        size = onnx_files.total_size(path)
+    except onnx_files.ExternalDataError as error:
+        raise ModelLoadError(f"model.source: {error}") from None
+    except stores.StorageError as error:
+        raise ModelLoadError(str(error)) from None
+    if size > spec.maxSizeMB * 1024 * 1024:
+        raise ModelLoadError(f"model.source: {path.name} and its external data are {size / 1e6:.0f} MB, over "
+                             f"model.maxSizeMB ({spec.maxSizeMB}); raise it to load this model")
+
+
+def _load_zoo(spec: ModelSpec) -> LoadedModel:
+    from optimizer.zoo import get_zoo_model
+
+    name = spec.source.removeprefix("zoo:")
+    try:
+        entry = get_zoo_model(name)
+    except KeyError as error:
+        raise ModelLoadError(f"model.source: {error.args[0]}") from None
+    return LoadedModel(
+        source=spec.source,
+        format="zoo",
+        inputs=list(spec.inputs or entry.inputs),
+        module=entry.build(),
+        default_data=entry.data,
+        metric=entry.metric,
+    )
+
+
+def _read_state_dict(path: Path) -> dict:
+    import torch
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        # weights_only=True: a checkpoint is data; never let it run code on load.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError and friends
+        raise ModelLoadError(
+            f"refused to load {path.name}: it is not a plain state_dict that "
+            f"torch.load(weights_only=True) accepts ({str(error).splitlines()[0][:200]}). "
+            "Save model.state_dict() with torch.save or safetensors, or export with torch.export.save."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # common checkpoint layout: {"state_dict": ..., "epoch": ...}
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path.name} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
+    module_name, _, attribute = entrypoint.partition(":")
+    if str(base_dir) not in sys.path:
+        sys.path.insert(0, str(base_dir))  # user code usually sits beside the spec
+    try:
+        target = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise ModelLoadError(f"model.entrypoint {entrypoint!r} cannot be imported: {error}") from None
+    try:
+        return target(**arguments)
+    except TypeError as error:
+        raise ModelLoadError(f"model.arguments do not fit {entrypoint}: {error}") from None
+
+
+def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
+    import torch
+
+    path = resolve_source(spec, base_dir, storage)
+    fmt = spec.format if spec.format != "auto" else detect_format(path)
+    loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
+    if fmt == "onnx":
+        _check_onnx_files(spec, path, storage)
+        loaded.onnx_path = path
+    elif fmt == "torchscript":
+        loaded.module = torch.jit.load(str(path), map_location="cpu").eval()
+    elif fmt == "exported-program":
+        loaded.program = torch.export.load(str(path))
+        loaded.module = loaded.program.module()
+    else:
+        if not spec.entrypoint:
+            raise ModelLoadError(
+                f"{path.name} is a state_dict: set model.entrypoint to the class that builds the "
+                "network (package.module:Class)"
+            )
+        module = _build_entrypoint(spec.entrypoint, spec.arguments, base_dir)
+        try:
+            module.load_state_dict(_read_state_dict(path))
+        except RuntimeError as error:
+            raise ModelLoadError(
+                f"the weights in {path.name} do not fit {spec.entrypoint}: {str(error)[:500]}"
+            ) from None
+        loaded.module = module.eval()
+    return loaded
+
+
+def load_model(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
+    """storage: spec.storage, for s3:// sources."""
+    if spec.source.startswith("zoo:"):
+        return _load_zoo(spec)
+    try:
+        return _load_file(spec, base_dir, storage)
+    except OptimizationError:  # ModelLoadError, StorageError: they already name the field
+        raise
+    except Exception as error:  # a corrupt archive, a TorchScript from a newer torch, ...
+        raise ModelLoadError(f"cannot load {spec.source}: {type(error).__name__}: {error}") from None

@@ -1,0 +1,373 @@
+"""Step 8, report: report.md (tables in the research note's style) and bar charts of size and latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optimizer.console import format_size
+from optimizer.measure.metrics import METRIC_LABELS
+from optimizer.api.results import Results, VariantResult
+
+# The research note's two tables: conversion, then one column per quantization method.
+CONVERSION = [("PyTorch FP32", "pytorch-fp32"), ("ONNX Runtime FP32", "onnx-fp32")]
+QUANTIZATION = {
+    "PyTorch": [("Original", "pytorch-fp32"), ("Dynamic", "torch-int8-dynamic"), ("Static", "torch-int8-static"),
+                ("Static + Dynamic", "torch-int8-static-dynamic")],
+    "ONNX Runtime": [("Original", "onnx-fp32"), ("Dynamic", "ort-int8-dynamic"), ("Static", "ort-int8-static"),
+                     ("Static + Dynamic", "ort-int8-static-dynamic")],
+    "OpenVINO": [("FP32", "openvino-fp32"), ("Default precision", "openvino-default"), ("NNCF INT8", "openvino-int8"),
+                 ("mlopt's QDQ", "openvino-ort-qdq")],
+    "torchao (PT2E)": [("Dynamic", "torchao-pt2e-int8-dynamic"), ("Static", "torchao-pt2e-int8-static")],
+}
+OPTIONAL_TABLES = ("OpenVINO", "torchao (PT2E)")  # shown only when the spec asked for one of its variants
+
+
+def mean_std(variant: VariantResult | None) -> str:
+    """'24.4 ms ± 410 µs', as the research note writes latencies."""
+    if variant is None or variant.latencyMs is None:
+        return "—"
+    lat = variant.latencyMs
+    std = f"{lat.std * 1000:.0f} µs" if lat.std < 1 else f"{lat.std:.2f} ms"
+    return f"{lat.mean:.2f} ms ± {std}"
+
+
+def size_mb(variant: VariantResult | None) -> str:
+    return format_size(variant.sizeBytes if variant else None)
+
+
+def by_recipe(results: Results) -> dict[str, VariantResult]:
+    found = {results.baseline.recipe: results.baseline}
+    for variant in results.variants:
+        if variant.status in ("ok", "rejected"):
+            found.setdefault(variant.recipe, variant)
+    return found
+
+
+def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResult], device: str) -> list[str]:
+    cells = [found.get(recipe) for _, recipe in columns]
+    return [
+        "| | " + " | ".join(title for title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        "| model file | " + " | ".join(size_mb(c) for c in cells) + " |",
+        f"| {device.upper()} inference | " + " | ".join(mean_std(c) for c in cells) + " |",
+        "| speedup vs PyTorch FP32 | " + " | ".join("—" if c is None or c.speedup is None else f"{c.speedup:.2f}x" for c in cells) + " |",
+    ]
+
+
+def metric_label(metric: str) -> str:
+    """The metric's human name ("top-1 accuracy"), or its raw name where none is defined."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _fmt(value, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def variants_table(results: Results) -> list[str]:
+    accuracy_column = results.accuracyMetric != "agreement"  # else it repeats "argmax agree"
+    metric = f" {metric_label(results.accuracyMetric)} |" if accuracy_column else ""
+    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree |{metric} status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if accuracy_column else "") + "---|"]
+    for v in [results.baseline, *results.variants]:
+        lat, fid = v.latencyMs, v.fidelity
+        status = f"**{v.status} ★ best**" if v.name == results.best else v.status
+        lines.append(
+            f"| {v.name} | {v.recipe} | {v.runtime or '—'} | {size_mb(v)} | {mean_std(v)} | "
+            f"{_fmt(lat and lat.p50, '{:.2f}')} | {_fmt(lat and lat.p90, '{:.2f}')} | {_fmt(lat and lat.p99, '{:.2f}')} | "
+            f"{_speedup(v)} | {_fmt(fid and fid.maxAbsDiff, '{:.2g}')} | {_fmt(fid and fid.cosine, '{:.5f}')} | "
+            f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} |"
+            + (f" {_fmt(v.accuracy, '{:.2%}')} |" if accuracy_column else "") + f" {status} |"
+        )
+    return lines
+
+
+def _speedup(variant: VariantResult) -> str:
+    """"6.28x (5.95-6.61)": the mean ratio, and its range over the interleaved rounds."""
+    if variant.speedup is None:
+        return "—"
+    low_high = variant.speedupRange
+    spread = f" ({low_high[0]:.2f}–{low_high[1]:.2f})" if low_high and low_high[0] != low_high[1] else ""
+    return f"{variant.speedup:.2f}x{spread}"
+
+
+def _budget(results: Results) -> str:
+    budget = results.accuracyBudget or {}
+    parts = []
+    if budget.get("maxAccuracyDrop") is not None:
+        parts.append(f"at most {budget['maxAccuracyDrop'] * 100:.2f} points below FP32")
+    if budget.get("maxRelativeAccuracyDrop") is not None:
+        parts.append(f"at most {budget['maxRelativeAccuracyDrop']:.2%} of FP32's accuracy lost")
+    fp32 = _fmt(results.baseline.accuracy, "{:.2%}")
+    return (f"FP32 {metric_label(results.accuracyMetric)}: {fp32}; budget: "
+            + (" and ".join(parts) or "none") + ".")
+
+
+def fallback_section(results: Results) -> list[str]:
+    """The accuracy fallback: per retried variant, the worst nodes and every try."""
+    out = []
+    for v in results.variants:
+        if not v.fallback:
+            continue
+        f = v.fallback
+        outcome = (f"recovered as **{f.variant}** with {len(f.excludedNodes)} node(s) in FP32"
+                   if f.recovered else f"not recovered: {f.reason}")
+        out += [f"### {v.name}: {outcome} ({f.seconds:.2f} s)", ""]
+        if f.ranking:
+            out += ["Most sensitive nodes (noise each adds, FP32 vs quantized activations):", "",
+                    "| node | op | input SQNR dB | output SQNR dB | added noise |", "|---|---|---:|---:|---:|"]
+            out += [f"| `{r['node']}` | {r['opType']} | {r['inputSqnrDb']:.1f} | {r['outputSqnrDb']:.1f} | "
+                    f"{r['addedNoise']:.3g} |" for r in f.ranking[:5]]
+            out.append("")
+        out += ["| try | nodes kept in FP32 | accuracy | size | seconds | within budget |",
+                "|---:|---|---:|---:|---:|---|"]
+        for index, t in enumerate(f.tries, 1):
+            nodes = ", ".join(f"`{n}`" for n in t.excludedNodes)
+            out.append(f"| {index} | {nodes} | {_fmt(t.accuracy, '{:.2%}')} | {format_size(t.sizeBytes)} | "
+                       f"{t.seconds:.2f} | {'yes' if t.withinBudget else (t.error or 'no')} |")
+        out.append("")
+    return ["## Accuracy fallback", "", *out] if out else []
+
+
+def calibration_section(results: Results) -> list[str]:
+    """compareCalibration: calibration method → accuracy, latency, per spec variant."""
+    groups: dict[str, list[VariantResult]] = {}
+    for v in results.variants:
+        if v.calibrationOf and not v.name.endswith("+fallback"):
+            groups.setdefault(v.calibrationOf, []).append(v)
+    out = []
+    for name, members in groups.items():
+        out += [f"## Calibration methods: {name}", "",
+                f"| calibration | variant | {metric_label(results.accuracyMetric)} | mean ± std | size | status |",
+                "|---|---|---:|---:|---:|---|"]
+        for v in members:
+            method = v.lineage.options.get("calibration", "—") if v.lineage else "—"
+            out.append(f"| {method} | {v.name} | {_fmt(v.accuracy, '{:.2%}')} | {mean_std(v)} | {size_mb(v)} | {v.status} |")
+        out.append("")
+    return out
+
+
+def _notes(results: Results) -> list[str]:
+    lines = [f"- **inputs**: {note}" for note in results.model.get("inputNotes", [])]
+    for attempt in results.model.get("exportAttempts", []):
+        lines.append(f"- **export** ({attempt['route']}): {attempt['reason']}")
+    for v in results.variants:
+        for text in ([v.error] if v.error else []) + v.notes:
+            lines.append(f"- **{v.name}**: {text}")
+    return lines or ["- none"]
+
+
+def _hardware_lines(record: dict | None) -> list[str]:
+    if not record:
+        return []
+    head = f"- Quantized for: **{record['isa']}** ({record['chosenBy']}; this machine: {record['detected']}), " \
+           f"INT8 weights {'7-bit (reduce_range)' if record['reduceRange'] else 'full 8-bit'}"
+    return [head, *[f"  - {reason}" for reason in record["reasons"]]]
+
+
+def _library_warnings(results: Results) -> list[str]:
+    """What PyTorch, ONNX Runtime and friends warned about during the run (kept off the terminal)."""
+    if not results.warnings:
+        return []
+    return ["## Library warnings", "", *[f"- {text}" for text in results.warnings], ""]
+
+
+def _op_mix(results: Results) -> list[str]:
+    lines = ["| variant | ops after ONNX Runtime optimization |", "|---|---|"]
+    for v in results.variants:
+        if v.opCounts:
+            lines.append(f"| {v.name} | " + ", ".join(f"{op} ×{n}" for op, n in list(v.opCounts.items())[:12]) + " |")
+    return lines
+
+
+def _ms(value) -> str:
+    return "—" if value is None else f"{value:.2f} ms"
+
+
+def _rate(macs_per_s: float) -> str:
+    return f"{macs_per_s / 1e9:.1f} GMAC/s"
+
+
+def _compute_section(c: dict) -> list[str]:
+    """MACs, the limits they imply (at the model's shapes, at the kernels' peak, on paper), and how
+    close each layer type gets."""
+    by_type = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(c["byType"].items(), key=lambda kv: -kv[1]))
+    nominal, measured, at_shapes = c["nominal"], c["measured"], c.get("atShapes")
+    out = ["## Compute", "",
+           f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type})."]
+    if at_shapes:
+        out.append(f"- At this model's own shapes, ONNX Runtime's kernels take {_ms(at_shapes['fp32LimitMs'])} in FP32 "
+                   f"and {_ms(at_shapes['int8LimitMs'])} in INT8 for these products ({at_shapes['shapes']} distinct "
+                   "shapes, each timed here: a convolution as its im2col GEMM, an LSTM/GRU as one GEMM for its input "
+                   "over all steps and one matrix-vector product per step for its recurrence): the limit a runtime "
+                   "can approach, since what runs between the products only adds to it.")
+    out.append(f"- At the kernels' peak ({_rate(measured['fp32MacsPerS'])} FP32, {_rate(measured['int8MacsPerS'])} "
+               f"INT8 on a {measured['gemm']} product, fastest run of 0.1 s, {measured['threads']} thread(s)) every "
+               f"layer would take {_ms(measured['fp32LimitMs'])} in FP32 or {_ms(measured['int8LimitMs'])} in INT8: "
+               "this model cannot run faster than that; small products (matrix-vector steps, thin convolutions) "
+               "never reach the peak.")
+    if nominal.get("clockGHz") and nominal.get("fp32LimitMs"):
+        implied = (f"; the measured FP32 rate implies {measured['impliedClockGHz']:.2f} GHz"
+                   if measured.get("impliedClockGHz") else "")
+        out.append(f"- On paper, at the {nominal['clockGHz']:.2f} GHz in /proc/cpuinfo × {nominal['fp32MacsPerCycle']} "
+                   f"(FP32) and {nominal['int8MacsPerCycle']} (INT8) MAC/cycle: {_ms(nominal['fp32LimitMs'])} and "
+                   f"{_ms(nominal['int8LimitMs'])}{implied} (cloud CPUs report the base clock, not the boost).")
+    best = c.get("best")
+    if best:
+        precision = best["precision"].upper()
+        peak = (f"; {best['fractionOfPeakLimit']:.0%} of the {precision} peak limit"
+                if best.get("fractionOfPeakLimit") is not None else "")
+        out.append(f"- The best variant, {best['variant']} ({_ms(best['meanMs'])}), runs at "
+                   f"{best['fractionOfLimit']:.0%} of the {precision} limit at the model's shapes{peak}.")
+    if c.get("byLayer"):
+        out += ["", "How close each layer type gets (the best variant's profile; kernel time at the layer's shapes and "
+                "the large-GEMM peak of its precision):", "",
+                "| layers | MACs | ran as | ms per inference | kernel at its shapes | of that | rate | of peak |",
+                "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for r in c["byLayer"]:
+            at = (f"{r['shapeLimitMs']:.3f} ms | {r['fractionOfShapeLimit']:.0%}" if r.get("shapeLimitMs") is not None
+                  else "— | —")
+            out.append(f"| {r['layer']} | {r['macs'] / 1e6:.1f} M | {', '.join(r['ranAs'])} | {r['ms']:.3f} | {at} | "
+                       f"{_rate(r['macsPerS'])} | {r['fractionOfPeak']:.0%} {r['precision'].upper()} |")
+        if c.get("otherOpsMs") is not None:
+            out.append(f"| everything else | — | pooling, reshapes, (de)quantization | {c['otherOpsMs']:.3f} | — | — | — | — |")
+    return out + [""]
+
+
+def _analysis(results: Results) -> list[str]:
+    analysis, out = results.analysis, []
+    if analysis.compute:
+        out += _compute_section(analysis.compute)
+    if analysis.profile:
+        out += [f"## Where the time goes ({analysis.profiledVariant}, ONNX Runtime profiler)", "",
+                "| op type | ms per inference | share |", "|---|---:|---:|"]
+        out += [f"| {row['op']} | {row['ms']:.3f} | {row['share']:.1%} |" for row in analysis.profile[:12]]
+        kernels = sum(row["ms"] for row in analysis.profile)
+        profiled = results.variant(analysis.profiledVariant)  # the best variant, always among them
+        if profiled.latencyMs:
+            mean = profiled.latencyMs.mean
+            rest = (f"the other {mean - kernels:.2f} ms is the runtime's own work per run and per node"
+                    if kernels < mean else "profiling adds its own cost, and the two were timed at different moments")
+            out += ["", f"Kernels add up to {kernels:.2f} ms per inference (profiled separately) against the "
+                        f"{mean:.2f} ms measured mean: {rest}."]
+        out.append("")
+    if analysis.scaling:
+        out += ["## Scaling", "", "| variant | batch | threads | latency | throughput (samples/s) |",
+                "|---|---:|---:|---:|---:|"]
+        out += [f"| {r['variant']} | {r['batch']} | {r['threads']} | {r['latencyMs']:.2f} ms | {r['throughput']:.1f} |"
+                for r in analysis.scaling]
+        out.append("")
+    if analysis.tuning:
+        t, chosen = analysis.tuning, analysis.tuning["chosen"]
+        out += [f"## Session tuning ({t['variant']})", "",
+                f"Chosen: intra-op {chosen['intraOpThreads']}, inter-op {chosen['interOpThreads']}, "
+                f"{chosen['executionMode']}, optimization level {chosen['optimizationLevel']} → {chosen['meanMs']:.2f} ms.", "",
+                "| intra | inter | mode | level | mean | p50 |", "|---:|---:|---|---|---:|---:|"]
+        out += [f"| {r['intraOpThreads']} | {r['interOpThreads']} | {r['executionMode']} | {r['optimizationLevel']} | "
+                f"{r['meanMs']:.2f} | {r['p50Ms']:.2f} |" for r in t["tried"]]
+        out.append("")
+    out += [f"- {note}" for note in analysis.notes]
+    return out + ([""] if analysis.notes else [])
+
+
+def markdown(results: Results) -> str:
+    env = results.environment
+    found = by_recipe(results)
+    device = env.device
+    out = [
+        f"# mlopt report: {results.name}",
+        "",
+        f"Model `{results.model['source']}` ({results.model['format']}); data: {results.dataset}; "
+        f"{env.threads} thread(s) on {device}, {results.baseline.latencyMs.runs if results.baseline.latencyMs else 0} timed runs per variant.",
+        "",
+        f"**Best: {results.best or 'none'}** — {results.bestReason}.",
+        "",
+        "## ONNX conversion",
+        "",
+        *_columns_table(CONVERSION, found, device),
+        "",
+    ]
+    for runtime, columns in QUANTIZATION.items():
+        if runtime in OPTIONAL_TABLES and not any(recipe in found for _, recipe in columns):
+            continue
+        out += [f"## Quantization with {runtime}", "", *_columns_table(columns, found, device), ""]
+    out += [
+        "## All variants",
+        "",
+        *variants_table(results),
+        "",
+        _budget(results),
+        "",
+        f"Accuracy metric: `{results.accuracyMetric}`"
+        + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement" else "."),
+        "Latency is measured in one process on the same input after warm-up, in "
+        f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
+        "across variants; the speedup in brackets is its lowest and highest over those rounds. Sizes are the "
+        "saved files: the PyTorch FP32 baseline as its state_dict, torch.ao INT8 variants as TorchScript, "
+        "torchao PT2E variants as the quantized torch.export program (.pt2).",
+        "",
+        *calibration_section(results),
+        *fallback_section(results),
+        "## Notes and warnings",
+        "",
+        *_notes(results),
+        "",
+        *_library_warnings(results),
+        "## Operator mix",
+        "",
+        *_op_mix(results),
+        "",
+        *_analysis(results),
+        "## Environment",
+        "",
+        f"- CPU: {env.cpu}; INT8-relevant flags: {', '.join(env.cpuFlags) or 'none'}",
+        f"- Python {env.python}; " + ", ".join(f"{k} {v}" for k, v in env.packages.items()),
+        f"- ONNX Runtime providers available: {', '.join(env.availableProviders)}",
+        *_hardware_lines(env.hardware),
+        "",
+        "## Pipeline steps",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
+        *[f"| {s.step} | {s.seconds:.1f} |" for s in results.steps],
+        "",
+        "Charts: `size.png`, `latency.png`. Machine-readable: `results.json`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def charts(results: Results, directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in Jobs or CI
+    import matplotlib.pyplot as plt
+
+    measured = [v for v in [results.baseline, *results.variants] if v.latencyMs and v.sizeBytes]
+    names = [v.name for v in measured]
+    colors = ["#2a9d8f" if v.name == results.best else ("#adb5bd" if v.status != "ok" else "#457b9d") for v in measured]
+    paths = []
+    for filename, title, values, errors, unit in (
+        ("size.png", "Model file size", [v.sizeBytes / 1e6 for v in measured], None, "MB"),
+        ("latency.png", f"Latency ({results.environment.device}, {results.environment.threads} thread)",
+         [v.latencyMs.mean for v in measured], [v.latencyMs.std for v in measured], "ms (mean ± std)"),
+    ):
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+        bars = ax.bar(names, values, yerr=errors, color=colors, capsize=3)
+        ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=8)
+        ax.axhline(values[0], color="#e63946", linestyle="--", linewidth=1, label="PyTorch FP32 baseline")
+        ax.set_title(f"{results.name}: {title}")
+        ax.set_ylabel(unit)
+        ax.legend(loc="upper right", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30)
+        plt.setp(ax.get_xticklabels(), ha="right")
+        fig.tight_layout()
+        path = directory / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(results: Results, directory: Path) -> None:
+    charts(results, directory)
+    (directory / "report.md").write_text(markdown(results))

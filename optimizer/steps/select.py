@@ -1,0 +1,133 @@
+"""Step 7, select: apply the accuracy budget, explain slow variants, pick the fastest that qualifies.
+
+A variant slower than the baseline is never picked, and its notes say why we think it is slow.
+"""
+
+from __future__ import annotations
+
+from optimizer.console import format_size
+from optimizer.api.errors import DataLoadError
+from optimizer.api.results import VariantResult, VariantStatus
+
+_INTEGER_OPS = ("ConvInteger", "MatMulInteger")
+
+
+def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_flags: list[str]) -> str:
+    """A best guess, from the graph and the CPU, at why a variant is slower than its FP32 counterpart."""
+    ratio = variant.latencyMs.mean / counterpart.latencyMs.mean
+    head = f"{ratio:.2f}x the latency of {counterpart.name} ({variant.latencyMs.mean:.2f} vs {counterpart.latencyMs.mean:.2f} ms)"
+    integer_ops = {op: n for op, n in variant.opCounts.items() if op in _INTEGER_OPS}
+    if integer_ops:
+        listed = ", ".join(f"{op} ×{n}" for op, n in integer_ops.items())
+        return (f"{head}: the graph runs {listed}; ONNX Runtime's CPU integer kernels for these are slower "
+                "than FP32 Conv/MatMul. Quantize convolutions statically (ort-int8-static) or restrict opTypes.")
+    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags):
+        return f"{head}: this CPU has no VNNI/AMX, so INT8 dot products are not faster than FP32 ones"
+    if variant.provider and counterpart.provider and variant.provider != counterpart.provider:
+        return f"{head}: it ran on {variant.provider}, its counterpart on {counterpart.provider}"
+    dq = variant.opCounts.get("DequantizeLinear", 0) + variant.opCounts.get("QuantizeLinear", 0)
+    if dq:
+        return (f"{head}: {dq} Quantize/DequantizeLinear nodes remain after optimization; the conversions "
+                "cost more than the INT8 arithmetic saves on this model")
+    return f"{head}: quantized kernels do not pay off for this model's layer sizes"
+
+
+LABELLED_METRICS = ("top1", "cer", "exact-match")
+
+
+class MetricError(DataLoadError):
+    """The requested accuracy metric cannot be computed on this data (the run stops before building)."""
+
+
+SEQUENCE_METRICS = ("cer", "exact-match")
+
+
+def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_source: str,
+                   sequence_labels: bool = False) -> str:
+    """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else top1
+    (class labels) or cer (padded label sequences), when the data has labels; agreement otherwise."""
+    if requested == "auto":
+        if not has_labels:
+            return "agreement"
+        if model_metric != "agreement":
+            return model_metric
+        return "cer" if sequence_labels else "top1"
+    if requested in LABELLED_METRICS and not has_labels:
+        raise MetricError(
+            f"acceptance.metric {requested} needs labels, but data.source {data_source} has none; "
+            "give a .npz with a 'labels' array (or a labelled zoo data set), or use metric agreement"
+        )
+    if has_labels and (requested in SEQUENCE_METRICS) != sequence_labels and requested != "agreement":
+        shape = "2-D label sequences (padded with -1)" if sequence_labels else "one class label per sample"
+        raise MetricError(
+            f"acceptance.metric {requested} does not fit data.source {data_source}, which has {shape}; "
+            f"use {'cer or exact-match' if sequence_labels else 'top1'}"
+        )
+    return requested
+
+
+def budget_failure(accuracy: float, reference: float, max_drop: float | None,
+                   max_relative_drop: float | None, metric: str) -> str | None:
+    """Why `accuracy` misses the budget (every budget it misses, by how much), or None if it meets it."""
+    drop, misses = reference - accuracy, []
+    if max_drop is not None and drop > max_drop + 1e-12:
+        misses.append(f"{drop * 100:.2f} points below FP32's {reference:.4f}; budget maxAccuracyDrop = "
+                      f"{max_drop * 100:.2f} points")
+    relative = drop / reference if reference > 0 else 0.0
+    if max_relative_drop is not None and relative > max_relative_drop + 1e-12:
+        misses.append(f"{relative:.2%} below FP32's {reference:.4f} (relative); budget maxRelativeAccuracyDrop = "
+                      f"{max_relative_drop:.2%}")
+    if not misses:
+        return None
+    return f"{metric} {accuracy:.4f} is " + ", and ".join(misses)
+
+
+def apply_budget(variant: VariantResult, baseline: VariantResult, max_drop: float | None, metric: str,
+                 max_relative_drop: float | None = None) -> None:
+    if variant.status != VariantStatus.ok.value or variant.accuracy is None or baseline.accuracy is None:
+        return
+    reason = budget_failure(variant.accuracy, baseline.accuracy, max_drop, max_relative_drop, metric)
+    if reason:
+        variant.status = VariantStatus.rejected.value
+        variant.error = reason
+
+
+def counterpart_of(variant: VariantResult, by_name: dict[str, VariantResult], baseline: VariantResult) -> VariantResult:
+    """ONNX variants compare against onnx-fp32, PyTorch variants against PyTorch FP32."""
+    if variant.runtime == "onnxruntime" and variant.recipe != "onnx-fp32":
+        for other in by_name.values():
+            if other.recipe == "onnx-fp32" and other.latencyMs:
+                return other
+    return baseline
+
+
+# Means within 2% are run-to-run noise on a shared machine, not a regression worth a warning.
+SLOWER_TOLERANCE = 1.02
+
+
+def _slower(variant: VariantResult, reference: VariantResult) -> bool:
+    return variant.latencyMs.mean > reference.latencyMs.mean * SLOWER_TOLERANCE
+
+
+def flag_slow_variants(variants: list[VariantResult], baseline: VariantResult, cpu_flags: list[str]) -> None:
+    by_name = {v.name: v for v in variants}
+    for variant in variants:
+        if not variant.latencyMs:
+            continue
+        counterpart = counterpart_of(variant, by_name, baseline)
+        if counterpart is not variant and counterpart.latencyMs and _slower(variant, counterpart):
+            variant.notes.append("SLOWER than FP32 — " + explain_slowness(variant, counterpart, cpu_flags))
+        elif counterpart is not baseline and baseline.latencyMs and _slower(variant, baseline):
+            variant.notes.append("SLOWER than FP32 — " + explain_slowness(variant, baseline, cpu_flags))
+
+
+def pick_best(variants: list[VariantResult], baseline: VariantResult) -> tuple[str | None, str]:
+    qualified = [v for v in variants if v.status == VariantStatus.ok.value and v.latencyMs]
+    faster = [v for v in qualified if v.latencyMs.mean < baseline.latencyMs.mean]
+    if not faster:
+        if not qualified:
+            return None, "no variant was built and within the accuracy budget; every measured variant is kept in the results"
+        return None, "no variant within the accuracy budget is faster than the PyTorch FP32 baseline"
+    best = min(faster, key=lambda v: v.latencyMs.mean)
+    return best.name, (f"fastest variant within the accuracy budget: {best.speedup:.2f}x faster than "
+                       f"PyTorch FP32 at {format_size(best.sizeBytes)}")
