@@ -5,7 +5,8 @@ score it on held-out lines rendered from a different seed.
 
 Uses the same training function as the zoo's first-use build and writes the same cache file
 (`<cache>/zoo/crnn-ocr-<version>-<steps>.safetensors`), so a later `zoo:crnn-ocr` loads it.
-Progress goes to stderr; the result (CER, exact match, time) to stdout.
+Progress goes to stderr; the result (CER, as mlopt's char-accuracy metric 1 − CER, exact match,
+time) to stdout.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 import numpy as np
 
-from optimizer.measure.metrics import cer, exact_match
+from optimizer.measure.metrics import cer, char_accuracy, exact_match
 from optimizer.zoo import crnn_ocr, textlines
 from optimizer.zoo.weights import save_atomically
 
@@ -43,7 +44,8 @@ def main() -> None:
     label_items = np.split(labels, range(crnn_ocr.PREDICT_BATCH, len(labels), crnn_ocr.PREDICT_BATCH))
     print(f"crnn-ocr {crnn_ocr.VERSION}: {args.steps} steps × batch {crnn_ocr.BATCH} in {trained_s:.0f} s; "
           f"held-out ({args.held_out} lines, seed {textlines.SEEDS['evaluation']}): "
-          f"CER {cer(outputs, label_items):.2%}, exact match {exact_match(outputs, label_items):.2%}; "
+          f"CER {cer(outputs, label_items):.2%} (char-accuracy {char_accuracy(outputs, label_items):.2%}), "
+          f"exact match {exact_match(outputs, label_items):.2%}; "
           f"cached at {path}")
 
 

@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 from optimizer.api.summary import parse_summary
+from optimizer.api.units import format_size
 
 from .job import CONTAINER
 
@@ -32,12 +33,6 @@ _WAITING_FATAL = {
 _COMPLETE = ("Complete", "SuccessCriteriaMet")
 _FAILED = ("Failed", "FailureTarget")
 _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
-
-
-def human_size(size_bytes: int) -> str:
-    if size_bytes >= 1e6:
-        return f"{size_bytes / 1e6:.1f} MB"
-    return f"{size_bytes / 1e3:.1f} kB"
 
 
 def human_latency(ms: float) -> str:
@@ -108,7 +103,7 @@ def _from_summary(summary: dict[str, Any]) -> dict[str, Any]:
         out["best"] = best_name
         best = next((v for v in [*variants, out.get("baseline") or {}] if v.get("name") == best_name), {})
         if best.get("sizeBytes") is not None:
-            out["bestSize"] = human_size(best["sizeBytes"])
+            out["bestSize"] = format_size(best["sizeBytes"])
         if best.get("latencyMs"):
             out["bestLatency"] = human_latency(best["latencyMs"]["mean"])
         if best.get("speedup") is not None:

@@ -1,4 +1,5 @@
-"""`mlopt`: optimize a model from a spec on this machine, validate specs, list the zoo, run the operator.
+"""`mlopt`: optimize a model from a spec on this machine, validate specs, list the zoo and the recipes,
+run the operator.
 
 Exit codes: 0 done; 1 the run failed (model or data cannot be loaded, or an internal error);
 2 invalid spec or usage (also inputs that do not fit the model). No traceback unless --debug.
@@ -8,6 +9,7 @@ Heavy imports (torch, onnxruntime) happen inside commands, so `mlopt operator` s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +22,7 @@ from optimizer.api.spec_loader import SpecError, load_spec
 
 def _optimize(args: argparse.Namespace, console: Console) -> int:
     from optimizer.console import LogReporter, QuietReporter, RichReporter, print_results
-    from optimizer.artifacts.delivery import optimize_to
+    from optimizer.pipeline import optimize_to
     from optimizer.api.errors import OptimizationError
 
     spec = load_spec(args.spec)
@@ -65,6 +67,42 @@ def _models(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def recipe_rows() -> list[dict]:
+    """Every recipe (the Recipe enum, in its order): engine, devices, labels, default set, what it does."""
+    from optimizer.api.spec import RECOMMENDED, Recipe
+    from optimizer.engines import RECIPE_INFO
+    from optimizer.measure.hardware import AMX_DEFAULT_EXTRAS
+
+    rows = []
+    for recipe in Recipe:
+        info = RECIPE_INFO[recipe.value]
+        default = [device for device, recipes in RECOMMENDED.items() if recipe in recipes]
+        if recipe.value in AMX_DEFAULT_EXTRAS:
+            default.append("cpu on AMX")
+        if info.labels == "required":  # joins the cpu default set when the data has labels (steps/variants.py)
+            default.append("cpu with labelled data")
+        rows.append({"recipe": recipe.value, "engine": info.engine, "devices": list(info.devices),
+                     "labels": info.labels, "defaultSet": default, "summary": info.summary})
+    return rows
+
+
+def _recipes(args: argparse.Namespace, console: Console) -> int:
+    rows = recipe_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title="mlopt recipes (variants[].recipe; the default set is used when spec.variants is omitted)")
+    for column in ("recipe", "engine", "devices", "labels", "default set", "what it does"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["recipe"], row["engine"], ", ".join(row["devices"]), row["labels"],
+                      ", ".join(row["defaultSet"]) or "opt-in", row["summary"])
+    console.print(table)
+    return 0
+
+
 def _worker(args: argparse.Namespace, console: Console) -> int:
     from optimizer.worker import main as worker_main
 
@@ -84,6 +122,9 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("spec")
     validate.set_defaults(handler=_validate)
     commands.add_parser("models", help="list the model zoo").set_defaults(handler=_models)
+    recipes = commands.add_parser("recipes", help="list the recipes: what each does, where it applies, the default set")
+    recipes.add_argument("--json", action="store_true", help="print the list as JSON")
+    recipes.set_defaults(handler=_recipes)
     # Listed for --help only: main() hands `operator` and all its options to mlopt_operator as they are.
     commands.add_parser("operator", help="run the Kubernetes operator (kopf); options: mlopt operator --help")
     commands.add_parser("worker", help="the Kubernetes Job entrypoint (reads MLOPT_SPEC)").set_defaults(handler=_worker)

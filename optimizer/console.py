@@ -9,15 +9,24 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from optimizer.api.results import Results, VariantResult
+from optimizer.api.units import format_size, metric_label
 
 Advance = Callable[[], None]
+
+
+class Reporter(Protocol):
+    """What the pipeline reports progress through."""
+
+    def log(self, message: str) -> None: ...
+
+    def task(self, description: str, total: int) -> contextlib.AbstractContextManager[Advance]: ...
 
 
 class QuietReporter:
@@ -65,12 +74,6 @@ class RichReporter(QuietReporter):
             self.progress.remove_task(task_id)
 
 
-def format_size(size_bytes: int | None) -> str:
-    if size_bytes is None:
-        return "—"
-    return f"{size_bytes / 1e6:.1f} MB" if size_bytes >= 100_000 else f"{size_bytes / 1e3:.1f} kB"
-
-
 def format_latency(variant: VariantResult) -> str:
     lat = variant.latencyMs
     return "—" if lat is None else f"{lat.mean:.2f} ± {lat.std:.2f}"
@@ -83,8 +86,6 @@ def _cell(value: float | None, pattern: str) -> str:
 def results_table(results: Results) -> Table:
     table = Table(title=f"{results.name}: {results.model['source']} on {results.environment.device} "
                         f"({results.environment.threads} thread{'s' if results.environment.threads > 1 else ''})")
-    from optimizer.steps.report import metric_label  # report imports this module: import at call time
-
     # With metric "agreement" the accuracy column would repeat the argmax-agreement one: show it once.
     accuracy_column = results.accuracyMetric != "agreement"
     columns = ["variant", "size", "mean ± std ms", "p50 / p99", "speedup", "max |Δ|", "argmax agree",

@@ -52,12 +52,21 @@ class _Collect(logging.Handler):
         self.counts[f"{record.levelname.lower()} from {record.name}: {first}"] += 1
 
 
+class LibraryWarnings:
+    """Warnings and library log records counted so far, one line per distinct message ("3× …")."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def lines(self) -> list[str]:
+        return [f"{count}× {text}" if count > 1 else text for text, count in self.counts.most_common()]
+
+
 @contextlib.contextmanager
-def collected_warnings() -> Iterator[list[str]]:
-    """Inside the block, warnings and library log records (WARNING and up) are counted, not
-    printed; on exit the list it yielded holds one line per distinct message ("3× …")."""
-    counts: Counter = Counter()
-    collected: list[str] = []
+def collected_warnings() -> Iterator[LibraryWarnings]:
+    """Inside the block, warnings and library log records (WARNING and up) are counted, not printed."""
+    collected = LibraryWarnings()
+    counts = collected.counts
 
     def record(message, category, filename, lineno, file=None, line=None):
         first = (str(message).strip().splitlines() or [""])[0][:300]
@@ -73,4 +82,3 @@ def collected_warnings() -> Iterator[list[str]]:
             yield collected
     finally:
         root.removeHandler(handler)
-        collected.extend(f"{count}× {text}" if count > 1 else text for text, count in counts.most_common())

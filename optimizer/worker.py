@@ -38,7 +38,7 @@ def main() -> int:
     except (SpecError, ValueError) as error:
         _write_summary(failure_summary("InvalidSpec", str(error)))
         return 2
-    from optimizer.artifacts.delivery import optimize_to
+    from optimizer.pipeline import optimize_to
     from optimizer.api.errors import OptimizationError, internal_error
 
     # spec.output when the user set one (s3:// or pvc://: a path would die with the pod); else the

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: accuracyMetric "cer" (which held 1 − CER) is now "char-accuracy"
 BASELINE_NAME = "pytorch-fp32"
 
 

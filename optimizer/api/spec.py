@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -88,7 +88,7 @@ class InputSpec(_Strict):
     valueRange: list[float] | None = Field(
         None,
         description="[low, high] of generated random values (defaults: [0, 1] for floats, "
-        "[0, 100] for integers).",
+        "[0, 100] for integers; integers include high).",
         min_length=2,
         max_length=2,
     )
@@ -243,11 +243,19 @@ class BenchmarkSpec(_Strict):
     )
 
 
+AccuracyMetric = Literal["top1", "char-accuracy", "exact-match", "agreement"]
+ACCURACY_METRICS: tuple[str, ...] = get_args(AccuracyMetric)  # every one "higher is better"
+SEQUENCE_METRICS = ("char-accuracy", "exact-match")  # CTC text lines: labels padded with -1
+LABELLED_METRICS = tuple(m for m in ACCURACY_METRICS if m != "agreement")  # agreement needs no labels
+# Old metric names: a spec that still uses one fails with the new name (schema version 2 renamed cer).
+RENAMED_METRICS = {"cer": ("char-accuracy", "the same number, 1 - character error rate: higher is better")}
+
+
 class AcceptanceSpec(_Strict):
-    metric: Literal["auto", "top1", "cer", "exact-match", "agreement"] = Field(
+    metric: Literal["auto", AccuracyMetric] = Field(
         "auto",
-        description="Accuracy metric: top1 (class labels), cer (character error rate of CTC "
-        "text lines, reported as 1 - CER), exact-match (whole text lines), agreement (with the "
+        description="Accuracy metric, higher is better: top1 (class labels), char-accuracy (CTC text "
+        "lines: 1 - character error rate), exact-match (whole text lines), agreement (with the "
         "FP32 model's argmax; no labels needed). auto = the zoo model's metric, else top1 when "
         "the data has labels, else agreement.",
     )
@@ -273,6 +281,14 @@ class AcceptanceSpec(_Strict):
     fallbackSeconds: int = Field(
         300, ge=1, description="Time budget for the fallback's retries, per variant."
     )
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _renamed_metric(cls, metric: Any) -> Any:
+        if isinstance(metric, str) and metric in RENAMED_METRICS:
+            new, what = RENAMED_METRICS[metric]
+            raise ValueError(f"{metric!r} was renamed: use {new} ({what})")  # the loader names the field
+        return metric
 
 
 class Tolerance(_Strict):

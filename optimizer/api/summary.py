@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from optimizer.api.results import Results, VariantResult
+from optimizer.api.units import format_size
 
 MAX_BYTES = 4096
 SUMMARY_VERSION = 1
@@ -70,7 +71,7 @@ def success_summary(results: Results, location: str, output: str | None = None) 
     """output: where the run was stored (None: nowhere durable, said in the message)."""
     best = results.variant(results.best) if results.best else None
     message = (
-        f"best {best.name}: {best.speedup:.2f}x faster, {best.sizeBytes / 1e6:.1f} MB"
+        f"best {best.name}: {best.speedup:.2f}x faster, {format_size(best.sizeBytes)}"
         if best and best.speedup and best.sizeBytes
         else results.bestReason
     )

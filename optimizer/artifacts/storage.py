@@ -26,6 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from optimizer.api.errors import OptimizationError
+from optimizer.api.units import format_size
 
 CHUNK = 1 << 20
 RESULTS_FILE = "results.json"
@@ -307,7 +308,7 @@ def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str =
     for index, path in enumerate(files, 1):
         key = location.key + path.relative_to(directory).as_posix()
         if reporter:
-            reporter.log(f"uploading [{index}/{len(files)}] {key} ({path.stat().st_size / 1e6:.1f} MB)")
+            reporter.log(f"uploading [{index}/{len(files)}] {key} ({format_size(path.stat().st_size)})")
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 obstore.put(store, key, path, chunk_size=8 * CHUNK, max_concurrency=4)

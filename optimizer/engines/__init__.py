@@ -1,4 +1,4 @@
-"""Step 3, variants: one recipe per way of making a model smaller or faster.
+"""The recipes the variants step builds: one recipe per way of making a model smaller or faster.
 
 Each recipe is a small function `(BuildContext, VariantSpec) -> Built` registered under its
 contract name (`optimizer.api.spec.Recipe`). "How is X made?" has exactly one answer: its module.
@@ -8,10 +8,64 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from optimizer.api.errors import RecipeFailure
 from optimizer.api.spec import AcceptanceSpec, Recipe, VariantSpec
+
+if TYPE_CHECKING:
+    from optimizer.console import Reporter
+    from optimizer.engines.runners import Runner
+    from optimizer.measure.hardware import HardwareProfile
+    from optimizer.steps.data import Dataset
+    from optimizer.steps.load import LoadedModel
+
+
+# ONNX Runtime's calibrated (static INT8) recipes: the ones whose calibration method is a choice
+# (compareCalibration) and whose nodes the accuracy fallback can keep in FP32 (excludeNodes).
+CALIBRATED_RECIPES = (Recipe.ort_int8_static.value, Recipe.ort_int8_static_dynamic.value)
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    """What `mlopt recipes` says about a recipe; known without importing its engine."""
+
+    engine: str
+    devices: tuple[str, ...]  # where it applies; elsewhere the variant is skipped
+    labels: str  # "no", "required" or "used if present"
+    summary: str
+
+
+_ORT, _TORCH_AO, _TORCHAO, _OPENVINO = "onnxruntime", "torch.ao", "torchao (PT2E)", "openvino"
+RECIPE_INFO: dict[str, RecipeInfo] = {
+    Recipe.onnx_fp32.value: RecipeInfo(_ORT, ("cpu", "cuda"), "no", "the verified ONNX export, ORT-optimized"),
+    Recipe.ort_int8_dynamic.value: RecipeInfo(
+        _ORT, ("cpu", "cuda"), "no", "quantize_dynamic on LSTM/GRU/MatMul/Gemm/Attention (Conv stays FP32)"),
+    Recipe.ort_int8_static.value: RecipeInfo(
+        _ORT, ("cpu", "cuda"), "no", "quantize_static, QDQ: per-channel int8 weights, uint8 activations, calibrated"),
+    Recipe.ort_int8_static_dynamic.value: RecipeInfo(
+        _ORT, ("cpu", "cuda"), "no", "static QDQ for conv/linear, then LSTM/GRU quantized dynamically"),
+    Recipe.torch_int8_dynamic.value: RecipeInfo(
+        _TORCH_AO, ("cpu",), "no", "dynamic quantization of Linear/LSTM/GRU (needs the model's class)"),
+    Recipe.torch_int8_static.value: RecipeInfo(
+        _TORCH_AO, ("cpu",), "no", "FX graph mode static quantization, Conv+BN+ReLU fused, calibrated"),
+    Recipe.torch_int8_static_dynamic.value: RecipeInfo(
+        _TORCH_AO, ("cpu",), "no", "FX static, then LSTM/GRU quantized dynamically"),
+    Recipe.torch_int8_qat.value: RecipeInfo(
+        _TORCH_AO, ("cpu",), "required", "quantization-aware training: FX fake-quant fine-tuning, then converted"),
+    Recipe.torchao_pt2e_int8_static.value: RecipeInfo(
+        _TORCHAO, ("cpu",), "no", "torch.export + X86InductorQuantizer, calibrated, run through torch.compile"),
+    Recipe.torchao_pt2e_int8_dynamic.value: RecipeInfo(
+        _TORCHAO, ("cpu",), "no", "the same with activations quantized per call (no calibration)"),
+    Recipe.onnx_fp16.value: RecipeInfo(_ORT, ("cuda",), "no", "FP16 ONNX for the CUDA execution provider"),
+    Recipe.openvino_fp32.value: RecipeInfo(_OPENVINO, ("cpu",), "no", "the export as OpenVINO IR, FP32 arithmetic"),
+    Recipe.openvino_default.value: RecipeInfo(
+        _OPENVINO, ("cpu",), "no", "the same IR at OpenVINO's default precision (bf16 where the CPU has it)"),
+    Recipe.openvino_int8.value: RecipeInfo(
+        _OPENVINO, ("cpu",), "used if present", "NNCF post-training INT8 (accuracy control with labelled data)"),
+    Recipe.openvino_ort_qdq.value: RecipeInfo(
+        _OPENVINO, ("cpu",), "no", "mlopt's ort-int8-static QDQ model compiled by OpenVINO"),
+}
 
 
 class NotApplicable(Exception):
@@ -23,15 +77,15 @@ __all__ = ["BuildContext", "Built", "NotApplicable", "RecipeFailure", "artifact_
 
 @dataclass
 class BuildContext:
-    loaded: object  # optimizer.steps.load.LoadedModel
+    loaded: LoadedModel
     fp32_onnx: Path | None  # the verified export (or the ONNX source)
     export_error: str | None  # why there is no fp32_onnx
-    dataset: object  # optimizer.steps.data.Dataset
+    dataset: Dataset
     workdir: Path
     threads: int
     device: str
-    hardware: object  # optimizer.measure.hardware.HardwareProfile: the quantization choices for the target CPU
-    reporter: object = None  # optimizer.console reporter: progress for calibration
+    hardware: HardwareProfile  # the quantization choices for the target CPU
+    reporter: Reporter | None = None  # progress for calibration
     metric: str = "agreement"  # the resolved accuracy metric (QAT picks its loss from it)
     data_source: str = "random"  # data.source as used, for messages
     acceptance: AcceptanceSpec = field(default_factory=AcceptanceSpec)  # the budget (NNCF's accuracy control aims at it)
@@ -55,7 +109,7 @@ class BuildContext:
 
 @dataclass
 class Built:
-    runner: object  # optimizer.engines.runners.TorchRunner | CompiledTorchRunner | OrtRunner | OpenVinoRunner
+    runner: Runner
     artifact: Path
     parent: str
     options: dict = field(default_factory=dict)

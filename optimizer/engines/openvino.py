@@ -25,8 +25,7 @@ import numpy as np
 from optimizer.measure.metrics import METRICS
 from optimizer.engines import BuildContext, Built, NotApplicable
 from optimizer.engines.runners import OpenVinoRunner
-from optimizer.steps.select import LABELLED_METRICS
-from optimizer.api.spec import VariantSpec
+from optimizer.api.spec import LABELLED_METRICS, VariantSpec
 
 
 def _engine(ctx: BuildContext, needs_nncf: bool = False):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from optimizer.artifacts import onnx_files
@@ -20,8 +23,31 @@ def _runner(ctx: BuildContext, name: str, path: Path) -> OrtRunner:
     return OrtRunner(path, threads=ctx.threads, device=ctx.device, optimized_path=ctx.workdir / f"{name}.ort-optimized.onnx")
 
 
-def _quiet():
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs every skipped node at INFO
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs every skipped node with bare logging.info/warning, i.e. through the
+    root logger itself: for the quantize call only, a filter on the root logger drops its records below
+    ERROR (other loggers' records never pass a logger's filters), and no logger's level changes."""
+    import onnxruntime.quantization
+
+    package = str(Path(onnxruntime.quantization.__file__).parent) + os.sep
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(package)
+
+    root = logging.getLogger()
+    # Bare logging.info() configures a stderr handler on a root logger without handlers; a NullHandler
+    # for the call keeps it from doing so (a run collects through its own handler: run_log.py).
+    guard = logging.NullHandler() if not root.handlers else None
+    root.addFilter(keep)
+    if guard:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        if guard:
+            root.removeHandler(guard)
 
 
 def preprocessed(ctx: BuildContext) -> Path:
@@ -78,11 +104,11 @@ def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
 def _dynamic(ctx: BuildContext, source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _quiet()
     # Without VNNI the dynamic kernels saturate too (LSTM agreement 96.7% -> 100% with 7-bit weights).
-    quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=list(exclude or []), use_external_data_format=ctx.external_data,
-                     reduce_range=ctx.hardware.reduce_range)
+    with _quiet():
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=list(exclude or []), use_external_data_format=ctx.external_data,
+                         reduce_range=ctx.hardware.reduce_range)
 
 
 def _left_in_fp32(path: Path, op_types: list[str], excluded: list[str]) -> list[str]:
@@ -113,7 +139,6 @@ def ort_int8_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
 def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    _quiet()
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[variant.calibration]
     reduce_range = ctx.hardware.reduce_range  # 7-bit weights without VNNI (optimizer/measure/hardware.py)
@@ -123,7 +148,7 @@ def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
     if variant.excludeNodes:
         options["excludeNodes"] = list(variant.excludeNodes)
     source, items = preprocessed(ctx), ctx.dataset.calibration
-    with ctx.reporter.task(f"calibrating {variant.name} ({variant.calibration})", len(items)) as advance:
+    with ctx.reporter.task(f"calibrating {variant.name} ({variant.calibration})", len(items)) as advance, _quiet():
         quantize_static(
             str(source), str(target), _Calibration(items, advance),
             quant_format=QuantFormat.QDQ, per_channel=variant.perChannel, reduce_range=reduce_range,

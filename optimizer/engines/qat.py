@@ -11,10 +11,9 @@ import warnings
 
 import numpy as np
 
-from optimizer.engines import BuildContext, Built, NotApplicable, RecipeFailure
-from optimizer.engines.torch_ao import ENGINE, _built, _require_eager
-
-CTC_METRICS = ("cer", "exact-match")  # outputs (T, B, C), labels padded with -1
+from optimizer.api.spec import SEQUENCE_METRICS  # CTC: outputs (T, B, C), labels padded with -1
+from optimizer.engines import BuildContext, Built, NotApplicable
+from optimizer.engines.torch_ao import ENGINE, _built, _example, _require_eager, fx_prepare
 BATCH_SAMPLES = 16  # samples per training step when the batch axis is dynamic
 
 
@@ -46,7 +45,7 @@ def _loss(metric: str):
     import torch
     import torch.nn.functional as F
 
-    if metric in CTC_METRICS:
+    if metric in SEQUENCE_METRICS:
         def ctc(outputs, labels):  # outputs (T, B, C) logits; blank = class 0
             log_probs = F.log_softmax(outputs, dim=-1)
             lengths = (labels >= 0).sum(dim=1)
@@ -97,26 +96,17 @@ def _fine_tune(ctx: BuildContext, prepared, steps: int, learning_rate: float) ->
 
 
 def torch_int8_qat(ctx: BuildContext, variant) -> Built:
-    import torch
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
     module = _require_eager(ctx)
     _training_items(ctx)  # refuse unlabelled data before any work
-    first = ctx.dataset.calibration[0]
-    example = tuple(torch.from_numpy(first[spec.name]) for spec in ctx.loaded.inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            prepared = prepare_qat_fx(module.train(), get_default_qat_qconfig_mapping(ENGINE), example)
-        except Exception as error:
-            raise RecipeFailure(
-                f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
-                "use the ort-int8-static recipe instead"
-            ) from None
+        prepared = fx_prepare(prepare_qat_fx, module.train(), get_default_qat_qconfig_mapping(ENGINE), _example(ctx))
         losses = _fine_tune(ctx, prepared, variant.qatSteps, variant.qatLearningRate)
         quantized = convert_fx(prepared.eval())
     options = {"mode": "fx-qat", "qconfig": f"default qat {ENGINE}", "steps": variant.qatSteps,
-               "learningRate": variant.qatLearningRate, "loss": "ctc" if ctx.metric in CTC_METRICS else "cross-entropy",
+               "learningRate": variant.qatLearningRate, "loss": "ctc" if ctx.metric in SEQUENCE_METRICS else "cross-entropy",
                "firstLoss": round(losses[0], 4), "lastLoss": round(losses[-1], 4)}
     return _built(ctx, variant, quantized, options)

@@ -12,13 +12,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
 from optimizer.api.errors import DeviceError
 
 Feed = dict[str, np.ndarray]
+
+
+class Runner(Protocol):
+    """One engine's way to run a model: every variant is evaluated and timed through this."""
+
+    runtime: str  # pytorch | onnxruntime | openvino
+
+    @property
+    def provider(self) -> str: ...
+
+    def __call__(self, feed: Feed) -> list[np.ndarray]: ...
+
+    def bind(self, feed: Feed) -> Callable[[], object]: ...
+
+    def with_threads(self, count: int) -> "Runner": ...
 
 
 class ProviderError(RuntimeError):

@@ -31,17 +31,35 @@ def _require_eager(ctx: BuildContext):
     return copy.deepcopy(ctx.loaded.module).eval()
 
 
+def _example(ctx: BuildContext) -> tuple:
+    """The first calibration item as the model's positional tensors (tracing needs an example)."""
+    import torch
+
+    first = ctx.dataset.calibration[0]
+    return tuple(torch.from_numpy(first[spec.name]) for spec in ctx.loaded.inputs)
+
+
+def fx_prepare(prepare, module, qconfig_mapping, example: tuple):
+    """FX graph mode's `prepare` (prepare_fx, or prepare_qat_fx for QAT): a model FX cannot trace is
+    a recipe failure that says which recipe works instead."""
+    try:
+        return prepare(module, qconfig_mapping, example)
+    except Exception as error:
+        raise RecipeFailure(
+            f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
+            "use the ort-int8-static recipe instead"
+        ) from None
+
+
 def _save(ctx: BuildContext, variant: VariantSpec, module):
     """Save as TorchScript: it loads without the model's class and without unpickling code
     (a quantized state_dict needs torch.load(weights_only=False), which we never ask of users)."""
     import torch
 
     path = ctx.workdir / f"{variant.name}.pt"
-    first = ctx.dataset.calibration[0]
-    example = tuple(torch.from_numpy(first[spec.name]) for spec in ctx.loaded.inputs)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in 2.13 but the format is what loads safely
-        torch.jit.save(torch.jit.trace(module, example, check_trace=False), str(path))
+        torch.jit.save(torch.jit.trace(module, _example(ctx), check_trace=False), str(path))
     return path
 
 
@@ -84,15 +102,7 @@ def _static(ctx: BuildContext, module):
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     names = [spec.name for spec in ctx.loaded.inputs]
-    first = ctx.dataset.calibration[0]
-    example = tuple(torch.from_numpy(first[n]) for n in names)
-    try:
-        prepared = prepare_fx(module, get_default_qconfig_mapping(ENGINE), example)
-    except Exception as error:
-        raise RecipeFailure(
-            f"FX graph mode cannot trace this model ({type(error).__name__}: {str(error)[:200]}); "
-            "use the ort-int8-static recipe instead"
-        ) from None
+    prepared = fx_prepare(prepare_fx, module, get_default_qconfig_mapping(ENGINE), _example(ctx))
     items = ctx.dataset.calibration
     with ctx.reporter.task("calibrating observers (torch.ao FX)", len(items)) as advance, torch.inference_mode():
         for item in items:

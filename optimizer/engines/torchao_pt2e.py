@@ -86,18 +86,18 @@ def _captured(ctx: BuildContext):
     """The model as a torch.export graph module, the input prepare_pt2e takes."""
     import torch
 
-    from optimizer.steps.export import _dynamic_example, _reason
+    from optimizer.engines.torch_export import dynamic_example, root_cause
 
     if ctx.loaded.program is not None:  # a .pt2 source is already captured
         return copy.deepcopy(ctx.loaded.program.module())
     module = copy.deepcopy(ctx.loaded.module).eval()
     try:
         with _quiet():
-            program = torch.export.export(module, _dynamic_example(ctx.loaded.inputs),
+            program = torch.export.export(module, dynamic_example(ctx.loaded.inputs),
                                           dynamic_shapes=_dynamic_shapes(ctx))
     except Exception as error:
         raise RecipeFailure(
-            f"torch.export cannot capture this model ({_reason(error)}); PT2E quantization starts from a "
+            f"torch.export cannot capture this model ({root_cause(error)}); PT2E quantization starts from a "
             f"torch.export graph, so {INSTEAD}"
         ) from None
     return program.module()
@@ -108,7 +108,7 @@ def _quantized(ctx: BuildContext, captured, dynamic: bool):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-    from optimizer.steps.export import _reason
+    from optimizer.engines.torch_export import root_cause
 
     # Without VNNI, uint8×int8 products are summed in 16 bits and saturate (optimizer/measure/hardware.py):
     # reduce_range keeps the activations to 7 bits there, as torchao's own docstring advises.
@@ -118,7 +118,7 @@ def _quantized(ctx: BuildContext, captured, dynamic: bool):
         with _quiet():
             prepared = prepare_pt2e(captured, x86.X86InductorQuantizer().set_global(config))
     except Exception as error:
-        raise RecipeFailure(f"X86InductorQuantizer cannot annotate this model ({_reason(error)}); {INSTEAD}") from None
+        raise RecipeFailure(f"X86InductorQuantizer cannot annotate this model ({root_cause(error)}); {INSTEAD}") from None
     if not dynamic:
         names = [spec.name for spec in ctx.loaded.inputs]
         items = ctx.dataset.calibration
@@ -144,17 +144,17 @@ def _save(ctx: BuildContext, variant: VariantSpec, converted) -> Path:
     """The converted program as a torch.export .pt2 (int8 weights, quantize/dequantize ops)."""
     import torch
 
-    from optimizer.steps.export import _dynamic_example, _reason
+    from optimizer.engines.torch_export import dynamic_example, root_cause
 
     path = ctx.workdir / f"{variant.name}.pt2"
     drop_unused_weights(converted)
     try:
         with _quiet():
-            program = torch.export.export(converted, _dynamic_example(ctx.loaded.inputs),
+            program = torch.export.export(converted, dynamic_example(ctx.loaded.inputs),
                                           dynamic_shapes=_dynamic_shapes(ctx))
             torch.export.save(program, str(path))
     except Exception as error:
-        raise RecipeFailure(f"the quantized program could not be saved with torch.export ({_reason(error)}); "
+        raise RecipeFailure(f"the quantized program could not be saved with torch.export ({root_cause(error)}); "
                             f"{INSTEAD}") from None
     return path
 
@@ -172,7 +172,7 @@ def _compile_failure(error: BaseException) -> str:
     """What a user can do about a torch.compile failure: a missing C++ compiler is the common one."""
     from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
 
-    from optimizer.steps.export import _reason
+    from optimizer.engines.torch_export import root_cause
 
     chain = list(_causes(error))
     missing = next((e for e in chain if isinstance(e, InvalidCxxCompiler)), None)
@@ -184,7 +184,7 @@ def _compile_failure(error: BaseException) -> str:
         first = (str(broken).strip().splitlines() or [""])[0][:200]
         return (f"the C++ compiler failed on inductor's generated kernels ({first}); check that CXX names a "
                 f"working g++ or clang++, or {INSTEAD}")
-    return f"torch.compile (inductor) failed on the PT2E-quantized model ({_reason(error)}); {INSTEAD}"
+    return f"torch.compile (inductor) failed on the PT2E-quantized model ({root_cause(error)}); {INSTEAD}"
 
 
 def _compiled(ctx: BuildContext, converted) -> tuple[CompiledTorchRunner, float]:

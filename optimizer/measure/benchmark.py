@@ -1,4 +1,4 @@
-"""Step 5, benchmark: warm-up, then timed runs of one bound inference; mean ± std and percentiles.
+"""Timing, for the benchmark step: warm-up, then timed runs of one bound inference; mean ± std and percentiles.
 
 Variants are timed in rounds, taken in turn, not one after the other: on a shared machine a slow
 patch (a noisy neighbour, a throttled core) then falls on every variant alike instead of on

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.engines.runners import session_options
+from optimizer.measure.hardware import AMX_FLAG, VNNI_DOT_FLAGS
 
 # Per core per cycle, for the common x86 cases (two FMA/dot-product pipes).
 FP32_MACS_PER_CYCLE = {"avx512f": 16, "avx2": 16}  # Zen 4 double-pumps AVX-512: same as 2×AVX2 FMA
-INT8_MACS_PER_CYCLE = {"amx_int8": 1024, "avx512_vnni": 64, "avx_vnni": 64, "avx2": 32}
+INT8_MACS_PER_CYCLE = {AMX_FLAG: 1024, **dict.fromkeys(VNNI_DOT_FLAGS, 64), "avx2": 32}  # first match wins
 
 # The ONNX Runtime op types (after its graph optimizations) that run each counted layer type.
 RUNS_AS = {

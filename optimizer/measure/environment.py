@@ -7,10 +7,11 @@ from importlib import metadata
 from pathlib import Path
 
 from optimizer.api.results import Environment
+from optimizer.measure.hardware import AMX_FLAG, VNNI_DOT_FLAGS
 
-# Flags that decide whether INT8 can beat FP32: VNNI/AMX give 4x the int8 dot-product rate.
-INT8_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "amx_tile", "amx_int8", "amx_bf16")
+# Flags that decide whether INT8 can beat FP32: VNNI/AMX (hardware.VNNI_FLAGS) give 4x the int8 dot-product rate.
+INT8_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", *VNNI_DOT_FLAGS, "avx512_bf16",
+              "amx_tile", AMX_FLAG, "amx_bf16")
 PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "numpy", "mlopt")
 
 

@@ -15,14 +15,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# The one definition of "this CPU has 32-bit INT8 dot products" (/proc/cpuinfo flags): VNNI's and
+# AMX's. compute.py, environment.py and select.py import these.
+AMX_FLAG = "amx_int8"
+VNNI_DOT_FLAGS = ("avx512_vnni", "avx_vnni")
+VNNI_FLAGS = frozenset({*VNNI_DOT_FLAGS, AMX_FLAG})
 ISA_CLASSES = ("avx2", "avx512", "avx-vnni", "avx512-vnni", "amx")
+VNNI_CLASSES = ("avx-vnni", "avx512-vnni", "amx")  # the classes of ISA_CLASSES with VNNI_FLAGS
+AMX_DEFAULT_EXTRAS = ("openvino-ort-qdq", "openvino-default")  # recipes the default set gains on AMX (resolve)
 
 
 def isa_class(flags) -> str:
     """The instruction-set class of a CPU, most capable first."""
     flags = set(flags)
-    if "amx_int8" in flags:
+    if AMX_FLAG in flags:
         return "amx"
     if "avx512_vnni" in flags:
         return "avx512-vnni"
@@ -44,7 +50,7 @@ class HardwareProfile:
 
     @property
     def vnni(self) -> bool:
-        return self.isa in ("avx-vnni", "avx512-vnni", "amx")
+        return self.isa in VNNI_CLASSES
 
     def record(self) -> dict:
         return {"isa": self.isa, "detected": self.detected, "chosenBy": self.chosen_by,
@@ -59,7 +65,7 @@ def resolve(requested: str, flags, device: str = "cpu") -> HardwareProfile:
         return HardwareProfile("cuda", detected, "detected", False,
                                ["CUDA: INT8 models are quantized for the GPU's tensor cores, full 8-bit weights"])
     isa, chosen_by = (detected, "detected") if requested == "auto" else (requested, "benchmark.profile")
-    vnni = isa in ("avx-vnni", "avx512-vnni", "amx")
+    vnni = isa in VNNI_CLASSES
     reasons = []
     if chosen_by == "benchmark.profile" and isa != detected:
         reasons.append(f"optimized for {isa} (benchmark.profile) on a {detected} machine: the quantization "
@@ -74,7 +80,7 @@ def resolve(requested: str, flags, device: str = "cpu") -> HardwareProfile:
         # Measured on a Xeon with AMX (1 thread, CRNN): OpenVINO ran mlopt's own QDQ model in 1.99 ms
         # against ONNX Runtime's 2.52 ms, and its bf16 default in 2.51 ms. On an AVX2 EPYC it lost
         # (14.0 ms vs 9.0 ms), so only AMX adds it to the default set.
-        extras = ("openvino-ort-qdq", "openvino-default")
+        extras = AMX_DEFAULT_EXTRAS
         reasons.append("amx: OpenVINO's AMX kernels can beat ONNX Runtime here, so the default set adds "
                        "openvino-ort-qdq and openvino-default")
     return HardwareProfile(isa, detected, chosen_by, reduce_range=not vnni, reasons=reasons, default_extras=extras)

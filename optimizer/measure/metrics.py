@@ -72,18 +72,12 @@ def agreement(reference: Outputs, candidate: Outputs) -> float:
     return agree / max(total, 1)
 
 
-# Label-based metrics, by the names zoo entries and `acceptance.metric` use. "agreement" needs the
-# FP32 reference rather than labels: evaluate.accuracy answers it from the fidelity it computed.
+# The metrics by the names zoo entries and `acceptance.metric` use (optimizer/api/spec.py
+# ACCURACY_METRICS; their labels are in optimizer/api/units.py). "agreement" needs the FP32
+# reference rather than labels: evaluate.accuracy answers it from the fidelity it computed.
 METRICS: dict[str, Callable[[Outputs, Labels], float]] = {
     "top1": top1,
-    "cer": char_accuracy,
+    "char-accuracy": char_accuracy,
     "exact-match": exact_match,
     "agreement": agreement,
-}
-
-METRIC_LABELS = {
-    "top1": "top-1",
-    "cer": "char accuracy (1−CER)",
-    "exact-match": "exact match",
-    "agreement": "argmax agreement",
 }

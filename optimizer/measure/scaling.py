@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from optimizer.measure.benchmark import measure
-from optimizer.steps.export import random_feed
+from optimizer.engines.feeds import random_feed
 from optimizer.engines.runners import torch_threads
 
 

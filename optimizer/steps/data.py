@@ -1,4 +1,4 @@
-"""Step 2, data: calibration items for static INT8 and held-out evaluation items (with labels if any).
+"""The data step: calibration items for static INT8 and held-out evaluation items (with labels if any).
 
 An item is one model call's inputs: input name → array with the InputSpec's shape, so a batch of
 shape[0] samples. Sources (`data.source`):
@@ -27,12 +27,11 @@ import numpy as np
 
 from optimizer.api.errors import DataLoadError
 from optimizer.api.spec import DataSpec, InputSpec
+from optimizer.engines.feeds import numpy_dtype, random_value
+from optimizer.steps.run import Run
+from optimizer.zoo.digits_data import DIGITS_SHAPE, digits_split
 
 RANDOM_SEEDS = {"calibration": 0, "evaluation": 1}
-DEFAULT_RANGES = {"float": (0.0, 1.0), "int": (0, 100)}
-DIGITS_SPLIT_SEED = 0
-DIGITS_TEST_FRACTION = 0.3
-DIGITS_SHAPE = (1, 8, 8)  # per sample: one grey channel, 8×8 pixels
 TEXTLINES_SHAPE = (1, 32, 100)  # per sample: one grey channel, height 32, width 100
 TEXTLINES_EVALUATION = 256  # held-out lines: CER on 256 lines (~1,400 characters) moves in 0.07% steps
 
@@ -74,26 +73,11 @@ def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_di
     )
 
 
-def _numpy_dtype(spec: InputSpec) -> np.dtype:
-    # InputSpec's default dtype stays a DType member (pydantic leaves defaults unconverted).
-    return np.dtype(getattr(spec.dtype, "value", spec.dtype))
-
-
 # --- random -----------------------------------------------------------------------------------
-
-def _random_value(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
-    dtype = _numpy_dtype(spec)
-    kind = "int" if np.issubdtype(dtype, np.integer) else "float"
-    low, high = spec.valueRange or DEFAULT_RANGES[kind]
-    if kind == "int":
-        # Inclusive high: valueRange [0, 999] for a 1000-word vocabulary must reach id 999.
-        return rng.integers(int(low), int(high), size=spec.shape, endpoint=True).astype(dtype)
-    return rng.uniform(low, high, size=spec.shape).astype(dtype)
-
 
 def _random_items(count: int, inputs: Sequence[InputSpec], seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{spec.name: _random_value(spec, rng) for spec in inputs} for _ in range(count)]
+    return [{spec.name: random_value(spec, rng) for spec in inputs} for _ in range(count)]
 
 
 def _random(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
@@ -155,22 +139,6 @@ def _sample_count(items: list[dict[str, np.ndarray]]) -> int:
 
 # --- zoo:<dataset> --------------------------------------------------------------------------------
 
-def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (train_x, test_x, train_y, test_y): float32 [n, 1, 8, 8] in [0, 1].
-
-    The one definition of the split: the zoo's digits model trains on train_x, and zoo:digits
-    evaluates on test_x, so the reported accuracy is on images the model never saw.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32).reshape(-1, *DIGITS_SHAPE)
-    labels = digits.target.astype(np.int64)
-    return tuple(train_test_split(images, labels, test_size=DIGITS_TEST_FRACTION,
-                                  random_state=DIGITS_SPLIT_SEED, stratify=labels))
-
-
 def _single_image_input(dataset: str, sample_shape: tuple[int, ...], inputs: Sequence[InputSpec]) -> InputSpec:
     """The model's one input, if it takes this zoo data set's images; else a DataError saying so."""
     spec = inputs[0]
@@ -187,7 +155,7 @@ def _single_image_input(dataset: str, sample_shape: tuple[int, ...], inputs: Seq
 def _digits(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
     spec = _single_image_input("digits", DIGITS_SHAPE, inputs)
     train_x, test_x, train_y, test_y = digits_split()
-    dtype = _numpy_dtype(spec)
+    dtype = numpy_dtype(spec)
     return _labelled(
         calibration={spec.name: train_x.astype(dtype)},
         evaluation={spec.name: test_x.astype(dtype)},
@@ -206,7 +174,7 @@ def _textlines(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
     batch = spec.shape[0]
     calibration, calibration_labels = textlines.render_batch(max(samples, batch), textlines.SEEDS["calibration"])
     evaluation, labels = textlines.render_batch(max(TEXTLINES_EVALUATION, batch), textlines.SEEDS["evaluation"])
-    dtype = _numpy_dtype(spec)
+    dtype = numpy_dtype(spec)
     return _labelled(
         calibration={spec.name: calibration.astype(dtype)},
         evaluation={spec.name: evaluation.astype(dtype)},
@@ -271,7 +239,7 @@ def _checked_input(arrays: dict[str, np.ndarray], spec: InputSpec, path: Path) -
             f"data.source: array {spec.name!r} in {path} has shape {list(array.shape)}; "
             f"expected {expected} (first axis = samples)"
         )
-    dtype = _numpy_dtype(spec)
+    dtype = numpy_dtype(spec)
     if not np.can_cast(array.dtype, dtype, casting="same_kind"):
         raise DataError(f"data.source: array {spec.name!r} in {path} is {array.dtype}; the input expects {dtype}")
     return array.astype(dtype)
@@ -313,3 +281,16 @@ def _npz(path: Path, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
         inputs=inputs,
         description=path.name,
     )
+
+
+def data_step(run: Run) -> None:
+    from optimizer.steps.select import resolve_metric
+
+    data = run.spec.spec.data
+    source = data.source if "source" in data.model_fields_set else run.loaded.default_data
+    run.dataset = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
+    run.data_source = source
+    run.reporter.log(f"data: {run.dataset.description}")
+    labels = run.dataset.labels
+    run.metric = resolve_metric(run.spec.spec.acceptance.metric, run.loaded.metric, labels is not None, source,
+                                sequence_labels=labels is not None and labels[0].ndim == 2)

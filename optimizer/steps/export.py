@@ -1,4 +1,4 @@
-"""Step 2, export: PyTorch -> ONNX, checked, shape-inferred, and proven equal to PyTorch.
+"""The export step: PyTorch -> ONNX, checked, shape-inferred, and proven equal to PyTorch.
 
 The dynamo exporter is tried first; it is known to bake export-time lengths into some graphs
 (bidirectional LSTM/GRU, pytorch#191855), so the parity check runs at a second shape along every
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from optimizer.api.spec import ExportSpec, InputSpec, Tolerance
-
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+from optimizer.engines.feeds import random_feed
+from optimizer.engines.torch_export import dynamic_example, root_cause
+from optimizer.steps.run import Run
 
 
 class ParityError(AssertionError):
@@ -56,22 +56,6 @@ ROUTES = {
     "legacy": "the legacy exporter",
     "torchscript-converter": "the TorchScript converter route (TS2EPConverter, then the dynamo exporter)",
 }
-
-
-def random_feed(inputs: list[InputSpec], shapes: dict[str, list[int]] | None = None, seed: int = 0):
-    """Seeded inputs within each input's valueRange (floats [0, 1], integers [0, 100) by default)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in inputs:
-        shape = (shapes or {}).get(spec.name, spec.shape)
-        dtype = _NUMPY_DTYPES[spec.dtype]
-        if np.issubdtype(dtype, np.integer):
-            low, high = spec.valueRange or (0, 100)
-            feed[spec.name] = rng.integers(int(low), int(high), size=shape, endpoint=False).astype(dtype)
-        else:
-            low, high = spec.valueRange or (0.0, 1.0)
-            feed[spec.name] = rng.uniform(low, high, size=shape).astype(dtype)
-    return feed
 
 
 def parity_shapes(inputs: list[InputSpec]) -> list[dict[str, list[int]]]:
@@ -149,14 +133,6 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def _dynamic_example(inputs: list[InputSpec]):
-    """torch.export treats size-1 dims as constants: a batch-1 example would pin batch to 1."""
-    import torch
-
-    shapes = {s.name: [max(n, 2) if a in s.dynamicAxes else n for a, n in enumerate(s.shape)] for s in inputs}
-    return tuple(torch.from_numpy(a) for a in random_feed(inputs, shapes).values())
-
-
 def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, opset: int) -> None:
     import torch
 
@@ -165,12 +141,12 @@ def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, ops
         if exporter == "torchscript-converter":
             from torch._export.converter import TS2EPConverter
 
-            example = _dynamic_example(inputs)
+            example = dynamic_example(inputs)
             program = TS2EPConverter(module, example).convert()
             torch.onnx.export(program, example, str(path), input_names=names, opset_version=opset, dynamo=True,
                               external_data=False)
         elif exporter == "dynamo":
-            example = _dynamic_example(inputs)
+            example = dynamic_example(inputs)
             dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamicAxes} or None for spec in inputs)
             # Keep onnxscript's optimizer on (slow: over half the export time) - without its constant
             # folding the LSTM weights stay behind ops that the INT8 quantizers cannot see through.
@@ -187,15 +163,6 @@ def _export_once(module, inputs: list[InputSpec], path: Path, exporter: str, ops
             )
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _reason(error: BaseException) -> str:
-    """The root cause's first line: exporters wrap the useful message in several layers."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _check_and_infer(path: Path) -> None:
@@ -252,7 +219,7 @@ def export_onnx(torch_runner, inputs: list[InputSpec], spec: ExportSpec, workdir
         except ParityError as error:
             reason = f"{ROUTES[exporter]} gave a model that differs from PyTorch: {error}"
         except Exception as error:
-            reason = f"{ROUTES[exporter]} failed: {_reason(error)}{_hint(error, exporter, inputs)}"
+            reason = f"{ROUTES[exporter]} failed: {root_cause(error)}{_hint(error, exporter, inputs)}"
         else:
             attempts.append({"route": exporter, "ok": True, "reason": f"{ROUTES[exporter]} passed the parity check"})
             notes = [why] if why and exporter == order[0] else []
@@ -289,3 +256,26 @@ def _hint(error: BaseException, route: str, inputs: list[InputSpec]) -> str:
                 "declare no dynamicAxes to optimize at the declared shape, or give a state_dict with "
                 "model.entrypoint or a .pt2 exported with a dynamic Dim)")
     return ""
+
+
+def export_step(run: Run) -> None:
+    """The PyTorch baseline's runner, and its ONNX export checked for parity (an ONNX source is its own baseline)."""
+    from optimizer.engines.runners import OrtRunner, TorchRunner
+
+    threads = run.spec.spec.benchmark.threads
+    if run.loaded.onnx_path is not None:
+        run.baseline_runner = OrtRunner(run.loaded.onnx_path, threads=threads, device=run.spec.spec.benchmark.device)
+        return
+    names = [spec.name for spec in run.loaded.inputs]
+    run.baseline_runner = TorchRunner(run.loaded.module, names, device=run.spec.spec.benchmark.device)
+    cpu_reference = TorchRunner(run.loaded.module, names)
+    try:
+        run.export = export_onnx(cpu_reference, run.loaded.inputs, run.spec.spec.export, run.scratch, threads)
+        run.export_attempts = run.export.attempts
+        run.reporter.log(f"exported with {ROUTES[run.export.exporter]}; parity checked at "
+                         + " and ".join(str(s) for s in run.export.checked_shapes))
+    except ExportError as error:
+        run.export_error, run.export_attempts = str(error), error.attempts
+        run.reporter.log(f"ONNX export failed: {error}")
+    if run.spec.spec.benchmark.device == "cuda":
+        run.loaded.module.to("cuda")

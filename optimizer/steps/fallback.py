@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from optimizer.api.results import Fallback, FallbackTry
+from optimizer.api.results import Fallback, FallbackTry, VariantResult, VariantStatus
+from optimizer.engines import CALIBRATED_RECIPES, Built
+from optimizer.steps.run import Run
+from optimizer.steps.select import budget_failure
 from optimizer.measure.sensitivity import exclusion, exclusion_sizes, rank_nodes
-from optimizer.api.spec import Recipe, VariantSpec
+from optimizer.api.spec import VariantSpec
 
-RECIPES = (Recipe.ort_int8_static.value, Recipe.ort_int8_static_dynamic.value)
 SENSITIVITY_ITEMS = 8  # calibration items run through both models to rank the nodes
 RANKING_KEPT = 20  # ranked nodes recorded in results.json
 SUFFIX = "+fallback"
@@ -26,13 +28,13 @@ SUFFIX = "+fallback"
 class Attempt:
     """One build for the fallback: the pipeline's build and evaluation, behind two callables."""
 
-    build: Callable[[VariantSpec], tuple[object, object | None]]  # spec -> (VariantResult, Built | None)
-    accuracy: Callable[[object], float]  # Built -> accuracy on the evaluation items
+    build: Callable[[VariantSpec], tuple[VariantResult, Built | None]]
+    accuracy: Callable[[Built], float]  # on the evaluation items
     budget_failure: Callable[[float], str | None]  # accuracy -> why it misses the budget, or None
 
 
 def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: list[dict], workdir: Path,
-            seconds: float, attempt: Attempt) -> tuple[Fallback, object | None, object | None]:
+            seconds: float, attempt: Attempt) -> tuple[Fallback, VariantResult | None, Built | None]:
     """(the fallback record, the recovered variant's VariantResult and Built) or (record, None, None)."""
     start = time.perf_counter()
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
@@ -71,3 +73,64 @@ def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: lis
         record.reason = "no try met the budget, even with every noise-adding node in FP32"
     record.seconds = round(elapsed(), 3)
     return record, None, None
+
+
+def _budget_failure(run: Run, value: float) -> str | None:
+    acceptance = run.spec.spec.acceptance
+    return budget_failure(value, run.baseline.accuracy, acceptance.maxAccuracyDrop,
+                          acceptance.maxRelativeAccuracyDrop, run.metric)
+
+
+def _needs_fallback(run: Run, name: str) -> bool:
+    result = run.results[name]
+    return (result.recipe in CALIBRATED_RECIPES and result.status == VariantStatus.ok.value and result.accuracy is not None
+            and run.baseline.accuracy is not None and _budget_failure(run, result.accuracy) is not None)
+
+
+def fallback_step(run: Run) -> None:
+    """Retry each ORT static variant that misses the budget with its most sensitive nodes in FP32."""
+    from optimizer.engines import registry
+    from optimizer.engines.ort import preprocessed
+    from optimizer.steps.evaluate import evaluate_variant
+    from optimizer.steps.variants import build_variant, keep_variant
+
+    if not run.spec.spec.acceptance.fallback:
+        return
+    recipes, models_dir = registry(), run.staging / "models"
+    scratch = run.scratch / "fallback"
+
+    def score(built: Built) -> float:
+        probe = VariantResult(name="probe", recipe="probe", status=VariantStatus.ok)
+        evaluate_variant(run, probe, built.runner)
+        return probe.accuracy if probe.accuracy is not None else float("-inf")
+
+    attempt = Attempt(build=lambda spec: build_variant(run.context, spec, recipes), accuracy=score,
+                      budget_failure=lambda value: _budget_failure(run, value))
+    ordered: dict[str, VariantResult] = {}
+    for name, result in run.results.items():
+        ordered[name] = result
+        if name not in run.built or not _needs_fallback(run, name):
+            continue
+        run.reporter.log(f"{name} misses the accuracy budget: ranking its nodes by sensitivity and retrying")
+        try:
+            record, recovered, built = recover(
+                run.planned[name], run.built[name].artifact, preprocessed(run.context), run.dataset.calibration,
+                scratch, run.spec.spec.acceptance.fallbackSeconds, attempt)
+        except Exception as error:  # the analysis never costs the run its other results
+            record, recovered, built = Fallback(reason=f"sensitivity analysis failed: {type(error).__name__}: "
+                                                       f"{str(error).strip()[:300]}"), None, None
+        result.fallback = record
+        if built is None:
+            run.reporter.log(f"{name}: fallback did not recover it ({record.reason})")
+            continue
+        spec = run.planned[name].model_copy(update={
+            "name": record.variant, "excludeNodes": [*run.planned[name].excludeNodes, *record.excludedNodes]})
+        keep_variant(spec, recovered, built, models_dir)
+        recovered.lineage.parent = name
+        recovered.calibrationOf = result.calibrationOf
+        recovered.notes.append(f"the accuracy fallback kept {len(record.excludedNodes)} node(s) of {name} in FP32: "
+                               + ", ".join(record.excludedNodes))
+        evaluate_variant(run, recovered, built.runner)
+        run.planned[spec.name], run.built[spec.name], ordered[spec.name] = spec, built, recovered
+        run.reporter.log(f"{name}: recovered as {spec.name} ({len(record.excludedNodes)} node(s) in FP32)")
+    run.results = ordered

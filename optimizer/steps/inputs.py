@@ -1,4 +1,4 @@
-"""Step 1b, check inputs: spec.model.inputs against what the model itself declares, before any work.
+"""The inputs step: spec.model.inputs against what the model itself declares, before any work.
 
 A spec that does not fit its model used to fail minutes later, deep in a recipe, with a
 runtime's traceback. Here it fails at once with the field to change and how:
@@ -15,8 +15,10 @@ promise a dynamic batch.
 from __future__ import annotations
 
 from optimizer.api.errors import InputMismatchError
-from optimizer.steps.export import parity_shapes, random_feed
+from optimizer.engines.feeds import random_feed
+from optimizer.steps.export import parity_shapes
 from optimizer.api.spec import InputSpec
+from optimizer.steps.run import Run
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64", 9: "bool", 2: "uint8", 3: "int8"}
 _TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.int64": "int64", "torch.int32": "int32"}
@@ -157,3 +159,8 @@ def check_inputs(loaded) -> list[str]:
     if not any(spec.dynamicAxes for spec in inputs):
         return ["no dynamicAxes declared: the model is verified and timed at the declared shape only"]
     return []
+
+
+def inputs_step(run: Run) -> None:
+    """spec.model.inputs against the model itself, before any work (exits 2 on a mismatch)."""
+    run.input_notes = check_inputs(run.loaded)

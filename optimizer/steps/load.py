@@ -1,4 +1,4 @@
-"""Step 1, load: resolve `model.source` and turn it into something we can run and export."""
+"""The load step: resolve `model.source` and turn it into something we can run and export."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from optimizer.api.errors import ModelLoadError, OptimizationError
 from optimizer.api.spec import InputSpec, ModelSpec
+from optimizer.steps.run import Run
 
 
 @dataclass
@@ -177,3 +178,7 @@ def load_model(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
         raise
     except Exception as error:  # a corrupt archive, a TorchScript from a newer torch, ...
         raise ModelLoadError(f"cannot load {spec.source}: {type(error).__name__}: {error}") from None
+
+
+def load_step(run: Run) -> None:
+    run.loaded = load_model(run.spec.spec.model, run.base_dir, run.spec.spec.storage)

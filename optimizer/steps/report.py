@@ -1,12 +1,12 @@
-"""Step 8, report: report.md (tables in the research note's style) and bar charts of size and latency."""
+"""The report step: report.md (tables in the research note's style) and bar charts of size and latency."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from optimizer.console import format_size
-from optimizer.measure.metrics import METRIC_LABELS
 from optimizer.api.results import Results, VariantResult
+from optimizer.api.units import format_size, metric_label
+from optimizer.steps.run import Run
 
 # The research note's two tables: conversion, then one column per quantization method.
 CONVERSION = [("PyTorch FP32", "pytorch-fp32"), ("ONNX Runtime FP32", "onnx-fp32")]
@@ -52,11 +52,6 @@ def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResul
         f"| {device.upper()} inference | " + " | ".join(mean_std(c) for c in cells) + " |",
         "| speedup vs PyTorch FP32 | " + " | ".join("—" if c is None or c.speedup is None else f"{c.speedup:.2f}x" for c in cells) + " |",
     ]
-
-
-def metric_label(metric: str) -> str:
-    """The metric's human name ("top-1 accuracy"), or its raw name where none is defined."""
-    return METRIC_LABELS.get(metric, metric)
 
 
 def _fmt(value, pattern: str) -> str:
@@ -371,3 +366,32 @@ def charts(results: Results, directory: Path) -> list[Path]:
 def write_report(results: Results, directory: Path) -> None:
     charts(results, directory)
     (directory / "report.md").write_text(markdown(results))
+
+
+def _model_record(run: Run) -> dict:
+    record = {"source": run.loaded.source, "format": run.loaded.format,
+              "inputs": [spec.model_dump(mode="json") for spec in run.loaded.inputs]}
+    if run.input_notes:
+        record["inputNotes"] = run.input_notes
+    if run.export:
+        record.update(exporter=run.export.exporter, opset=run.spec.spec.export.opset,
+                      parityShapes=run.export.checked_shapes)
+    elif run.export_error:
+        record["exportError"] = run.export_error
+    if run.export_attempts:
+        record["exportAttempts"] = run.export_attempts  # every route tried, in order, with why it failed
+    return record
+
+
+def report_step(run: Run) -> None:
+    """Assemble results.json's record from the run, and write report.md and the charts beside it."""
+    spec = run.spec
+    run.record = Results(
+        name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.metric,
+        accuracyBudget={"maxAccuracyDrop": spec.spec.acceptance.maxAccuracyDrop,
+                        "maxRelativeAccuracyDrop": spec.spec.acceptance.maxRelativeAccuracyDrop},
+        dataset=run.dataset.description,
+        baseline=run.baseline, variants=list(run.results.values()), best=run.best, bestReason=run.best_reason,
+        environment=run.env, analysis=run.analysis, steps=run.steps, warnings=run.warnings.lines(),
+    )
+    write_report(run.record, run.staging)

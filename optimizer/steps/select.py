@@ -1,13 +1,16 @@
-"""Step 7, select: apply the accuracy budget, explain slow variants, pick the fastest that qualifies.
+"""The select step: apply the accuracy budget, explain slow variants, pick the fastest that qualifies.
 
 A variant slower than the baseline is never picked, and its notes say why we think it is slow.
 """
 
 from __future__ import annotations
 
-from optimizer.console import format_size
 from optimizer.api.errors import DataLoadError
 from optimizer.api.results import VariantResult, VariantStatus
+from optimizer.api.spec import LABELLED_METRICS, SEQUENCE_METRICS
+from optimizer.api.units import format_size
+from optimizer.measure.hardware import VNNI_FLAGS
+from optimizer.steps.run import Run
 
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger")
 
@@ -21,7 +24,7 @@ def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_fla
         listed = ", ".join(f"{op} ×{n}" for op, n in integer_ops.items())
         return (f"{head}: the graph runs {listed}; ONNX Runtime's CPU integer kernels for these are slower "
                 "than FP32 Conv/MatMul. Quantize convolutions statically (ort-int8-static) or restrict opTypes.")
-    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags):
+    if not VNNI_FLAGS & set(cpu_flags):
         return f"{head}: this CPU has no VNNI/AMX, so INT8 dot products are not faster than FP32 ones"
     if variant.provider and counterpart.provider and variant.provider != counterpart.provider:
         return f"{head}: it ran on {variant.provider}, its counterpart on {counterpart.provider}"
@@ -32,26 +35,20 @@ def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_fla
     return f"{head}: quantized kernels do not pay off for this model's layer sizes"
 
 
-LABELLED_METRICS = ("top1", "cer", "exact-match")
-
-
 class MetricError(DataLoadError):
     """The requested accuracy metric cannot be computed on this data (the run stops before building)."""
-
-
-SEQUENCE_METRICS = ("cer", "exact-match")
 
 
 def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_source: str,
                    sequence_labels: bool = False) -> str:
     """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else top1
-    (class labels) or cer (padded label sequences), when the data has labels; agreement otherwise."""
+    (class labels) or char-accuracy (padded label sequences), when the data has labels; agreement otherwise."""
     if requested == "auto":
         if not has_labels:
             return "agreement"
         if model_metric != "agreement":
             return model_metric
-        return "cer" if sequence_labels else "top1"
+        return "char-accuracy" if sequence_labels else "top1"
     if requested in LABELLED_METRICS and not has_labels:
         raise MetricError(
             f"acceptance.metric {requested} needs labels, but data.source {data_source} has none; "
@@ -61,7 +58,7 @@ def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_sou
         shape = "2-D label sequences (padded with -1)" if sequence_labels else "one class label per sample"
         raise MetricError(
             f"acceptance.metric {requested} does not fit data.source {data_source}, which has {shape}; "
-            f"use {'cer or exact-match' if sequence_labels else 'top1'}"
+            f"use {' or '.join(SEQUENCE_METRICS) if sequence_labels else 'top1'}"
         )
     return requested
 
@@ -131,3 +128,15 @@ def pick_best(variants: list[VariantResult], baseline: VariantResult) -> tuple[s
     best = min(faster, key=lambda v: v.latencyMs.mean)
     return best.name, (f"fastest variant within the accuracy budget: {best.speedup:.2f}x faster than "
                        f"PyTorch FP32 at {format_size(best.sizeBytes)}")
+
+
+def select_step(run: Run) -> None:
+    """Every variant against the budget, slow ones explained, then the fastest within the budget."""
+    acceptance = run.spec.spec.acceptance
+    variants = list(run.results.values())
+    for variant in variants:
+        apply_budget(variant, run.baseline, acceptance.maxAccuracyDrop, run.metric, acceptance.maxRelativeAccuracyDrop)
+        if variant.fallback and variant.fallback.recovered:
+            variant.notes.append(f"the accuracy fallback recovered it as {variant.fallback.variant}")
+    flag_slow_variants(variants, run.baseline, run.env.cpuFlags)
+    run.best, run.best_reason = pick_best(variants, run.baseline)

@@ -24,7 +24,7 @@ class ZooModel:
     build: Callable[[], "torch.nn.Module"]  # eval-mode module with weights ready
     inputs: tuple[InputSpec, ...]  # with dynamicAxes where the model supports them
     data: str  # default data.source when the spec sets none: "random" or "zoo:<dataset>"
-    metric: str  # a name in optimizer/measure/metrics.py: "top1"/"cer" (the data has labels) or "agreement"
+    metric: str  # a name in optimizer/measure/metrics.py: "top1"/"char-accuracy" (the data has labels) or "agreement"
 
 
 def _lazy_build(module: str) -> Callable[[], "torch.nn.Module"]:
@@ -81,7 +81,7 @@ _MODELS = [
         inputs=(InputSpec(name="image", shape=[1, 1, 32, 100], dtype="float32",
                           dynamicAxes={0: "batch", 3: "width"}),),
         data="zoo:textlines",
-        metric="cer",
+        metric="char-accuracy",
     ),
 ]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from optimizer.artifacts.cache import cache_dir
-from optimizer.steps.data import digits_split
+from optimizer.zoo.digits_data import digits_split
 from optimizer.engines.runners import torch_threads
 from optimizer.zoo.weights import cached_or_trained, seeded
 

@@ -9,7 +9,6 @@ examples/crnn.yaml runs the CRNN.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re

@@ -1,7 +1,8 @@
 import json
 
-from mlopt_operator.status import conditions, human_latency, human_size, status_from_job
+from mlopt_operator.status import conditions, human_latency, status_from_job
 from optimizer.api.summary import failure_summary
+from optimizer.api.units import format_size
 
 SUCCESS = json.dumps({
     "v": 1, "phase": "Succeeded", "message": "best ort-int8-static-dynamic: 6.07x faster, 7.9 MB",
@@ -174,7 +175,10 @@ def test_conditions_keep_transition_time_until_status_flips():
 
 
 def test_human_strings():
-    assert human_size(7_912_345) == "7.9 MB"
-    assert human_size(34_200) == "34.2 kB"
+    # bestSize is written by the one size formatter the terminal and report.md use too
+    assert format_size(7_912_345) == "7.9 MB"
+    assert format_size(34_200) == "34.2 kB"
+    assert (format_size(999_960), format_size(2_048_000_000), format_size(512), format_size(None)) == (
+        "1.0 MB", "2.0 GB", "512 B", "—")
     assert human_latency(4.0234) == "4.02 ms"
     assert human_latency(0.04521) == "0.0452 ms"

@@ -175,6 +175,18 @@ def digits_run(tmp_path_factory):
     return results, output
 
 
+# Session/module fixtures that run the whole pipeline (optimize(...) on a real model); every test that
+# uses one is marked `slow` here, so a new test on them lands in the right tier without remembering to.
+PIPELINE_FIXTURES = {"conv_lstm_run", "digits_run", "fallback_run", "pt2e_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The model matrix as a table (architecture × format → best and speedup, or the message)."""
     from .test_model_matrix import ARCHITECTURES, FORMATS, MATRIX_OUTCOMES

@@ -72,11 +72,12 @@ def test_compute_limits_follow_the_cpu_flags():
 def test_profile_and_scaling_explain_the_best(conv_lstm_run):
     results, output = conv_lstm_run
     analysis = results.analysis
-    best = results.variant(results.best) if results.best else None
-    if best is not None and best.runtime == "onnxruntime":
-        assert analysis.profiledVariant == results.best
-        assert analysis.profile and abs(sum(r["share"] for r in analysis.profile) - 1) < 0.01
-        assert "## Where the time goes" in (output / "report.md").read_text()
+    # On the miniature CRNN every ONNX Runtime variant is ~10x faster than any TorchScript one,
+    # so the best is always an ORT variant and must come with its op-level profile.
+    assert results.best and results.variant(results.best).runtime == "onnxruntime", results.best
+    assert analysis.profiledVariant == results.best
+    assert analysis.profile and abs(sum(r["share"] for r in analysis.profile) - 1) < 0.01
+    assert "## Where the time goes" in (output / "report.md").read_text()
     cells = {(r["variant"], r["batch"], r["threads"]) for r in analysis.scaling}
     assert {("pytorch-fp32", b, t) for b in (1, 8, 32) for t in (1, 2)} <= cells
     assert all(r["throughput"] == pytest.approx(r["batch"] * 1000 / r["latencyMs"], rel=0.01) for r in analysis.scaling)
@@ -90,6 +91,7 @@ def test_tuning_candidates_stay_within_the_thread_budget():
     assert not any(o["executionMode"] == "sequential" and o["interOpThreads"] > 1 for o in candidates(4))
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_tune_records_what_was_chosen(tmp_path):
     from optimizer.console import QuietReporter
     from optimizer.pipeline import optimize
@@ -142,11 +144,10 @@ def test_report_explains_the_limit_per_layer_type(conv_lstm_run):
     report = (output / "report.md").read_text()
     assert "this model cannot run faster than" in report and "At this model's own shapes" in report
     assert compute["atShapes"]["int8LimitMs"] > 0 and set(compute["atShapes"]["byType"]) == set(compute["byType"])
-    best = results.variant(results.best) if results.best else None
-    if best is not None and best.runtime == "onnxruntime":
-        layers = {r["layer"] for r in compute["byLayer"]}
-        assert "Conv" in layers and "| everything else |" in report
-        assert compute["best"]["variant"] == results.best
+    assert results.best and results.variant(results.best).runtime == "onnxruntime", results.best  # as above
+    layers = {r["layer"] for r in compute["byLayer"]}
+    assert {"Conv", "LSTM"} <= layers and "| everything else |" in report
+    assert compute["best"]["variant"] == results.best
 
 
 def test_agreement_is_shown_once_when_it_is_the_metric(conv_lstm_run):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here runs the whole pipeline
+
 
 def test_one_variant_per_calibration_method_each_measured(digits_run):
     results, _ = digits_run

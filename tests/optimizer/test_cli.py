@@ -19,6 +19,7 @@ def mlopt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([MLOPT, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_optimize_digits_end_to_end(tmp_path):
     spec = write_spec(tmp_path, {
         "model": {"source": "zoo:digits"},
@@ -46,6 +47,7 @@ def test_optimize_digits_end_to_end(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # staging cleaned up
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_quiet_prints_nothing_and_spec_output_is_used(tmp_path):
     spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
                                  "benchmark": {"warmup": 1, "runs": 3}, "output": "results-here"})
@@ -82,6 +84,21 @@ def test_validate_and_models(tmp_path):
         assert name in listing.stdout
 
 
+def test_recipes_lists_every_recipe(tmp_path):
+    from optimizer.api.spec import Recipe
+
+    table = mlopt("recipes", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert all(recipe.value in table.stdout for recipe in Recipe)
+    listed = mlopt("recipes", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["recipe"]: row for row in json.loads(listed.stdout)}
+    assert list(rows) == [recipe.value for recipe in Recipe]
+    assert rows["onnx-fp32"]["defaultSet"] == ["cpu", "cuda"] and rows["torchao-pt2e-int8-static"]["defaultSet"] == []
+    assert rows["torch-int8-qat"]["labels"] == "required" and rows["onnx-fp16"]["devices"] == ["cuda"]
+
+
+@pytest.mark.slow  # the whole pipeline
 def test_one_failing_variant_does_not_stop_the_others(tmp_path):
     # Export fails (the model breaks at a second shape), so ONNX variants fail; PyTorch ones still run.
     weights = save_user_model(tmp_path, "ShapeBaker")
@@ -117,6 +134,7 @@ def test_interrupted_run_leaves_no_results(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_worker_writes_summary_and_results(tmp_path):
     spec = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "w"},
             "spec": {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
@@ -135,6 +153,7 @@ def test_worker_writes_summary_and_results(tmp_path):
     assert summary["phase"] == "Failed" and summary["reason"] == "ModelLoadFailed" and "nope" in summary["message"]
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_worker_with_a_claim_output_reports_the_claim_uri_not_the_mount(tmp_path):
     """status.results must name pvc://claim/..., which a user can find again; the pod's mount path
     (/mnt/pvc/...) means nothing outside that pod."""

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimizer.steps.data import DataError, Dataset, digits_split, load_dataset
+from optimizer.steps.data import DataError, Dataset, load_dataset
+from optimizer.zoo.digits_data import digits_split
 from optimizer.api.spec import InputSpec
 
 IMAGE = InputSpec(name="image", shape=[1, 1, 8, 8], dynamicAxes={0: "batch"})
@@ -49,6 +50,13 @@ def test_random_items_have_each_inputs_shape_dtype_and_range():
     tokens = np.concatenate([item["tokens"].ravel() for item in dataset.calibration])
     assert 0.0 <= images.min() and images.max() <= 1.0
     assert set(np.unique(tokens)) == set(range(10))  # valueRange's high end is included
+
+
+def test_export_feeds_draw_from_the_same_range_as_the_data():
+    from optimizer.engines.feeds import random_feed
+
+    feed = random_feed([TOKENS], {"tokens": [4, 64]})
+    assert feed["tokens"].shape == (4, 64) and set(np.unique(feed["tokens"])) == set(range(10))
 
 
 def test_random_defaults_integers_to_0_100_and_honours_float16():

@@ -65,6 +65,7 @@ def test_fallback_is_recorded_in_results_and_report(fallback_run):
     assert all(f"`{node}`" in report for node in record["excludedNodes"])
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_without_fallback_every_variant_is_kept_with_the_reason(tmp_path):
     results, output = _run(tmp_path, {"metric": "agreement", "maxAccuracyDrop": 0.05, "fallback": False},
                            [{"name": "static", "recipe": "ort-int8-static"},

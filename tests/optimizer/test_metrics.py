@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from optimizer.steps.evaluate import accuracy
-from optimizer.measure.metrics import METRIC_LABELS, METRICS, agreement, cer, char_accuracy, edit_distance, exact_match, top1
+from optimizer.api.spec import ACCURACY_METRICS
+from optimizer.api.units import METRIC_LABELS
+from optimizer.measure.metrics import METRICS, agreement, cer, char_accuracy, edit_distance, exact_match, top1
 from optimizer.api.results import Fidelity
 from optimizer.zoo.textlines import encode, pad_labels
 
@@ -54,13 +56,13 @@ def test_top1_and_agreement():
 
 
 def test_every_metric_has_a_label():
-    assert set(METRICS) == set(METRIC_LABELS) == {"top1", "cer", "exact-match", "agreement"}
+    assert set(METRICS) == set(METRIC_LABELS) == set(ACCURACY_METRICS) == {"top1", "char-accuracy", "exact-match", "agreement"}
 
 
 def test_evaluate_accuracy_dispatches_by_metric_name():
     fid = Fidelity(maxAbsDiff=0.0, cosine=1.0, argmaxAgreement=0.25)
     outputs, labels = [[_ctc_scores(["abd"])]], [pad_labels(["abc"])]
-    assert accuracy("cer", outputs, labels, fid) == pytest.approx(2 / 3)
+    assert accuracy("char-accuracy", outputs, labels, fid) == pytest.approx(2 / 3)
     assert accuracy("exact-match", outputs, labels, fid) == 0.0
     assert accuracy("agreement", outputs, labels, fid) == 0.25
-    assert accuracy("cer", outputs, None, fid) == 0.25  # no labels: agreement with FP32
+    assert accuracy("char-accuracy", outputs, None, fid) == 0.25  # no labels: agreement with FP32

@@ -18,6 +18,8 @@ import pytest
 
 from .conftest import write_spec
 
+pytestmark = pytest.mark.slow  # every test here runs the whole pipeline
+
 MATRIX_MODELS = textwrap.dedent(
     '''
     import torch

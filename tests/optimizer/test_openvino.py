@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from .conftest import OUTLIER_INPUTS, QUICK_BENCHMARK, save_user_model, write_spec
-from .test_model_matrix import ARCHITECTURES, QUICK, save_model
+from .test_model_matrix import QUICK, save_model
+
+pytestmark = pytest.mark.slow  # every test here runs the whole pipeline
 
 OPENVINO_RECIPES = ["openvino-fp32", "openvino-default", "openvino-int8", "openvino-ort-qdq"]
 

@@ -11,14 +11,9 @@ from optimizer.api.spec_loader import load_spec
 
 from .conftest import QUICK_BENCHMARK, write_spec
 
-
-def _has_training_labels() -> bool:
-    from optimizer.steps.data import Dataset
-
-    return "calibration_labels" in Dataset.__dataclass_fields__
+pytestmark = pytest.mark.slow  # every test here runs the whole pipeline
 
 
-@pytest.mark.skipif(not _has_training_labels(), reason="optimizer.steps.data.Dataset has no calibration_labels yet")
 def test_qat_runs_end_to_end_on_digits(digits_run):
     results, output = digits_run
     qat = results.variant("qat")

@@ -59,8 +59,8 @@ def test_absolute_and_relative_budgets_must_both_hold_and_the_message_says_which
     relative_only = budget_failure(0.45, 0.50, 0.10, 0.05, "top1")  # 5 points, but 10% of FP32's 0.50
     assert "maxRelativeAccuracyDrop" in relative_only and "10.00% below" in relative_only
     assert "maxAccuracyDrop" not in relative_only
-    both = budget_failure(0.40, 0.50, 0.05, 0.05, "cer")
-    assert both.startswith("cer 0.4000 is 10.00 points below") and "20.00% below" in both
+    both = budget_failure(0.40, 0.50, 0.05, 0.05, "char-accuracy")
+    assert both.startswith("char-accuracy 0.4000 is 10.00 points below") and "20.00% below" in both
     baseline = variant("pytorch-fp32", "pytorch-fp32", 10.0, accuracy=0.50)
     v = variant("ort-int8-static", "ort-int8-static", 5.0, accuracy=0.45)
     apply_budget(v, baseline, 0.10, "top1", 0.05)
@@ -74,7 +74,7 @@ def test_metric_resolution():
     from optimizer.steps.select import resolve_metric
 
     assert resolve_metric("auto", "top1", True, "zoo:digits") == "top1"
-    assert resolve_metric("auto", "cer", True, "zoo:textlines") == "cer"
+    assert resolve_metric("auto", "char-accuracy", True, "zoo:textlines") == "char-accuracy"
     assert resolve_metric("auto", "agreement", True, "data.npz") == "top1"  # user model, labelled data
     assert resolve_metric("auto", "top1", False, "random") == "agreement"
     assert resolve_metric("agreement", "top1", True, "zoo:digits") == "agreement"
@@ -95,10 +95,10 @@ def test_metric_must_fit_the_labels():
 
     from optimizer.steps.select import MetricError, resolve_metric
 
-    assert resolve_metric("auto", "agreement", True, "lines.npz", sequence_labels=True) == "cer"
+    assert resolve_metric("auto", "agreement", True, "lines.npz", sequence_labels=True) == "char-accuracy"
     assert resolve_metric("auto", "agreement", True, "digits.npz") == "top1"
-    assert resolve_metric("auto", "cer", True, "zoo:textlines", sequence_labels=True) == "cer"
-    with pytest.raises(MetricError, match="use cer or exact-match"):
+    assert resolve_metric("auto", "char-accuracy", True, "zoo:textlines", sequence_labels=True) == "char-accuracy"
+    with pytest.raises(MetricError, match="use char-accuracy or exact-match"):
         resolve_metric("top1", "agreement", True, "lines.npz", sequence_labels=True)
     with pytest.raises(MetricError, match="use top1"):
         resolve_metric("exact-match", "agreement", True, "digits.npz")

@@ -55,6 +55,14 @@ def test_invalid_specs_name_the_field_and_the_fix(spec, field, words):
     assert any(line.startswith(field + ":") and words in line for line in caught.value.problems), caught.value.problems
 
 
+def test_the_old_cer_metric_name_fails_and_names_the_new_one():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(document(acceptance={"metric": "cer"}))
+    assert any(line.startswith("spec.acceptance.metric:") and "renamed" in line and "char-accuracy" in line
+               for line in caught.value.problems), caught.value.problems
+    assert parse_spec(document(acceptance={"metric": "char-accuracy"})).spec.acceptance.metric == "char-accuracy"
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(SpecError) as caught:
         parse_spec({**document(benchmark={"runs": 0, "threads": 0}), "metadata": {"name": "Bad_Name"}})

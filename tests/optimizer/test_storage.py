@@ -66,6 +66,7 @@ def _spec(tmp_path, server, model, data, output, name="spec.yaml", **model_extra
                                  "storage": {"endpoint": server.endpoint}}, name)
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_s3_in_and_out_gives_the_local_results_and_verifiable_objects(tmp_path, s3_server, model_and_data):
     out_bucket = s3_server.bucket("results")
     local = _spec(tmp_path, s3_server, *model_and_data["local"], str(tmp_path / "local-out"), "local.yaml")

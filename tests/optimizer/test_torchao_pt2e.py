@@ -66,6 +66,7 @@ def test_saved_pt2_is_the_quantized_program_with_the_dynamic_batch_kept(pt2e_run
     assert program.module()(batch).shape == (4, 5)
 
 
+@pytest.mark.slow  # the whole pipeline
 @pytest.mark.parametrize("fmt", ["exported-program", "onnx"])
 def test_a_pt2_source_is_quantized_as_it_is_and_an_onnx_source_is_skipped(tmp_path, fmt):
     import warnings
@@ -105,6 +106,7 @@ def test_compiled_runner_compiles_a_new_shape_before_it_is_timed():
     np.testing.assert_array_equal(runner({"x": np.ones((1, 2), np.float32)})[0], np.full((1, 2), 2.0))
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_a_model_torch_export_cannot_capture_fails_that_recipe_only(tmp_path):
     weights = save_user_model(tmp_path, "DataBranch")  # branches on a tensor's value
     results = _optimize(tmp_path, {"source": weights.name, "entrypoint": "user_models:DataBranch",
@@ -116,6 +118,7 @@ def test_a_model_torch_export_cannot_capture_fails_that_recipe_only(tmp_path):
     assert results.variant("torch-int8-dynamic").status == "ok"  # the run went on
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_without_a_cxx_compiler_the_variant_says_how_to_get_one(tmp_path, monkeypatch):
     """Inductor writes C++ kernels and compiles them: a machine without g++ gets a message, not a crash."""
     import torch._inductor.config as inductor_config

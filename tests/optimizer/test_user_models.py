@@ -29,6 +29,7 @@ def _onnx_with_external_data(directory, one_file: bool):
     return target
 
 
+@pytest.mark.slow  # the whole pipeline
 @pytest.mark.parametrize("one_file,by_uri", [(True, False), (False, True)], ids=["one-data-file-path", "file-per-tensor-uri"])
 def test_onnx_with_external_data_yields_every_onnx_variant_with_its_data(tmp_path, one_file, by_uri):
     from optimizer.artifacts import onnx_files
@@ -138,6 +139,7 @@ def test_inputs_that_do_not_fit_the_model_exit_2_naming_the_field(tmp_path, case
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # nothing half-written
 
 
+@pytest.mark.slow  # the whole pipeline
 def test_fixed_batch_artifact_without_dynamic_axes_runs_at_its_shape_and_says_so(tmp_path):
     _fixed_batch_onnx(tmp_path)
     spec = write_spec(tmp_path, {"model": {"source": "fixed.onnx", "inputs": [{"name": "image", "shape": [1, 3, 16, 16]}]},
@@ -202,7 +204,7 @@ def test_torchscript_traced_under_no_grad_says_how_to_fix_it(tmp_path):
 
 def test_an_unexpected_exception_in_a_recipe_is_reported_as_an_mlopt_bug_not_a_reason(tmp_path):
     from optimizer.api.errors import RecipeFailure
-    from optimizer.pipeline import _build
+    from optimizer.steps.variants import build_variant
     from optimizer.api.spec import VariantSpec
 
     def crashes(ctx, variant):
@@ -212,12 +214,12 @@ def test_an_unexpected_exception_in_a_recipe_is_reported_as_an_mlopt_bug_not_a_r
         raise RecipeFailure("FX graph mode cannot trace this model; use the ort-int8-static recipe instead")
 
     variant = VariantSpec(name="v", recipe="onnx-fp32")
-    result, built = _build(None, variant, {"onnx-fp32": crashes})
+    result, built = build_variant(None, variant, {"onnx-fp32": crashes})
     assert built is None and result.status == "failed"
     assert result.error.startswith("internal error (an mlopt bug, please report it): AttributeError at ")
     assert "tests/optimizer/test_user_models.py:" in result.error and "in crashes" in result.error
-    assert "called from optimizer/pipeline.py:" in result.error and "in _build" in result.error
-    result, _ = _build(None, variant, {"onnx-fp32": refuses})
+    assert "called from optimizer/steps/variants.py:" in result.error and "in build_variant" in result.error
+    result, _ = build_variant(None, variant, {"onnx-fp32": refuses})
     assert result.error == "FX graph mode cannot trace this model; use the ort-int8-static recipe instead"
 
 
