@@ -92,6 +92,7 @@ export_image() {  # ref file
   id=$(bah inspect --type image --format '{{.FromImageID}}' "$ref")
   [[ -s $file && $(cat "$file.id" 2>/dev/null) == "$id" ]] && return
   rm -f "$file" "$file.id"
+  rm -f "$file.tmp"  # a half-written archive of an interrupted export (e.g. a full disk)
   bah push --quiet "$ref" "docker-archive:$file.tmp:$ref" >/dev/null || die "exporting $ref failed"
   mv "$file.tmp" "$file" && echo "$id" > "$file.id"
 }
