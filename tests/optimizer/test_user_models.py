@@ -147,7 +147,9 @@ def test_fixed_batch_artifact_without_dynamic_axes_runs_at_its_shape_and_says_so
     done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["best"] == "onnx-fp32"
+    # Not `best`: for an ONNX source the baseline is the same graph, so which is faster is a coin toss.
+    (variant,) = results["variants"]
+    assert variant["name"] == "onnx-fp32" and variant["status"] == "ok" and variant["latencyMs"]["mean"] > 0, variant
     assert "declared shape only" in results["model"]["inputNotes"][0]
     assert "declared shape only" in (tmp_path / "out" / "report.md").read_text()
 
