@@ -45,8 +45,10 @@ def _fit(summary: dict[str, Any]) -> str:
             break
         variant.pop("error", None)
         text = json.dumps(summary, separators=(",", ":"))
-    while len(text.encode()) > MAX_BYTES and summary.get("variants"):
-        summary["variants"].pop()
+    # Then whole variants, from the end, the best one never: status must always show what was picked.
+    droppable = [v for v in summary.get("variants", []) if v.get("name") != summary.get("best")]
+    while len(text.encode()) > MAX_BYTES and droppable:
+        summary["variants"].remove(droppable.pop())
         summary["truncated"] = True
         text = json.dumps(summary, separators=(",", ":"))
     if len(text.encode()) > MAX_BYTES:

@@ -45,3 +45,15 @@ def test_summary_names_the_stored_best_model_or_says_nothing_was_kept(conv_lstm_
     kept_nowhere = parse_summary(success_summary(results, str(output / "results.json"), None))
     assert "nothing was kept" in kept_nowhere["message"] and "results" not in kept_nowhere
     assert "artifacts" not in kept_nowhere and kept_nowhere["output"].startswith("not kept")
+
+
+def test_when_variants_must_be_dropped_the_best_one_stays(conv_lstm_run):
+    results, output = conv_lstm_run
+    many = results.model_copy(deep=True)
+    template = results.variant(results.best)
+    many.variants = [template.model_copy(update={"name": f"a-long-variant-name-number-{i:02d}"}) for i in range(64)]
+    many.best = many.variants[-1].name  # the last one: the first to go if dropped from the end
+    text = success_summary(many, str(output / "results.json"))
+    parsed = parse_summary(text)
+    assert len(text.encode()) <= MAX_BYTES and parsed["truncated"] and len(parsed["variants"]) < 64
+    assert many.best in {v["name"] for v in parsed["variants"]} and parsed["best"] == many.best
