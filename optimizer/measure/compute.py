@@ -188,7 +188,7 @@ def gemm_peaks(threads: int, budget_s: float = 0.1) -> dict:
 SMALL_PRODUCT_MACS = 4_000_000  # below this a product is timed as several copies in one graph
 
 
-def shape_limits(products: list[Product], threads: int, budget_s: float = 2.0) -> dict:
+def shape_limits(products: list[Product], threads: int, budget_s: float = 1.0) -> dict:
     """Milliseconds per inference if every product ran at the kernels' rate for its own shape.
 
     Each distinct shape is timed once (`budget_s` shared among them). A small product is timed as
