@@ -69,15 +69,19 @@ class Condition(_Status):
 
 
 class ModelOptimizationStatus(_Status):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = Field(
-        None, description="Pending, Running, Succeeded or Failed."
+    phase: Literal["Queued", "Pending", "Running", "Succeeded", "Failed"] | None = Field(
+        None, description="Queued (over the operator's cap, or waiting for Kueue), Pending, Running, Succeeded "
+        "or Failed."
     )
     reason: str | None = Field(
         None,
         description="Why the run failed or waits: InvalidSpec, ModelLoadFailed, OOMKilled, "
-        "DeadlineExceeded, BackoffLimitExceeded, ImagePullBackOff, ErrImageNeverPull, JobRejected (the API "
-        "server refused the Job), JobForbidden (e.g. a quota; retried), WorkerExited, ...",
+        "DeadlineExceeded, BackoffLimitExceeded, ImagePullBackOff, ErrImageNeverPull, Unschedulable, "
+        "FailedCreate (the Job controller could not create the pod), JobRejected (the API server refused "
+        "the Job), JobForbidden (e.g. a quota; retried), OverCap (queued behind the operator's cap), "
+        "WaitingForKueue, WorkerExited, ...",
     )
+    queuePosition: int | None = Field(None, description="While Queued: 1 starts next.")
     message: str | None = Field(None, description="What happened, for people.")
     exitCode: int | None = Field(None, description="The worker's exit code, once it ended.")
     observedGeneration: int | None = Field(
@@ -218,6 +222,14 @@ def spec_schema() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
+        # The name becomes a label value (63 characters at most): refuse a longer one at apply time,
+        # naming the field, instead of a Job the API server would refuse later. CEL at the root may
+        # read metadata.name.
+        "x-kubernetes-validations": [{
+            "rule": "self.metadata.name.size() <= 63",
+            "message": "metadata.name must be at most 63 characters (it names the Job and labels its pods); "
+            "use a shorter name",
+        }],
     }
     return schema
 

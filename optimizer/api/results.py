@@ -113,6 +113,7 @@ class Environment(_Record):
     device: str
     availableProviders: list[str]
     hardware: dict[str, Any] | None = None  # optimizer.measure.hardware.HardwareProfile.record(): the choices and why
+    qosClass: str | None = None  # the worker pod's QoS class in a cluster (Guaranteed: dedicated cores)
 
 
 class Analysis(_Record):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -139,7 +139,7 @@ class ModelSpec(_Strict):
         pattern=r"^[0-9a-f]{64}$",
     )
     maxSizeMB: int = Field(
-        2048, description="Refuse model files larger than this (downloads included).", ge=1
+        2048, description="Refuse model files larger than this (downloads included).", ge=1, le=1_048_576
     )
     inputs: list[InputSpec] | None = Field(
         None,
@@ -189,7 +189,7 @@ class VariantSpec(_Strict):
         "entropy, percentile) and report the accuracy of each.",
     )
     qatSteps: int = Field(
-        100, ge=1, description="torch-int8-qat only: fine-tuning steps with fake quantization."
+        100, ge=1, le=100_000, description="torch-int8-qat only: fine-tuning steps with fake quantization."
     )
     qatLearningRate: float = Field(
         1e-4, gt=0, description="torch-int8-qat only: learning rate of the fine-tuning."
@@ -203,21 +203,24 @@ class DataSpec(_Strict):
         "with one array per input name and an optional 'labels' array (a path, file://, s3://, "
         "pvc:// or https://).",
     )
-    samples: int = Field(64, description="Samples used for calibration and evaluation.", ge=2)
+    samples: int = Field(64, description="Samples used for calibration and evaluation.", ge=2, le=100_000)
     sha256: str | None = Field(
         None, description="Expected SHA-256 of the .npz file; the run fails if it differs.", pattern=r"^[0-9a-f]{64}$"
     )
-    maxSizeMB: int = Field(4096, ge=1, description="Refuse data files larger than this (downloads included).")
+    maxSizeMB: int = Field(4096, ge=1, le=1_048_576, description="Refuse data files larger than this (downloads included).")
 
 
 class BenchmarkSpec(_Strict):
     device: Device = Field(Device.cpu, description="cpu or cuda.")
     threads: int = Field(1, description="Intra-op threads for every runtime.", ge=1, le=256)
-    warmup: int = Field(10, description="Untimed runs before timing.", ge=0)
-    runs: int = Field(50, description="Timed runs per variant.", ge=1)
+    # Upper bounds keep one resource from holding a node until its deadline (10,000 runs of a
+    # 100 ms model is 17 minutes per variant already).
+    warmup: int = Field(10, description="Untimed runs before timing.", ge=0, le=1000)
+    runs: int = Field(50, description="Timed runs per variant.", ge=1, le=10_000)
     rounds: int = Field(
         5,
         ge=1,
+        le=100,
         description="The timed runs are split into this many rounds (at most runs), taken in turn "
         "across variants, so a slow patch on a shared machine hits every variant alike; "
         "1 times each variant's runs back to back.",
@@ -227,14 +230,15 @@ class BenchmarkSpec(_Strict):
         description="Search ONNX Runtime session options (threads, execution mode, optimization "
         "level) for the best variant and report the choice.",
     )
-    scalingBatches: list[int] = Field(
+    scalingBatches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         default_factory=lambda: [1, 8, 32],
         description="Batch sizes for the scaling table (needs a dynamic axis 0); [] turns it off.",
+        max_length=8,
     )
-    scalingThreads: list[int] = Field(
-        default_factory=lambda: [1, 2], description="Thread counts for the scaling table."
+    scalingThreads: list[Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=lambda: [1, 2], description="Thread counts for the scaling table.", max_length=8
     )
-    scalingRuns: int = Field(3, ge=1, description="Timed runs per scaling cell (after one warm-up).")
+    scalingRuns: int = Field(3, ge=1, le=1000, description="Timed runs per scaling cell (after one warm-up).")
     profile: Literal["auto", "avx2", "avx512", "avx-vnni", "avx512-vnni", "amx"] = Field(
         "auto",
         description="CPU class to quantize for: auto (this machine's) or the class of the nodes that will "
@@ -279,7 +283,7 @@ class AcceptanceSpec(_Strict):
         "quantization hurts most, keep them in FP32 and retry (each try is recorded).",
     )
     fallbackSeconds: int = Field(
-        300, ge=1, description="Time budget for the fallback's retries, per variant."
+        300, ge=1, le=86_400, description="Time budget for the fallback's retries, per variant."
     )
 
     @field_validator("metric", mode="before")
@@ -382,7 +386,7 @@ class JobSpec(_Strict):
     nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
     activeDeadlineSeconds: int = Field(
-        3600, ge=1, description="The Job is stopped after this many seconds."
+        3600, ge=1, le=604_800, description="The Job is stopped after this many seconds (at most a week)."
     )
     backoffLimit: int = Field(0, ge=0, le=10, description="Retries of a failed pod.")
     serviceAccountName: str | None = Field(
@@ -390,6 +394,37 @@ class JobSpec(_Strict):
         description="Service account for the worker pod, for workload identity (IRSA, GKE/Azure workload "
         "identity) instead of a Secret; its token is mounted only when this is set.",
     )
+    priorityClassName: str | None = Field(
+        None, description="PriorityClass of the worker pod; also orders the operator's queue (higher first).",
+        max_length=253,
+    )
+    imagePullSecrets: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list, description="Secrets (names, in the resource's namespace) for pulling the worker image.",
+        max_length=8,
+    )
+    qos: Literal["burstable", "guaranteed"] = Field(
+        "burstable",
+        description="guaranteed: requests = limits and whole CPUs, so the node gives the worker dedicated "
+        "cores (with the static CPU manager) and latency numbers are not shared with neighbours; the "
+        "class is recorded in results.json.",
+    )
+    queueName: str | None = Field(
+        None,
+        description="A Kueue LocalQueue: the Job is created suspended with kueue.x-k8s.io/queue-name and "
+        "Kueue admits it; the operator's own cap does not apply to it.",
+        max_length=63,
+    )
+
+    @model_validator(mode="after")
+    def _guaranteed_needs_whole_cpus(self) -> "JobSpec":
+        if self.qos == "guaranteed":
+            cpu = self.resources.limits.cpu
+            if cpu is None or self.resources.limits.memory is None:
+                raise ValueError("qos guaranteed needs resources.limits.cpu and resources.limits.memory: "
+                                 "requests are set to the limits")
+            if quantity_value(cpu) != int(quantity_value(cpu)):
+                raise ValueError(f"qos guaranteed needs whole CPUs: resources.limits.cpu is {cpu}; use e.g. '2'")
+        return self
 
 
 class ConfigMapKey(_Strict):
@@ -424,6 +459,7 @@ class ModelOptimizationSpec(_Strict):
     variants: list[VariantSpec] | None = Field(
         None,
         description="Variants to build and measure; omitted = the recommended set for the device.",
+        max_length=64,
     )
     data: DataSpec = Field(default_factory=DataSpec, description="Calibration/evaluation data.")
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec, description="Timing setup.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -48,4 +49,5 @@ def describe(threads: int, device: str) -> Environment:
     return Environment(
         cpu=cpu, cpuFlags=flags, python=platform.python_version(), packages=_versions(),
         threads=threads, device=device, availableProviders=ort.get_available_providers(),
+        qosClass=os.environ.get("MLOPT_QOS_CLASS"),  # set by the operator's Job
     )

@@ -318,6 +318,9 @@ def markdown(results: Results) -> str:
         f"- Python {env.python}; " + ", ".join(f"{k} {v}" for k, v in env.packages.items()),
         f"- ONNX Runtime providers available: {', '.join(env.availableProviders)}",
         *_hardware_lines(env.hardware),
+        *([f"- Kubernetes QoS class of the worker pod: {env.qosClass}"
+           + (" (dedicated cores)" if env.qosClass == "Guaranteed" else " (CPU shared with neighbours above its request)")]
+          if env.qosClass else []),
         "",
         "## Pipeline steps",
         "",

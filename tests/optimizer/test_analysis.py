@@ -176,3 +176,12 @@ def test_results_json_reads_back_as_the_same_record(conv_lstm_run):
 
     results, output = conv_lstm_run
     assert load_results(output / "results.json").model_dump(mode="json") == results.model_dump(mode="json")
+
+
+def test_the_pods_qos_class_is_recorded_with_the_machine(monkeypatch):
+    from optimizer.measure.environment import describe
+
+    monkeypatch.setenv("MLOPT_QOS_CLASS", "Guaranteed")
+    assert describe(1, "cpu").qosClass == "Guaranteed"  # the operator's Job sets it; numbers say how they were taken
+    monkeypatch.delenv("MLOPT_QOS_CLASS")
+    assert describe(1, "cpu").qosClass is None  # a local run: no pod
