@@ -12,9 +12,9 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from optimizer.api.crd import GROUP, PLURAL, VERSION
+from optimizer.api.crd import CRD_NAME, GROUP, PLURAL, VERSION
 
-from .job import LABEL_GENERATION, LABEL_NAME
+from .job import LABEL_GENERATION, LABEL_NAME, MANAGED_BY, name_label
 
 
 class JobRefused(Exception):
@@ -38,8 +38,9 @@ class Cluster:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
         self.client = kubernetes.client.ApiClient()
+        self._priorities: dict[str, int] = {}
 
-    def _request(
+    def request(
         self,
         method: str,
         path: str,
@@ -62,34 +63,78 @@ class Cluster:
             raise ApiException.from_response(http_resp=response, body=text, data=None)
         return json.loads(text) if text else {}
 
-    def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, path: str) -> dict[str, Any] | None:
+        """The object at `path`, or None when it does not exist."""
         try:
-            return self._request("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+            return self.request("GET", path)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
 
+    def crd_established(self) -> bool:
+        """Whether the ModelOptimization CRD exists and the API server serves it."""
+        found = self.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}") or {}
+        return any(c.get("type") == "Established" and c.get("status") == "True"
+                   for c in found.get("status", {}).get("conditions") or [])
+
+    def configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+
+    def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """A JSON merge patch: None values remove fields left from an older generation."""
-        self._request(
+        self.request(
             "PATCH",
             f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
             body={"status": status},
             content_type="application/merge-patch+json",
         )
 
+    def resources(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """Every ModelOptimization the operator serves (all namespaces, or the given ones)."""
+        paths = ([f"/apis/{GROUP}/{VERSION}/{PLURAL}"] if not namespaces
+                 else [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces])
+        return [item for path in paths for item in self.request("GET", path)["items"]]
+
+    def worker_jobs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
+        """Every Job the operator made (all namespaces, or the given ones), selected by label on the server."""
+        query = [("labelSelector", MANAGED_BY)]
+        paths = (["/apis/batch/v1/jobs"] if not namespaces
+                 else [f"/apis/batch/v1/namespaces/{ns}/jobs" for ns in namespaces])
+        return [item for path in paths for item in self.request("GET", path, query=query)["items"]]
+
+    def job_events(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The Job's events (FailedCreate says why the Job controller made no pod)."""
+        selector = f"involvedObject.kind=Job,involvedObject.name={job_name}"
+        return self.request("GET", f"/api/v1/namespaces/{namespace}/events",
+                             query=[("fieldSelector", selector)])["items"]
+
+    def priority(self, class_name: str | None) -> int:
+        """A PriorityClass's value (0 for none or an unknown class), cached: classes rarely change."""
+        if not class_name:
+            return 0
+        if class_name not in self._priorities:
+            try:
+                found = self.request("GET", f"/apis/scheduling.k8s.io/v1/priorityclasses/{class_name}")
+                self._priorities[class_name] = int(found.get("value", 0))
+            except ApiException:
+                return 0
+        return self._priorities[class_name]
+
     def jobs(self, namespace: str, name: str, generation: int | None = None) -> list[dict[str, Any]]:
-        selector = f"{LABEL_NAME}={name}"
+        selector = f"{LABEL_NAME}={name_label(name)}"
         if generation is not None:
             selector += f",{LABEL_GENERATION}={generation}"
-        found = self._request(
+        found = self.request(
             "GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", query=[("labelSelector", selector)]
         )
         return found["items"]
 
     def pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        found = self._request(
+        found = self.request(
             "GET",
             f"/api/v1/namespaces/{namespace}/pods",
             query=[("labelSelector", f"batch.kubernetes.io/job-name={job_name}")],
@@ -102,7 +147,7 @@ class Cluster:
         403 (a quota or an admission policy may change)."""
         namespace = job["metadata"]["namespace"]
         try:
-            return self._request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=job)
+            return self.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=job)
         except ApiException as error:
             if error.status == 409:
                 return None
@@ -113,7 +158,7 @@ class Cluster:
     def delete_job(self, namespace: str, name: str) -> None:
         """Background propagation: the garbage collector then removes the Job's pods."""
         try:
-            self._request(
+            self.request(
                 "DELETE",
                 f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
                 body={"propagationPolicy": "Background"},

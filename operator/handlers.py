@@ -8,28 +8,38 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from collections import defaultdict
 from typing import Any
 
 import kopf
 
-from optimizer.api.crd import GROUP, PLURAL, VERSION
-from optimizer.api.spec_loader import SpecError
+from optimizer.api.crd import GROUP, KIND, PLURAL, VERSION
+from optimizer.api.spec_loader import SpecError, parse_spec
 
 from .cluster import Cluster, JobRefused
-from .job import LABEL_GENERATION, LABEL_NAME, build_job
+from . import metrics
+from .job import ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, build_job
+from .policy import CONFIGMAP, PolicySource, PolicyUnreadable, violations
+from .queue import admit
 from .settings import Settings
 from .status import TERMINAL, conditions, job_finished, status_from_job
 
 # Fields of a run's status; reset (None = removed by the merge patch) when a generation starts.
 _RUN_FIELDS = (
     "reason", "message", "exitCode", "startTime", "completionTime", "best", "bestSize",
-    "bestLatency", "bestSpeedup", "baseline", "variants", "results",
+    "bestLatency", "bestSpeedup", "baseline", "variants", "results", "queuePosition", "jobName",
 )
+QUEUE_RETRY_SECONDS = 10  # how soon a Queued resource asks again for a slot
+POLICY_RETRY_SECONDS = 30  # how soon a resource held by an unreadable policy ConfigMap is tried again
+CRD_WAIT_SECONDS = 120  # at startup, for the CRD to be Established (applied together with the operator)
 # Job and pod events for one resource arrive concurrently (kopf serializes per object, not per
 # owner); one lock per resource keeps "phase changed → one Event" true.
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _state: dict[str, Any] = {}
+# Admission reads the queue and the running Jobs, then creates a Job: one at a time, or two
+# resources could take the same free slot.
+_admission = threading.Lock()
 
 
 def _now() -> str:
@@ -50,30 +60,54 @@ def _write(cluster: Cluster, resource: dict[str, Any], status: dict[str, Any], g
         return
     meta = resource["metadata"]
     cluster.patch_status(meta["namespace"], meta["name"], status)
-    if old.get("phase") != status.get("phase") or old.get("observedGeneration") != generation:
+    changed = any(old.get(key) != status.get(key) for key in ("phase", "reason", "observedGeneration"))
+    if changed and status.get("reason") is not None:  # None: a field being reset, not a new state
         _event(resource, status.get("phase", "Pending"), status.get("reason", ""), status.get("message", ""))
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
     # No cluster-wide CRD/namespace scanning: the operator serves one known resource, so it needs
-    # no RBAC on customresourcedefinitions or namespaces (the CRD must exist before it starts).
+    # no RBAC on namespaces and reads only its own CRD (waiting for it to be Established, below).
     settings.scanning.disabled = True
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
+    # Only the operator's own Jobs and pods, filtered by the API server (the handlers' label filters
+    # are client-side): a cluster's other pods never reach the operator's memory.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = MANAGED_BY
+    settings.watching.label_selectors["", "v1", "pods"] = MANAGED_BY
     # Watches that hang up without notice would stop the operator silently; renew them.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    _state["cluster"] = Cluster()
-    _state["settings"] = Settings.from_env()
+    cluster = _state["cluster"] = Cluster()
+    operator_settings = _state["settings"] = Settings.from_env()
+    _state["policy"] = PolicySource(lambda: cluster.configmap(operator_settings.namespace, CONFIGMAP))
+    _state.setdefault("namespaces", None)  # main() sets the served namespaces (None: all)
+    _wait_for_crd(cluster, logger)
+    if not _state.get("metrics_leading"):
+        metrics.lead(lambda: cluster.resources(_state.get("namespaces")))
+        _state["metrics_leading"] = True
+
+
+def _wait_for_crd(cluster: Cluster, logger: Any) -> None:
+    """Watching a resource the API server does not serve yet fails; `kubectl apply -k` creates the CRD
+    and the operator together, so wait for it to be Established instead of crash-looping."""
+    deadline = time.monotonic() + CRD_WAIT_SECONDS
+    while not cluster.crd_established():
+        if time.monotonic() > deadline:
+            raise kopf.PermanentError(f"the ModelOptimization CRD is not Established after {CRD_WAIT_SECONDS} s: "
+                                      "apply crds/ (or manifests/) first")
+        logger.info("waiting for the ModelOptimization CRD to be Established")
+        time.sleep(2)
 
 
 # backoff=5: retry a failed Job creation in seconds, not after kopf's default 60 s.
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=5)
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=5)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=5)
+@metrics.observed("run_generation")
 def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
     """One Job per generation: adopt it if it exists, else create it; stop older generations."""
     cluster: Cluster = _state["cluster"]
@@ -94,21 +128,67 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
         try:
             job = build_job(current, _state["settings"])
         except SpecError as error:
-            _write(cluster, current, {"phase": "Failed", "reason": "InvalidSpec", "message": str(error)}, generation)
+            _write(cluster, current, {**_fresh(current, generation), "phase": "Failed", "reason": "InvalidSpec",
+                                      "message": str(error)}, generation)
             raise kopf.PermanentError(str(error)) from None
-        if old.get("observedGeneration") != generation:
-            reset = {key: None for key in _RUN_FIELDS}
-            pending = {**reset, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
-                       "message": f"Job {job['metadata']['name']} runs generation {generation}"}
-            _write(cluster, current, pending, generation)
-        try:
-            created = cluster.create_job(job)
-        except JobRefused as refused:
-            raise _job_refused(cluster, current, job["metadata"]["name"], refused, generation) from None
-        if created is None:
+        if cluster.jobs(namespace, name, generation):
             logger.info(f"adopted the existing Job {job['metadata']['name']}")
-        else:
-            logger.info(f"created Job {job['metadata']['name']}")
+            return
+        _check_policy(cluster, current, generation)
+        with _admission:
+            _start(cluster, current, job, generation, logger)
+
+
+def _fresh(resource: dict[str, Any], generation: int) -> dict[str, None]:
+    """The run fields to clear when a new generation starts (an older run's results must not linger)."""
+    old = resource.get("status") or {}
+    return {key: None for key in _RUN_FIELDS} if old.get("observedGeneration") != generation else {}
+
+
+def _check_policy(cluster: Cluster, resource: dict[str, Any], generation: int) -> None:
+    """Failed, naming each rule, when the spec asks for more than the cluster's policy allows; held
+    Pending while the policy ConfigMap is unreadable (fail closed: no Job without a policy)."""
+    settings: Settings = _state["settings"]
+    where = f"ConfigMap {settings.namespace}/{CONFIGMAP}"
+    try:
+        policy = _state["policy"].current()
+    except PolicyUnreadable as error:
+        message = f"no Job is created while the policy is unreadable: {error}"
+        _write(cluster, resource, {"phase": "Pending", "reason": "PolicyUnreadable", "message": message}, generation)
+        raise kopf.TemporaryError(message, delay=POLICY_RETRY_SECONDS) from None
+    broken = violations(parse_spec(resource, f"{KIND} {resource['metadata']['name']}"), policy, settings)
+    if broken:
+        message = f"refused by the cluster's mlopt policy ({where}): " + "; ".join(broken)
+        _write(cluster, resource, {**_fresh(resource, generation), "phase": "Failed", "reason": "PolicyViolation",
+                                   "message": message}, generation)
+        raise kopf.PermanentError(message)
+
+
+def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], generation: int, logger: Any) -> None:
+    """Create the generation's Job if the queue admits it; else Queued with the position, asked again soon."""
+    settings: Settings = _state["settings"]
+    fresh = _fresh(resource, generation)
+    if not (resource["spec"].get("job") or {}).get("queueName"):
+        namespaces = _state.get("namespaces")
+        place = admit(resource, cluster.resources(namespaces), cluster.worker_jobs(namespaces), settings, cluster.priority)
+        if not place.admitted:
+            cap = f"cap {settings.max_running}" + (f", {settings.max_running_per_namespace} per namespace"
+                                                     if settings.max_running_per_namespace else "")
+            message = (f"waiting for a slot: {place.running} optimization(s) running ({cap}); "
+                       f"position {place.position} of {place.waiting}")
+            _write(cluster, resource, {**fresh, "phase": "Queued", "reason": "OverCap", "message": message,
+                                       "queuePosition": place.position}, generation)
+            raise kopf.TemporaryError(message, delay=QUEUE_RETRY_SECONDS)
+    pending = {**fresh, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
+               "queuePosition": None, "message": f"Job {job['metadata']['name']} runs generation {generation}"}
+    _write(cluster, resource, pending, generation)
+    try:
+        created = cluster.create_job(job)
+    except JobRefused as refused:
+        raise _job_refused(cluster, resource, job["metadata"]["name"], refused, generation) from None
+    if created is not None:
+        metrics.JOBS_CREATED.inc()
+    logger.info(f"{'created' if created is not None else 'adopted the existing'} Job {job['metadata']['name']}")
 
 
 def _job_refused(cluster: Cluster, resource: dict[str, Any], job_name: str, refused: JobRefused,
@@ -140,23 +220,44 @@ def _sync(namespace: str, name: str, generation: str) -> None:
         old = resource.get("status") or {}
         if old.get("observedGeneration") == int(generation) and old.get("phase") in TERMINAL:
             return  # final; pods vanishing later must not change the recorded outcome
-        status = status_from_job(job, cluster.pods(namespace, job["metadata"]["name"]))
+        pods = cluster.pods(namespace, job["metadata"]["name"])
+        events = [] if pods else cluster.job_events(namespace, job["metadata"]["name"])  # FailedCreate
+        status = status_from_job(job, pods, events, waits=_state["settings"].waits)
         _write(cluster, resource, status, int(generation))
         if status["phase"] == "Failed" and not job_finished(job):
             # Failed from the pod (e.g. ErrImageNeverPull) while the Job would wait for its deadline.
             cluster.delete_job(namespace, job["metadata"]["name"])
 
 
+def _resource_name(meta: kopf.Meta) -> str:
+    """The owning resource's name: the annotation holds it whole (the label may be a hashed short form)."""
+    return (meta.get("annotations") or {}).get(ANNOTATION_RESOURCE) or meta["labels"][LABEL_NAME]
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_NAME: kopf.PRESENT, LABEL_GENERATION: kopf.PRESENT})
+@metrics.observed("job_changed")
 def job_changed(meta: kopf.Meta, type: str | None, **_: Any) -> None:
     if type != "DELETED":
-        _sync(meta["namespace"], meta["labels"][LABEL_NAME], meta["labels"][LABEL_GENERATION])
+        _sync(meta["namespace"], _resource_name(meta), meta["labels"][LABEL_GENERATION])
 
 
 @kopf.on.event("", "v1", "pods", labels={LABEL_NAME: kopf.PRESENT, LABEL_GENERATION: kopf.PRESENT})
+@metrics.observed("pod_changed")
 def pod_changed(meta: kopf.Meta, type: str | None, **_: Any) -> None:
     if type != "DELETED":
-        _sync(meta["namespace"], meta["labels"][LABEL_NAME], meta["labels"][LABEL_GENERATION])
+        _sync(meta["namespace"], _resource_name(meta), meta["labels"][LABEL_GENERATION])
 
 
-__all__ = ["configure", "run_generation", "job_changed", "pod_changed"]
+def _waiting_on_kubernetes(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in ("Pending", "Queued") and status.get("reason") != "OverCap"
+
+
+# A Job that cannot make its pod, or a pod that cannot start, may produce no further Job or pod
+# event: look again every few seconds, so FailedCreate is seen and the waits in Settings end it.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=10, initial_delay=5, when=_waiting_on_kubernetes)
+@metrics.observed("recheck_waiting")
+def recheck_waiting(meta: kopf.Meta, **_: Any) -> None:
+    _sync(meta["namespace"], meta["name"], str(meta["generation"]))
+
+
+__all__ = ["configure", "run_generation", "job_changed", "pod_changed", "recheck_waiting"]

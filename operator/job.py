@@ -17,6 +17,9 @@ from .settings import Settings
 
 LABEL_NAME = f"{GROUP}/name"
 LABEL_GENERATION = f"{GROUP}/generation"
+ANNOTATION_RESOURCE = f"{GROUP}/resource"  # the full resource name (a label value holds at most 63)
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = "app.kubernetes.io/managed-by=mlopt-operator"  # the selector for every Job the operator made
 CONTAINER = "worker"
 SCRATCH = "/scratch"
 OUTPUT = f"{SCRATCH}/results"
@@ -26,21 +29,32 @@ UID = 10001
 FINAL_EXIT_CODES = [1, 2]
 
 
-def job_name(name: str, generation: int) -> str:
-    """`<name>-g<generation>`, shortened with a hash when over the 63 characters a Job may have."""
-    suffix = f"-g{generation}"
+def _fit(name: str, suffix: str = "") -> str:
+    """`name + suffix` within 63 characters (a Job name, a label value): a longer name keeps its start
+    and gets a hash of the whole name, so two long names never collide."""
     full = f"{name}{suffix}"
     if len(full) <= 63:
         return full
     digest = hashlib.sha256(name.encode()).hexdigest()[:6]
-    return f"{name[: 63 - len(suffix) - 7].rstrip('-')}-{digest}{suffix}"
+    return f"{name[: 63 - len(suffix) - 7].rstrip('-.')}-{digest}{suffix}"
+
+
+def job_name(name: str, generation: int) -> str:
+    """`<name>-g<generation>`, shortened with a hash when over the 63 characters a Job may have."""
+    return _fit(name, f"-g{generation}")
+
+
+def name_label(name: str) -> str:
+    """The value of mlopt.io/name for a resource: its name, or a hashed short form of a long one
+    (resource names may have 253 characters, label values 63)."""
+    return _fit(name)
 
 
 def labels(name: str, generation: int) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "mlopt-worker",
         "app.kubernetes.io/managed-by": "mlopt-operator",
-        LABEL_NAME: name,
+        LABEL_NAME: name_label(name),
         LABEL_GENERATION: str(generation),
     }
 
@@ -65,10 +79,10 @@ def spec_snapshot(resource: dict[str, Any]) -> str:
 
 def _resources(spec: ModelOptimization) -> dict[str, Any]:
     wanted = spec.spec.job.resources
-    out = {
-        "requests": wanted.requests.model_dump(exclude_none=True),
-        "limits": wanted.limits.model_dump(exclude_none=True),
-    }
+    limits = wanted.limits.model_dump(exclude_none=True)
+    # Guaranteed QoS: requests equal to limits (whole CPUs, checked in the spec).
+    requests = dict(limits) if spec.spec.job.qos == "guaranteed" else wanted.requests.model_dump(exclude_none=True)
+    out = {"requests": requests, "limits": limits}
     if spec.spec.benchmark.device == "cuda":
         out["limits"]["nvidia.com/gpu"] = "1"
     return out
@@ -119,9 +133,11 @@ def _storage_env(spec: ModelOptimization) -> list[dict[str, str]]:
     return env
 
 
-def _env(resource: dict[str, Any]) -> list[dict[str, str]]:
+def _env(resource: dict[str, Any], spec: ModelOptimization) -> list[dict[str, str]]:
     # The root filesystem is read-only: everything that writes goes to the scratch emptyDir.
+    qos = "Guaranteed" if spec.spec.job.qos == "guaranteed" else "Burstable"
     return [
+        {"name": "MLOPT_QOS_CLASS", "value": qos},  # recorded in results.json: how the numbers were measured
         {"name": "MLOPT_SPEC", "value": spec_snapshot(resource)},
         {"name": "MLOPT_OUTPUT", "value": OUTPUT},
         {"name": "MLOPT_CACHE", "value": f"{SCRATCH}/cache"},
@@ -152,6 +168,7 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
         mounts.append({"name": "ca-bundle", "mountPath": CA_BUNDLE_DIR, "readOnly": True})
     generation = int(meta["generation"])
     job_labels = labels(meta["name"], generation)
+    annotations = {ANNOTATION_RESOURCE: meta["name"]}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # Only workload identity needs the token; without it the worker has no API credentials at all.
@@ -171,7 +188,7 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": ["mlopt", "worker"],
                 "workingDir": SCRATCH,
-                "env": _env(resource) + _storage_env(spec),
+                "env": _env(resource, spec) + _storage_env(spec),
                 "resources": resources,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
@@ -190,6 +207,10 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
         pod_spec["containers"][0]["envFrom"] = [{"secretRef": {"name": spec.spec.storage.secretRef}}]
     if spec.spec.job.serviceAccountName:
         pod_spec["serviceAccountName"] = spec.spec.job.serviceAccountName
+    if spec.spec.job.priorityClassName:
+        pod_spec["priorityClassName"] = spec.spec.job.priorityClassName
+    if spec.spec.job.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in spec.spec.job.imagePullSecrets]
     if spec.spec.benchmark.device == "cuda" and settings.gpu_runtime_class:
         pod_spec["runtimeClassName"] = settings.gpu_runtime_class
     if spec.spec.job.nodeSelector:
@@ -210,8 +231,11 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
-        "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": job_labels, "annotations": annotations}, "spec": pod_spec},
     }
+    if spec.spec.job.queueName:  # Kueue admits the Job by unsuspending it
+        job_spec["suspend"] = True
+        job_labels = {**job_labels, LABEL_QUEUE: spec.spec.job.queueName}
     if settings.job_ttl_seconds is not None:
         job_spec["ttlSecondsAfterFinished"] = settings.job_ttl_seconds
     return {
@@ -221,6 +245,7 @@ def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
             "name": job_name(meta["name"], generation),
             "namespace": meta.get("namespace"),
             "labels": job_labels,
+            "annotations": annotations,
             "ownerReferences": [
                 {
                     "apiVersion": f"{GROUP}/{VERSION}",

@@ -26,8 +26,53 @@ def _parser() -> argparse.ArgumentParser:
         "--liveness", default="http://0.0.0.0:8080/healthz",
         help="kopf's liveness endpoint (empty to disable)",
     )
+    parser.add_argument(
+        "--leader-election", action="store_true",
+        help="run as one of several replicas: only the holder of the Lease mlopt-operator (in POD_NAMESPACE) acts",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser
+
+
+def _standby_health(liveness: str):
+    """Answer the liveness URL while waiting for the lease (kopf serves it once this replica leads)."""
+    import http.server
+    import threading
+    import urllib.parse
+
+    url = urllib.parse.urlparse(liveness)
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200 if self.path == url.path else 404)
+            self.end_headers()
+            self.wfile.write(b"standby\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((url.hostname, url.port or 80), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _lead(liveness: str):
+    """Block until this replica holds the lease; exit the process if it is ever lost. Returns the lease."""
+    import os
+
+    from .cluster import Cluster
+    from .leader import Lease, acquire, identity, keep
+    from .settings import Settings
+
+    lease = Lease(Cluster().request, Settings.from_env().namespace, "mlopt-operator", identity())
+    health = _standby_health(liveness) if liveness else None
+    acquire(lease)
+    if health:
+        health.shutdown()
+        health.server_close()
+    # Exit rather than stop: the container restarts as a standby with nothing half-done in memory.
+    keep(lease, on_lost=lambda: os._exit(1))
+    return lease
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import kopf
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from . import handlers  # registers the handlers
 
+    handlers._state["namespaces"] = args.namespace or None  # the queue counts what this operator serves
+
+    from . import metrics
+    from .settings import Settings
+
+    metrics.serve(Settings.from_env().metrics_port)  # before the election: a standby answers scrapes too
     kopf.configure(verbose=args.verbose, log_prefix=True)
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    # standalone: one operator replica, no peering CRDs to install or grant.
+    lease = _lead(args.liveness) if args.leader_election else None
+    # standalone: no kopf peering (a Lease elects the replica that acts, operator/leader.py).
     asyncio.run(
         kopf.operator(
             standalone=True,
@@ -48,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             liveness_endpoint=args.liveness or None,
         )
     )
+    if lease:  # stopped cleanly (SIGTERM, e.g. a rollout): hand over now
+        lease.release()
     return 0
 
 

@@ -1,12 +1,15 @@
-"""The resource's status, as a pure function of its Job and the Job's pods.
+"""The resource's status, as a pure function of its Job, the Job's pods and events, and the time.
 
 The worker's summary (its termination message) carries the results; Kubernetes carries the rest:
 exit codes and OOMKilled in container states, DeadlineExceeded / BackoffLimitExceeded in Job
-conditions, image pull problems in waiting states, scheduling problems in pod conditions.
+conditions, image pull problems in waiting states, scheduling problems in pod conditions, pods the
+Job controller could not create in its FailedCreate events. A Job that waits on a problem longer
+than the operator's limit for it (Waits) ends Failed instead of waiting for its deadline.
 """
 
 from __future__ import annotations
 
+import datetime
 import signal
 from typing import Any
 
@@ -14,6 +17,7 @@ from optimizer.api.summary import parse_summary
 from optimizer.api.units import format_size
 
 from .job import CONTAINER
+from .settings import Waits
 
 TERMINAL = ("Succeeded", "Failed")
 _WAITING_PROBLEMS = {
@@ -33,6 +37,35 @@ _WAITING_FATAL = {
 _COMPLETE = ("Complete", "SuccessCriteriaMet")
 _FAILED = ("Failed", "FailureTarget")
 _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
+_IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError")
+
+
+def _age_seconds(job: dict[str, Any], now: datetime.datetime) -> float:
+    created = job["metadata"].get("creationTimestamp")
+    if not created:
+        return 0.0
+    started = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return (now - started).total_seconds()
+
+
+def _failed_create(events: list[dict[str, Any]]) -> str | None:
+    """The newest FailedCreate message of the Job's events (why the Job controller made no pod)."""
+    created = [e for e in events if e.get("reason") == "FailedCreate"]
+    if not created:
+        return None
+    newest = max(created, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return newest.get("message") or "the Job controller could not create the worker pod"
+
+
+def _waited_too_long(status: dict[str, Any], job: dict[str, Any], waits: Waits, now: datetime.datetime) -> dict[str, Any]:
+    """A Pending status whose problem has lasted past its limit becomes Failed, saying how long it waited."""
+    limit = {"FailedCreate": waits.failed_create, "Unschedulable": waits.unschedulable,
+             **{reason: waits.image for reason in _IMAGE_PROBLEMS}}.get(status.get("reason"))
+    age = _age_seconds(job, now)
+    if status.get("phase") != "Pending" or limit is None or age < limit:
+        return status
+    return {**status, "phase": "Failed",
+            "message": f"{status['message']} (still so after {int(age)} s; the operator's limit is {limit} s)"}
 
 
 def human_latency(ms: float) -> str:
@@ -187,8 +220,14 @@ def job_finished(job: dict[str, Any]) -> bool:
     return _condition(job, _COMPLETE + _FAILED) is not None
 
 
-def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] | None = None,
+                    now: datetime.datetime | None = None, waits: Waits = Waits()) -> dict[str, Any]:
     """phase, reason, message, exitCode, times and results for the resource that owns `job`."""
+    status = _status(job, pods, events or [])
+    return _waited_too_long(status, job, waits, now or datetime.datetime.now(datetime.timezone.utc))
+
+
+def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[str, Any]:
     job_status = job.get("status") or {}
     status: dict[str, Any] = {"jobName": job["metadata"]["name"]}
     if job_status.get("startTime"):
@@ -220,6 +259,13 @@ def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str
         }
     if _worker_state(pod).get("running") or (pod or {}).get("status", {}).get("phase") == "Running":
         return {**status, "phase": "Running", "reason": "WorkerRunning", "message": "the worker is optimizing the model"}
+    if pod is None and job.get("spec", {}).get("suspend"):
+        queue = job["metadata"].get("labels", {}).get("kueue.x-k8s.io/queue-name", "")
+        return {**status, "phase": "Queued", "reason": "WaitingForKueue",
+                "message": f"the Job is suspended until Kueue admits it (queue {queue})"}
+    if pod is None and (why := _failed_create(events)):
+        return {**status, "phase": "Pending", "reason": "FailedCreate",
+                "message": f"the Job controller cannot create the worker pod: {why}"}
     return {**status, **_waiting(pod)}
 
 

@@ -481,14 +481,27 @@ class ControlPlane:
         ]
         if not self.with_node:  # Endpoints validation rejects loopback IPs
             argv.append("--endpoint-reconciler-type=none")
+        self._apiserver_argv = argv
         comp = start_component("kube-apiserver", argv, self.log_dir)
         self.components.append(comp)
-        context = ssl.create_default_context(cafile=str(pki.ca_cert))
-        wait_until("kube-apiserver /readyz", lambda: http_ok(f"{self.server}/readyz", context),
-                   self.start_timeout, self.components)
+        self._wait_apiserver_ready()
         self.kubeconfig.write_text(json.dumps(kubeconfig_dict(self.server, pki), indent=1))
         self.kubeconfig.chmod(0o600)
         self.api = Api(self.server, str(pki.ca_cert), str(pki.admin_cert), str(pki.admin_key))
+
+    def _wait_apiserver_ready(self) -> None:
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        wait_until("kube-apiserver /readyz", lambda: http_ok(f"{self.server}/readyz", context),
+                   self.start_timeout, self.components)
+
+    def restart_apiserver(self, down_seconds: float = 3.0) -> None:
+        """Stop the kube-apiserver (SIGTERM), leave it down a moment, start it again on the same address:
+        what a control-plane upgrade or a crash looks like to the clients."""
+        index = next(i for i, c in enumerate(self.components) if c.name == "kube-apiserver")
+        self.components[index].stop()
+        time.sleep(down_seconds)
+        self.components[index] = start_component("kube-apiserver", self._apiserver_argv, self.log_dir)
+        self._wait_apiserver_ready()
 
     def _start_controller_manager(self) -> None:
         comp = start_component("kube-controller-manager", [

@@ -194,3 +194,56 @@ def test_one_claim_for_input_and_output_is_mounted_once_read_write():
                              output="pvc://shared/out/"), SETTINGS)
     claims = [v for v in pod(job)["volumes"] if "persistentVolumeClaim" in v]
     assert claims == [{"name": "pvc-0", "persistentVolumeClaim": {"claimName": "shared", "readOnly": False}}]
+
+
+def test_the_longest_name_gets_a_job_name_and_labels_that_fit():
+    import re
+
+    from mlopt_operator.job import job_name, name_label
+
+    longest = "a" * 40 + "-" + "b" * 22  # 63 characters: the most a name may have (the spec and the CRD say so)
+    body = resource()
+    body["metadata"]["name"] = longest
+    body["metadata"]["generation"] = 12345
+    job = build_job(body, SETTINGS)
+    label_value = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert all(len(v) <= 63 and label_value.match(v) for v in labels.values()), labels
+    assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["name"].endswith("-g12345")
+    assert job["metadata"]["annotations"]["mlopt.io/resource"] == longest  # the operator finds it back
+    other = "a" * 40 + "-" + "c" * 22
+    assert job_name(other, 12345) != job["metadata"]["name"]  # the hash keeps two long names apart
+    assert name_label(longest) == longest
+    too_long = resource()
+    too_long["metadata"]["name"] = "a" * 64
+    with pytest.raises(SpecError, match="metadata.name"):
+        build_job(too_long, SETTINGS)
+
+
+def test_priority_pull_secrets_guaranteed_qos_and_kueue():
+    job = build_job(resource(job={"priorityClassName": "batch-high", "imagePullSecrets": ["registry"],
+                                  "qos": "guaranteed", "resources": {"limits": {"cpu": "2", "memory": "4Gi"}},
+                                  "queueName": "team-queue"}), SETTINGS)
+    assert pod(job)["priorityClassName"] == "batch-high"
+    assert pod(job)["imagePullSecrets"] == [{"name": "registry"}]
+    resources = worker(job)["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "2"
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == "4Gi"
+    assert env(job)["MLOPT_QOS_CLASS"] == "Guaranteed"
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
+    plain = build_job(resource(), SETTINGS)
+    assert "suspend" not in plain["spec"] and env(plain)["MLOPT_QOS_CLASS"] == "Burstable"
+    assert plain["spec"]["template"]["spec"].get("priorityClassName") is None
+
+
+def test_guaranteed_qos_needs_whole_cpus():
+    with pytest.raises(SpecError, match="whole CPUs"):
+        build_job(resource(job={"qos": "guaranteed", "resources": {"limits": {"cpu": "1500m", "memory": "4Gi"}}}),
+                  SETTINGS)
+
+
+def test_counts_and_sizes_have_upper_bounds():
+    for field, value in (("benchmark", {"runs": 1_000_000_000}), ("benchmark", {"warmup": 100_000}),
+                         ("data", {"samples": 10_000_000}), ("job", {"activeDeadlineSeconds": 10**9})):
+        with pytest.raises(SpecError, match=f"spec.{field}"):
+            build_job(resource(**{field: value}), SETTINGS)

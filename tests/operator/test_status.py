@@ -182,3 +182,54 @@ def test_human_strings():
         "1.0 MB", "2.0 GB", "512 B", "—")
     assert human_latency(4.0234) == "4.02 ms"
     assert human_latency(0.04521) == "0.0452 ms"
+
+
+def _created(job_, at="2026-01-01T00:00:00Z"):
+    job_["metadata"]["creationTimestamp"] = at
+    return job_
+
+
+def _at(seconds):
+    import datetime
+
+    return datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+
+
+FAILED_CREATE = {"reason": "FailedCreate", "lastTimestamp": "2026-01-01T00:00:03Z",
+                 "message": 'Error creating: pods "crnn-g1-x" is forbidden: error looking up service account team/nope'}
+
+
+def test_a_job_that_cannot_create_its_pod_says_why_then_fails_after_the_wait():
+    from mlopt_operator.settings import Waits
+
+    waiting = status_from_job(_created(job()), [], [FAILED_CREATE], now=_at(20), waits=Waits(failed_create=60))
+    assert (waiting["phase"], waiting["reason"]) == ("Pending", "FailedCreate")
+    assert "service account team/nope" in waiting["message"]
+    failed = status_from_job(_created(job()), [], [FAILED_CREATE], now=_at(61), waits=Waits(failed_create=60))
+    assert (failed["phase"], failed["reason"]) == ("Failed", "FailedCreate")
+    assert "after 61 s" in failed["message"] and "limit is 60 s" in failed["message"]
+    assert status_from_job(_created(job()), [], [], now=_at(61))["reason"] == "JobCreated"  # no event: just waiting
+
+
+def test_unschedulable_and_image_problems_fail_only_after_their_waits():
+    from mlopt_operator.settings import Waits
+
+    waits = Waits(image=30, unschedulable=120)
+    unschedulable = pod({}, phase="Pending", pod_conditions=[{"type": "PodScheduled", "status": "False",
+                                                             "reason": "Unschedulable", "message": "0/1 nodes fit"}])
+    assert status_from_job(_created(job()), [unschedulable], now=_at(100), waits=waits)["phase"] == "Pending"
+    late = status_from_job(_created(job()), [unschedulable], now=_at(121), waits=waits)
+    assert (late["phase"], late["reason"]) == ("Failed", "Unschedulable") and "0/1 nodes fit" in late["message"]
+    backoff = pod({"waiting": {"reason": "ImagePullBackOff", "message": "back-off pulling"}}, phase="Pending")
+    assert status_from_job(_created(job()), [backoff], now=_at(10), waits=waits)["phase"] == "Pending"
+    assert status_from_job(_created(job()), [backoff], now=_at(31), waits=waits)["phase"] == "Failed"
+    running = pod({"running": {"startedAt": "x"}})
+    assert status_from_job(_created(job()), [running], now=_at(10_000), waits=waits)["phase"] == "Running"
+
+
+def test_a_job_suspended_for_kueue_is_queued():
+    suspended = _created(job())
+    suspended["spec"]["suspend"] = True
+    suspended["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "team-queue"
+    status = status_from_job(suspended, [], now=_at(100_000))
+    assert (status["phase"], status["reason"]) == ("Queued", "WaitingForKueue") and "team-queue" in status["message"]

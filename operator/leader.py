@@ -1,0 +1,158 @@
+"""Leader election on a coordination.k8s.io Lease, so two replicas never both act.
+
+Why a Lease and not kopf's peering: peering pauses an operator only when a peer of *higher* priority
+is seen, so two replicas of one Deployment (same priority) would both pause or both run; it also
+needs cluster-wide peering CRDs. A Lease is what kube-controller-manager and client-go use: the
+holder renews it every RENEW seconds, a standby takes it over once it is DURATION seconds stale,
+and a holder that cannot renew within DURATION exits (its container restarts as a standby), so
+at no time do two replicas hold it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from kubernetes.client.exceptions import ApiException
+
+DURATION, RENEW, RETRY = 15, 5, 2  # seconds, as kube-controller-manager's defaults scaled down
+LOG = logging.getLogger("mlopt.leader")
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _micro(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    for pattern in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return datetime.datetime.strptime(text, pattern).replace(tzinfo=datetime.timezone.utc)
+        except ValueError:
+            continue
+    return None
+
+
+def identity() -> str:
+    """`<pod name>_<random>`, as client-go does: unique per process, so a container restarted in the
+    same pod is a new candidate, never mistaken for the holder that died."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+
+
+class Lease:
+    def __init__(self, request: Callable[..., dict[str, Any]], namespace: str, name: str, holder: str):
+        self.request, self.holder = request, holder
+        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        self.namespace, self.name = namespace, name
+
+    def _spec(self, transitions: int, acquired: str | None) -> dict[str, Any]:
+        now = _micro(_now())
+        return {"holderIdentity": self.holder, "leaseDurationSeconds": DURATION,
+                "acquireTime": acquired or now, "renewTime": now, "leaseTransitions": transitions}
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free, stale or already ours (optimistic: a conflict means someone
+        else was faster, and this try fails)."""
+        try:
+            current = self.request("GET", f"{self.path}/{self.name}")
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec(0, None)}
+            try:
+                self.request("POST", self.path, body=body)
+                return True
+            except ApiException as conflict:
+                if conflict.status == 409:
+                    return False
+                raise
+        spec = current.get("spec") or {}
+        renewed = _parse(spec.get("renewTime"))
+        duration = spec.get("leaseDurationSeconds") or DURATION
+        ours = spec.get("holderIdentity") == self.holder
+        stale = renewed is None or (_now() - renewed).total_seconds() > duration
+        if not (ours or stale or not spec.get("holderIdentity")):
+            return False
+        transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours else 1)
+        current["spec"] = self._spec(transitions, spec.get("acquireTime") if ours else None)
+        try:
+            self.request("PUT", f"{self.path}/{self.name}", body=current)  # resourceVersion guards the race
+            return True
+        except ApiException as conflict:
+            if conflict.status == 409:
+                return False
+            raise
+
+    def release(self) -> None:
+        """On a clean stop: mark the lease free, so a standby takes over at once rather than after DURATION."""
+        try:
+            current = self.request("GET", f"{self.path}/{self.name}")
+            if (current.get("spec") or {}).get("holderIdentity") == self.holder:
+                current["spec"] = {**current["spec"], "holderIdentity": None, "renewTime": None,
+                                   "leaseDurationSeconds": 1}
+                self.request("PUT", f"{self.path}/{self.name}", body=current)
+                LOG.info(f"{self.holder} released lease {self.name}")
+        except ApiException as error:  # the standby takes over after DURATION anyway
+            LOG.warning(f"releasing lease {self.name}: {error}")
+
+    def holder_now(self) -> str | None:
+        try:
+            return (self.request("GET", f"{self.path}/{self.name}").get("spec") or {}).get("holderIdentity")
+        except ApiException:
+            return None
+
+
+def acquire(lease: Lease, stop: threading.Event | None = None) -> bool:
+    """Block until this replica holds the lease (False if `stop` is set first)."""
+    logged = False
+    while not (stop and stop.is_set()):
+        try:
+            if lease.try_acquire():
+                LOG.info(f"{lease.holder} leads (lease {lease.namespace}/{lease.name})")
+                return True
+        except Exception as error:  # the API server is away: keep trying
+            LOG.warning(f"lease {lease.name}: {error}")
+        if not logged:
+            LOG.info(f"{lease.holder} is standby: {lease.holder_now()} leads")
+            logged = True
+        time.sleep(RETRY)
+    return False
+
+
+def keep(lease: Lease, on_lost: Callable[[], None]) -> threading.Thread:
+    """Renew the lease every RENEW seconds in a daemon thread; call on_lost when it could not be
+    renewed for DURATION seconds (a standby may hold it by then)."""
+
+    def renew() -> None:
+        last = time.monotonic()
+        while True:
+            time.sleep(RENEW)
+            try:
+                if lease.try_acquire():
+                    last = time.monotonic()
+                    continue
+                LOG.error(f"lease {lease.name} is held by {lease.holder_now()}: stepping down")
+                on_lost()
+                return
+            except Exception as error:
+                LOG.warning(f"renewing lease {lease.name}: {error}")
+            if time.monotonic() - last > DURATION - RENEW:
+                LOG.error(f"lease {lease.name} not renewed for {DURATION - RENEW} s: stepping down")
+                on_lost()
+                return
+
+    thread = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,67 @@
+"""The operator's queue: caps, FIFO within a priority, Kueue left alone."""
+
+from mlopt_operator.queue import admit
+from mlopt_operator.settings import Settings
+
+
+def resource(name, created, namespace="team", priority=None, status=None, queue=None, generation=1):
+    job = {}
+    if priority:
+        job["priorityClassName"] = priority
+    if queue:
+        job["queueName"] = queue
+    return {"metadata": {"name": name, "namespace": namespace, "generation": generation,
+                         "creationTimestamp": f"2026-01-01T00:00:{created:02d}Z"},
+            "spec": {"model": {"source": "zoo:digits"}, "job": job}, "status": status or {}}
+
+
+def running_job(namespace="team", done=False, kueue=False):
+    labels = {"app.kubernetes.io/managed-by": "mlopt-operator"}
+    if kueue:
+        labels["kueue.x-k8s.io/queue-name"] = "q"
+    conditions = [{"type": "Complete", "status": "True"}] if done else []
+    return {"metadata": {"namespace": namespace, "labels": labels}, "status": {"conditions": conditions}}
+
+
+PRIORITY = {"high": 1000}.get
+
+
+def priority(name):
+    return PRIORITY(name, 0) if name else 0
+
+
+def test_over_the_cap_waits_first_come_first_served():
+    settings = Settings(max_running=2)
+    queue = [resource(f"r{i}", i) for i in range(5)]
+    jobs = [running_job()]  # one slot left
+    places = {r["metadata"]["name"]: admit(r, queue, jobs, settings, priority) for r in queue}
+    assert places["r0"].admitted and not places["r1"].admitted
+    assert [places[f"r{i}"].position for i in range(1, 5)] == [1, 2, 3, 4]
+    assert places["r4"].waiting == 4 and places["r4"].running == 1
+    finished = [running_job(done=True), running_job(kueue=True)]  # neither holds a slot
+    assert admit(queue[1], queue, finished, settings, priority).admitted
+
+
+def test_priority_goes_first_then_creation_order():
+    settings = Settings(max_running=1)
+    queue = [resource("old", 1), resource("urgent", 9, priority="high"), resource("new", 5)]
+    assert admit(queue[1], queue, [], settings, priority).admitted
+    assert admit(queue[0], queue, [], settings, priority).position == 1
+    assert admit(queue[2], queue, [], settings, priority).position == 2
+
+
+def test_a_namespace_cap_lets_other_namespaces_pass():
+    settings = Settings(max_running=4, max_running_per_namespace=1)
+    queue = [resource("a1", 1, "a"), resource("a2", 2, "a"), resource("b1", 3, "b")]
+    jobs = [running_job("a")]
+    assert not admit(queue[0], queue, jobs, settings, priority).admitted
+    assert admit(queue[2], queue, jobs, settings, priority).admitted  # b is under its cap and the cluster's
+
+
+def test_no_cap_and_kueue_resources_never_wait():
+    queue = [resource(f"r{i}", i) for i in range(20)]
+    assert admit(queue[-1], queue, [running_job()] * 50, Settings(max_running=0), priority).admitted
+    kueue = resource("k", 0, queue="team-queue")
+    started = [resource("s", 0, status={"observedGeneration": 1, "phase": "Running", "jobName": "s-g1"})]
+    place = admit(queue[0], [kueue, *started, queue[0]], [], Settings(max_running=1), priority)
+    assert place.admitted  # neither the Kueue resource nor the running one is in the queue
