@@ -20,6 +20,26 @@ from .control_plane import ControlPlane, ControlPlaneError
 from .node import NODE_IP
 
 _planes: list[ControlPlane] = []
+_figures: list[str] = []
+
+
+@pytest.fixture
+def figure():
+    """Record a measured figure (time to drain, failover seconds, ...): repeated in a section at the
+    end of the run, so CI's log shows it even though pytest hides a passing test's output."""
+
+    def record(text: str) -> None:
+        _figures.append(text)
+        print(text)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _figures:
+        terminalreporter.section("figures measured by the e2e tests")
+        for text in _figures:
+            terminalreporter.write_line(text)
 
 
 def pytest_configure(config):

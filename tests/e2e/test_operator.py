@@ -443,7 +443,7 @@ def test_missing_image_with_pull_policy_never_fails_with_the_reason(operator, co
     wait_for("the Job to be deleted", lambda: not jobs(control_plane, namespace, name), 60)
 
 
-def test_resources_outside_the_policy_fail_naming_the_rule_and_get_no_job(operator, control_plane, namespace):
+def test_resources_outside_the_policy_fail_naming_the_rule_and_get_no_job(operator, control_plane, namespace, figure):
     """The default install's policy: only the worker images, no blanket toleration, at most 64Gi."""
     asks = {
         "other-image": ({"image": "docker.io/library/python:3.11"}, "allowedImages"),
@@ -460,10 +460,10 @@ def test_resources_outside_the_policy_fail_naming_the_rule_and_get_no_job(operat
         assert rule in status["message"] and "mlopt-system/mlopt-policy" in status["message"], status
         assert "PolicyViolation" in _event_reasons(control_plane, namespace, name)
         assert not jobs(control_plane, namespace, name)
-    print(f"policy: 3 resources refused with the rule named within {time.monotonic() - started:.0f} s")
+    figure(f"policy: 3 resources refused with the rule named within {time.monotonic() - started:.0f} s")
 
 
-def test_an_image_that_cannot_be_pulled_says_so_then_fails_after_the_wait(operator, control_plane, namespace):
+def test_an_image_that_cannot_be_pulled_says_so_then_fails_after_the_wait(operator, control_plane, namespace, figure):
     """IfNotPresent from a registry the node cannot reach: Pending with ErrImagePull/ImagePullBackOff and
     an Event within a minute, Failed once MLOPT_WAIT_IMAGE_SECONDS (20 s here) has passed."""
     deployment = ("deployment/mlopt-operator", "-n", OPERATOR_NS)
@@ -480,7 +480,7 @@ def test_an_image_that_cannot_be_pulled_says_so_then_fails_after_the_wait(operat
             assert status["phase"] == "Pending" and "registry.invalid/mlopt/worker:none" in status["message"], status
             assert {"ErrImagePull", "ImagePullBackOff"} & set(_event_reasons(control_plane, namespace, name))
             status = wait_status(control_plane, operator, namespace, name, phase_is("Failed"), timeout=90)["status"]
-            print(f"image pull: Pending ({status['reason']}) after {seen:.0f} s, Failed after "
+            figure(f"image pull: Pending ({status['reason']}) after {seen:.0f} s, Failed after "
                   f"{time.monotonic() - started:.0f} s")
             assert status["reason"] in ("ErrImagePull", "ImagePullBackOff") and "limit is 20 s" in status["message"]
     finally:
@@ -714,7 +714,7 @@ def _event_reasons(cp, namespace: str, name: str) -> list[str]:
     return [e["reason"] for e in events(cp, namespace, name)]
 
 
-def test_a_pod_the_job_cannot_create_is_explained_then_fails(operator, control_plane, namespace):
+def test_a_pod_the_job_cannot_create_is_explained_then_fails(operator, control_plane, namespace, figure):
     """The Job controller cannot create the pod (its service account does not exist): the Job's
     FailedCreate event is in status within a minute, and after the operator's wait (60 s) it is Failed."""
     name = "no-account"
@@ -725,7 +725,7 @@ def test_a_pod_the_job_cannot_create_is_explained_then_fails(operator, control_p
     assert status["phase"] == "Pending" and "does-not-exist" in status["message"], status
     assert "FailedCreate" in _event_reasons(control_plane, namespace, name)
     status = wait_status(control_plane, operator, namespace, name, phase_is("Failed"), timeout=90)["status"]
-    print(f"FailedCreate: Pending after {time.monotonic() - started:.0f} s in all, then Failed: {status['message'][:120]}")
+    figure(f"FailedCreate: Pending after {time.monotonic() - started:.0f} s in all, then Failed: {status['message'][:120]}")
     assert status["reason"] == "FailedCreate" and "limit is 60 s" in status["message"], status
     wait_for("the Job to be deleted", lambda: not jobs(control_plane, namespace, name), 60)
 
@@ -744,7 +744,7 @@ def test_a_name_longer_than_a_label_is_refused_by_kubectl_apply(operator, contro
     assert result.returncode != 0 and "metadata.name must be at most 63 characters" in result.stderr, result.stderr
 
 
-def test_over_the_cap_resources_queue_and_run_one_at_a_time(operator, control_plane, namespace):
+def test_over_the_cap_resources_queue_and_run_one_at_a_time(operator, control_plane, namespace, figure):
     """MLOPT_MAX_RUNNING=1: three resources, never two Jobs running at once, the others Queued with
     their position, each ends Succeeded with exactly one Job."""
     deployment = ("deployment/mlopt-operator", "-n", OPERATOR_NS)
@@ -767,7 +767,7 @@ def test_over_the_cap_resources_queue_and_run_one_at_a_time(operator, control_pl
             return all(s.get("phase") in ("Succeeded", "Failed") for s in statuses)
 
         wait_for("every queued resource to finish", all_done, 300, operator.tail, interval=0.5)
-        print(f"queue: 3 resources drained in {time.monotonic() - started:.0f} s, at most {most_running} Job(s) "
+        figure(f"queue: 3 resources drained in {time.monotonic() - started:.0f} s, at most {most_running} Job(s) "
               f"running at once, positions seen {sorted(p for p in positions if p)}")
         assert most_running == 1 and {1, 2} <= positions
         for name in names:
@@ -800,7 +800,7 @@ def _job_created_events(cp, namespace: str, name: str) -> int:
     return _event_reasons(cp, namespace, name).count("JobCreated")
 
 
-def test_killing_the_leader_hands_over_within_30_s_and_nothing_is_handled_twice(operator, control_plane, namespace):
+def test_killing_the_leader_hands_over_within_30_s_and_nothing_is_handled_twice(operator, control_plane, namespace, figure):
     """Two replicas: SIGKILL the one holding the Lease while a resource runs; the other takes the Lease
     within 30 s, finishes that resource's status and runs one created after the kill, each with one Job."""
     def two_ready():
@@ -826,18 +826,18 @@ def test_killing_the_leader_hands_over_within_30_s_and_nothing_is_handled_twice(
         assert [j["metadata"]["name"] for j in jobs(control_plane, namespace, name)] == [f"{name}-g1"]
         assert _job_created_events(control_plane, namespace, name) == 1
     where = "the other replica" if successor.rsplit("_", 1)[0] != first.rsplit("_", 1)[0] else "the killed pod, restarted"
-    print(f"failover: {first} killed (SIGKILL); {successor} ({where}) leads after {handover:.1f} s")
+    figure(f"failover: {first} killed (SIGKILL); {successor} ({where}) leads after {handover:.1f} s")
     assert handover <= 30
     operator.wait_restarted()
 
 
-def test_metrics_show_real_values_during_a_run(operator, control_plane, namespace):
+def test_metrics_show_real_values_during_a_run(operator, control_plane, namespace, figure):
     name = "metered"
     apply(control_plane, namespace, long_running(name))
     wait_status(control_plane, operator, namespace, name, phase_is("Running"), timeout=120)
     leader = operator.leader()
     text = operator.metrics(leader)
-    print("metrics (leader):\n" + "\n".join(line for line in text.splitlines()
+    figure("metrics (leader):\n" + "\n".join(line for line in text.splitlines()
                                             if line.startswith(("mlopt_leader", "mlopt_modeloptimizations{",
                                                                 "mlopt_queue_length", "mlopt_jobs_created_total",
                                                                 'mlopt_reconcile_seconds_count{handler="run_generation"'))))
@@ -874,7 +874,7 @@ def _evict(cp, namespace: str, pod_name: str) -> bool:
     return done.returncode == 0  # else the pod finished or went in between
 
 
-def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_plane, namespace):
+def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_plane, namespace, figure):
     """100 resources applied at once with a cap of 4. The first half drains undisturbed (the operator's
     memory is measured across it); during the second half the operator is SIGKILLed twice, the
     kube-apiserver restarted, and running pods evicted. Every resource must end Succeeded with its
@@ -887,7 +887,7 @@ def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_
     seed = int(os.environ.get("MLOPT_CHAOS_SEED") or random.SystemRandom().randrange(10_000))
     points = sorted(random.Random(seed).sample(range(52, 96), 5))
     chaos = {50: "rss", **dict(zip(points, ["kill-operator", "evict", "restart-apiserver", "evict", "kill-operator"]))}
-    print(f"chaos seed {seed}: {chaos}")
+    figure(f"chaos seed {seed}: {chaos}")
     done_at: dict[str, float] = {}
     figures = {"max_running": 0, "restarts": 0, "apiserver_restarts": 0, "evicted": 0}
     try:
@@ -932,7 +932,7 @@ def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_
 
         wait_for("every resource to end", poll, 1800, operator.tail, interval=1.0)
         drained = time.monotonic() - started
-        print(f"load: {LOAD_RESOURCES} resources, cap {LOAD_CAP}: drained in {drained:.0f} s; at most "
+        figure(f"load: {LOAD_RESOURCES} resources, cap {LOAD_CAP}: drained in {drained:.0f} s; at most "
               f"{figures['max_running']} Job(s) running at once; operator memory +{figures.get('rss_growth_mb', 0):.1f} MB "
               f"over the first 50; survived {figures['restarts']} operator SIGKILL(s), "
               f"{figures['apiserver_restarts']} kube-apiserver restart(s), {figures['evicted']} pod eviction(s)")
@@ -941,7 +941,7 @@ def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_
         moments = sorted((moment, step) for job in jobs_now() for moment, step in (
             (job["status"]["startTime"], 1), (job["status"].get("completionTime") or "9999", -1)))
         overlap = max(itertools.accumulate(step for _, step in moments))
-        print(f"load: at most {overlap} Job(s) overlapping by their start/completion times")
+        figure(f"load: at most {overlap} Job(s) overlapping by their start/completion times")
         assert figures["max_running"] <= LOAD_CAP and overlap <= LOAD_CAP
         assert not chaos, f"disruptions not carried out: {chaos}"
         assert figures["restarts"] == 2 and figures["apiserver_restarts"] == 1 and figures["evicted"] == 2
