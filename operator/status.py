@@ -106,6 +106,14 @@ def _latest_terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     return _worker_state(_latest(ended)).get("terminated") if ended else None
 
 
+def _completing_attempt(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The terminated state of the attempt that completed the Job: the one that exited 0. An earlier
+    attempt (evicted, preempted) may still be listed and may even look newer at the API's one-second
+    timestamps; its message is its last log lines, not the summary."""
+    succeeded = [p for p in pods if (_worker_state(p).get("terminated") or {}).get("exitCode") == 0]
+    return _worker_state(_latest(succeeded)).get("terminated") if succeeded else _latest_terminated(pods)
+
+
 def _variant(entry: dict[str, Any]) -> dict[str, Any]:
     out = {key: entry[key] for key in _VARIANT_KEYS if entry.get(key) is not None}
     latency = entry.get("latencyMs") or {}
@@ -241,11 +249,12 @@ def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[s
     if failed:
         return {**status, **_failure(job, pods)}
     if complete:
-        terminated = _latest_terminated(pods) or {}
+        terminated = _completing_attempt(pods) or {}
         summary = parse_summary(terminated.get("message", ""))
         status.update({"phase": "Succeeded", "reason": "Completed", "exitCode": terminated.get("exitCode", 0)})
         if summary is None:
-            return {**status, "message": "the worker ended without a summary; see its logs"}
+            gone = "the worker's pod was deleted before its summary was read; the results are where spec.output says"
+            return {**status, "message": gone if not terminated else "the worker ended without a summary; see its logs"}
         return {**status, **_from_summary(summary), "reason": summary.get("reason") or "Completed"}
     pod = _latest(pods)
     terminated = _worker_state(pod).get("terminated")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import traceback
 from pathlib import Path
 
@@ -28,7 +29,16 @@ def _write_summary(text: str) -> None:
     print(f"[mlopt] summary: {text}", flush=True)
 
 
+def _stop(signum: int, frame: object) -> None:
+    # The worker is PID 1 of its container, and the kernel ignores a signal PID 1 has no handler for:
+    # without this, an evicted, preempted or deleted pod would run on through its grace period (and
+    # might finish, in a pod that is then deleted with its summary). Unwinding runs the cleanups, so
+    # nothing half-written is left; 143 (128 + SIGTERM) is not a final exit code, so the Job decides.
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     reporter = LogReporter()
     try:
         spec = parse_spec(json.loads(os.environ["MLOPT_SPEC"]), "MLOPT_SPEC")

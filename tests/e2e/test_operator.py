@@ -874,6 +874,21 @@ def _evict(cp, namespace: str, pod_name: str) -> bool:
     return done.returncode == 0  # else the pod finished or went in between
 
 
+def test_an_evicted_worker_is_replaced_and_its_results_reach_status(operator, control_plane, namespace):
+    """A drain or preemption evicts the running worker: the Job ignores that pod (podFailurePolicy), runs
+    a new one, and status shows the new pod's results, not the evicted pod's missing summary."""
+    name = "evicted"
+    apply(control_plane, namespace, digits(name))
+    wait_for("the worker to run", lambda: any(p["status"].get("phase") == "Running"
+                                              for p in pods(control_plane, namespace, name)), 120, operator.tail)
+    (first,) = [p for p in pods(control_plane, namespace, name) if p["status"].get("phase") == "Running"]
+    assert _evict(control_plane, namespace, first["metadata"]["name"])
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"), timeout=240)["status"]
+    seen = [(p["metadata"]["name"], p["metadata"]["creationTimestamp"], p["status"].get("phase"))
+            for p in pods(control_plane, namespace, name)]
+    assert status["phase"] == "Succeeded" and status.get("variants") and status.get("baseline"), (status, seen)
+
+
 def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_plane, namespace, figure):
     """100 resources applied at once with a cap of 4. The first half drains undisturbed (the operator's
     memory is measured across it); during the second half the operator is SIGKILLed twice, the
@@ -953,7 +968,8 @@ def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_
         for item in control_plane.kubectl_json("get", "modeloptimizations", "-n", namespace)["items"]:
             status = item["status"]
             assert status["phase"] == "Succeeded", (item["metadata"]["name"], status)
-            assert status["variants"] and status["baseline"] and status["observedGeneration"] == 1, status
+            assert status.get("variants") and status.get("baseline") and status["observedGeneration"] == 1, (
+                item["metadata"]["name"], status)
     finally:
         control_plane.kubectl("set", "env", *deployment, "MLOPT_MAX_RUNNING=8")
         operator.wait_ready()

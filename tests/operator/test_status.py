@@ -72,6 +72,17 @@ def test_succeeded_with_results_and_printer_strings():
     assert "6.07x" in status["message"]
 
 
+def test_an_evicted_attempt_listed_beside_the_one_that_completed_never_hides_its_results():
+    """Same-second timestamps: the evicted pod (SIGTERM, exit 143, its last log lines as the message)
+    may sort as the newer one; the Job completed through the pod that exited 0."""
+    disrupted = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    evicted = pod(terminated(143, "Traceback ... KeyboardInterrupt"), name="crnn-g1-zzzzz", phase="Failed",
+                  pod_conditions=disrupted)
+    completed = pod(terminated(0, SUCCESS, "Completed"), name="crnn-g1-aaaaa", phase="Succeeded")
+    status = status_from_job(job(("Complete", "", "")), [evicted, completed])
+    assert status["phase"] == "Succeeded" and status["best"] == "ort-int8-static-dynamic" and status["variants"]
+
+
 def test_status_fits_the_crd_status_model():
     from optimizer.api.crd import ModelOptimizationStatus
 

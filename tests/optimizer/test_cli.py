@@ -153,6 +153,30 @@ def test_worker_writes_summary_and_results(tmp_path):
     assert summary["phase"] == "Failed" and summary["reason"] == "ModelLoadFailed" and "nope" in summary["message"]
 
 
+@pytest.mark.slow  # starts a real run
+def test_worker_stops_on_sigterm_with_143_and_leaves_nothing_half_written(tmp_path):
+    """An evicted or deleted pod gets SIGTERM; the worker (PID 1 there, where an unhandled SIGTERM is
+    ignored) must stop at once with 128 + 15, not run on and finish in a pod about to vanish."""
+    import signal
+
+    spec = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "w"},
+            "spec": {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                     "benchmark": {"warmup": 1, "runs": 10_000}}}
+    env = {**os.environ, "MLOPT_SPEC": json.dumps(spec), "MLOPT_OUTPUT": str(tmp_path / "out"),
+           "MLOPT_TERMINATION_LOG": str(tmp_path / "termination-log"), "PYTHONUNBUFFERED": "1"}
+    worker = subprocess.Popen([MLOPT, "worker"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in worker.stdout:  # the run is under way once a step reports
+        seen.append(line)
+        if "benchmark" in line.lower():
+            break
+    worker.send_signal(signal.SIGTERM)
+    rest, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 143, "".join(seen) + rest
+    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "termination-log").exists()
+
+
 @pytest.mark.slow  # the whole pipeline
 def test_worker_with_a_claim_output_reports_the_claim_uri_not_the_mount(tmp_path):
     """status.results must name pvc://claim/..., which a user can find again; the pod's mount path
