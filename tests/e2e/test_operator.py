@@ -143,9 +143,18 @@ class OperatorDeployment:
         return holding[0] if holding else max(pods, key=lambda p: p["metadata"]["creationTimestamp"])
 
     def wait_ready(self, timeout: float = 240) -> None:
-        # Returns once the new replica is available, i.e. Ready (the Deployment has no minReadySeconds).
+        """The rollout is done and one of its pods leads. `rollout status` returns once the new replicas
+        are Ready, but a standby is Ready too, and the old leader, terminating, still acts (with the old
+        settings) until it releases the Lease: wait for the old pods to be gone and a new one to lead."""
         self.cp.kubectl("rollout", "status", "deployment/mlopt-operator", "-n", OPERATOR_NS, f"--timeout={timeout}s",
                         timeout=timeout + 30)
+
+        def new_leader():
+            listed = self.cp.kubectl_json("get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=mlopt-operator")
+            current = {p["metadata"]["name"] for p in listed["items"] if not p["metadata"].get("deletionTimestamp")}
+            return len(current) == len(listed["items"]) and self.leader() in current
+
+        wait_for("a pod of the new rollout to lead", new_leader, timeout, self.tail)
 
     def crash(self) -> None:
         """SIGKILL to the leading operator's process in its container: no chance to clean up."""
