@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .job import LABEL_QUEUE
 from .settings import Settings
-from .status import TERMINAL
+from .status import TERMINAL, job_finished
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -37,11 +37,7 @@ def _kueue(resource: dict[str, Any]) -> bool:
 
 def job_running(job: dict[str, Any]) -> bool:
     """A Job that holds a slot: not finished, and not one Kueue admits (suspended or labelled)."""
-    if LABEL_QUEUE in job["metadata"].get("labels", {}):
-        return False
-    conditions = (job.get("status") or {}).get("conditions") or []
-    return not any(c.get("type") in ("Complete", "Failed", "SuccessCriteriaMet", "FailureTarget")
-                   and c.get("status") == "True" for c in conditions)
+    return LABEL_QUEUE not in job["metadata"].get("labels", {}) and not job_finished(job)
 
 
 def waiting(resource: dict[str, Any]) -> bool:
