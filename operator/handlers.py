@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 
 from optimizer.api.crd import GROUP, KIND, PLURAL, VERSION
+from optimizer.api.spec import ModelOptimization
 from optimizer.api.spec_loader import SpecError, parse_spec
 
 from .cluster import Cluster, JobRefused
@@ -126,7 +127,8 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
         if old.get("observedGeneration") == generation and old.get("phase") in TERMINAL:
             return  # this generation already ran; never run it twice
         try:
-            job = build_job(current, _state["settings"])
+            spec = parse_spec(current, f"{KIND} {name}")
+            job = build_job(current, _state["settings"], spec)
         except SpecError as error:
             _write(cluster, current, {**_fresh(current, generation), "phase": "Failed", "reason": "InvalidSpec",
                                       "message": str(error)}, generation)
@@ -134,7 +136,7 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
         if cluster.jobs(namespace, name, generation):
             logger.info(f"adopted the existing Job {job['metadata']['name']}")
             return
-        _check_policy(cluster, current, generation)
+        _check_policy(cluster, current, spec, generation)
         with _admission:
             _start(cluster, current, job, generation, logger)
 
@@ -145,7 +147,7 @@ def _fresh(resource: dict[str, Any], generation: int) -> dict[str, None]:
     return {key: None for key in _RUN_FIELDS} if old.get("observedGeneration") != generation else {}
 
 
-def _check_policy(cluster: Cluster, resource: dict[str, Any], generation: int) -> None:
+def _check_policy(cluster: Cluster, resource: dict[str, Any], spec: ModelOptimization, generation: int) -> None:
     """Failed, naming each rule, when the spec asks for more than the cluster's policy allows; held
     Pending while the policy ConfigMap is unreadable (fail closed: no Job without a policy)."""
     settings: Settings = _state["settings"]
@@ -156,7 +158,7 @@ def _check_policy(cluster: Cluster, resource: dict[str, Any], generation: int) -
         message = f"no Job is created while the policy is unreadable: {error}"
         _write(cluster, resource, {"phase": "Pending", "reason": "PolicyUnreadable", "message": message}, generation)
         raise kopf.TemporaryError(message, delay=POLICY_RETRY_SECONDS) from None
-    broken = violations(parse_spec(resource, f"{KIND} {resource['metadata']['name']}"), policy, settings)
+    broken = violations(spec, policy, settings)
     if broken:
         message = f"refused by the cluster's mlopt policy ({where}): " + "; ".join(broken)
         _write(cluster, resource, {**_fresh(resource, generation), "phase": "Failed", "reason": "PolicyViolation",

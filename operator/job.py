@@ -148,11 +148,12 @@ def _env(resource: dict[str, Any], spec: ModelOptimization) -> list[dict[str, st
     ]
 
 
-def build_job(resource: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The batch/v1 Job for the resource's current generation. Raises SpecError for an invalid spec."""
+def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimization | None = None) -> dict[str, Any]:
+    """The batch/v1 Job for the resource's current generation; `spec` is the resource's parsed spec
+    when the caller has it already. Raises SpecError for an invalid spec."""
     from optimizer.api.spec_loader import parse_spec
 
-    spec = parse_spec(resource, f"{KIND} {resource['metadata'].get('name')}")
+    spec = spec or parse_spec(resource, f"{KIND} {resource['metadata'].get('name')}")
     meta = resource["metadata"]
     scratch_limit, scratch_request = _scratch_size(spec)
     resources = _resources(spec)
