@@ -56,15 +56,14 @@ def _standby_health(liveness: str):
     return server
 
 
-def _lead(liveness: str):
+def _lead(liveness: str, namespace: str):
     """Block until this replica holds the lease; exit the process if it is ever lost. Returns the lease."""
     import os
 
     from .cluster import Cluster
     from .leader import Lease, acquire, identity, keep
-    from .settings import Settings
 
-    lease = Lease(Cluster().request, Settings.from_env().namespace, "mlopt-operator", identity())
+    lease = Lease(Cluster().request, namespace, "mlopt-operator", identity())
     health = _standby_health(liveness) if liveness else None
     acquire(lease)
     if health:
@@ -87,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import metrics
     from .settings import Settings
 
-    metrics.serve(Settings.from_env().metrics_port)  # before the election: a standby answers scrapes too
+    settings = Settings.from_env()
+    metrics.serve(settings.metrics_port)  # before the election: a standby answers scrapes too
     kopf.configure(verbose=args.verbose, log_prefix=True)
     logging.getLogger("kopf.objects").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    lease = _lead(args.liveness) if args.leader_election else None
+    lease = _lead(args.liveness, settings.namespace) if args.leader_election else None
     # standalone: no kopf peering (a Lease elects the replica that acts, operator/leader.py).
     asyncio.run(
         kopf.operator(

@@ -71,7 +71,8 @@ def violations(spec: ModelOptimization, policy: Policy, settings: Settings) -> l
                       + ")")
     for index, toleration in enumerate(job.tolerations):
         key = toleration.key or ""
-        if (not key and "*" not in policy.allowedTolerationKeys) or (key and not _allowed(key, policy.allowedTolerationKeys)):
+        # A key-less toleration tolerates every taint: only the literal '*' allows it.
+        if not (_allowed(key, policy.allowedTolerationKeys) if key else "*" in policy.allowedTolerationKeys):
             what = f"key {key}" if key else f"operator {toleration.operator} with no key (tolerates every taint)"
             broken.append(f"allowedTolerationKeys: spec.job.tolerations[{index}] ({what}) is not allowed"
                           + (f" (allowed keys: {', '.join(policy.allowedTolerationKeys)})" if policy.allowedTolerationKeys

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlopt_operator.policy import CACHE_SECONDS
+
 from .control_plane import WORKER_IMAGE, free_port
 
 pytestmark = pytest.mark.e2e
@@ -434,11 +436,11 @@ def policy(cp, text: str):
     document["data"]["policy.yaml"] = text
     cp.kubectl("apply", "-f", "-", input=json.dumps(document))
     try:
-        time.sleep(4)  # the operator caches the policy for 3 s
+        time.sleep(CACHE_SECONDS + 1)  # the operator's cached policy expires
         yield
     finally:
         cp.kubectl("apply", "-f", "-", input=default)
-        time.sleep(4)
+        time.sleep(CACHE_SECONDS + 1)
 
 
 def test_missing_image_with_pull_policy_never_fails_with_the_reason(operator, control_plane, namespace):
