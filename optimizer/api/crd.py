@@ -77,9 +77,10 @@ class ModelOptimizationStatus(_Status):
         None,
         description="Why the run failed or waits: InvalidSpec, ModelLoadFailed, OOMKilled, "
         "DeadlineExceeded, BackoffLimitExceeded, ImagePullBackOff, ErrImageNeverPull, Unschedulable, "
-        "FailedCreate (the Job controller could not create the pod), JobRejected (the API server refused "
-        "the Job), JobForbidden (e.g. a quota; retried), OverCap (queued behind the operator's cap), "
-        "WaitingForKueue, WorkerExited, ...",
+        "ErrImagePull, CreateContainerConfigError, FailedCreate (the Job controller could not create the "
+        "pod), JobRejected (the API server refused the Job), JobForbidden (e.g. a quota; retried), "
+        "PolicyViolation (outside the cluster's mlopt-policy), PolicyUnreadable (that ConfigMap does not "
+        "parse), OverCap (queued behind the operator's cap), WaitingForKueue, WorkerExited, ...",
     )
     queuePosition: int | None = Field(None, description="While Queued: 1 starts next.")
     message: str | None = Field(None, description="What happened, for people.")
