@@ -16,7 +16,7 @@ from typing import Any
 from optimizer.api.summary import parse_summary
 from optimizer.api.units import format_size
 
-from .job import CONTAINER
+from .job import CONTAINER, LABEL_QUEUE
 from .settings import Waits
 
 TERMINAL = ("Succeeded", "Failed")
@@ -269,7 +269,7 @@ def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[s
     if _worker_state(pod).get("running") or (pod or {}).get("status", {}).get("phase") == "Running":
         return {**status, "phase": "Running", "reason": "WorkerRunning", "message": "the worker is optimizing the model"}
     if pod is None and job.get("spec", {}).get("suspend"):
-        queue = job["metadata"].get("labels", {}).get("kueue.x-k8s.io/queue-name", "")
+        queue = job["metadata"].get("labels", {}).get(LABEL_QUEUE, "")
         return {**status, "phase": "Queued", "reason": "WaitingForKueue",
                 "message": f"the Job is suspended until Kueue admits it (queue {queue})"}
     if pod is None and (why := _failed_create(events)):
