@@ -120,8 +120,11 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
         if current is None or int(current["metadata"]["generation"]) != generation:
             return  # deleted, or a newer generation's update is queued behind this one
         old = current.get("status") or {}
+        ours = False  # this generation's Job exists already (one listing serves both questions)
         for job in cluster.jobs(namespace, name):
-            if job["metadata"]["labels"].get(LABEL_GENERATION) != str(generation):
+            if job["metadata"]["labels"].get(LABEL_GENERATION) == str(generation):
+                ours = True
+            else:
                 cluster.delete_job(namespace, job["metadata"]["name"])
                 logger.info(f"superseded Job {job['metadata']['name']} (generation {generation} replaces it)")
         if old.get("observedGeneration") == generation and old.get("phase") in TERMINAL:
@@ -133,7 +136,7 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
             _write(cluster, current, {**_fresh(current, generation), "phase": "Failed", "reason": "InvalidSpec",
                                       "message": str(error)}, generation)
             raise kopf.PermanentError(str(error)) from None
-        if cluster.jobs(namespace, name, generation):
+        if ours:
             logger.info(f"adopted the existing Job {job['metadata']['name']}")
             return
         _check_policy(cluster, current, spec, generation)

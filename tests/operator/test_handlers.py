@@ -289,3 +289,13 @@ def test_startup_filters_job_and_pod_watches_on_the_server_and_reads_the_policy(
     assert selectors("batch", "jobs") == selectors("", "pods") == ["app.kubernetes.io/managed-by=mlopt-operator"]
     assert selectors("mlopt.io", "modeloptimizations") == []  # every resource is the operator's business
     assert handlers._state["policy"].current().maxMemory == "1Gi"
+
+
+def test_a_running_job_is_adopted_even_when_the_policy_changed_since_it_started(api):
+    api.policy_text = "allowedImages: [evil.example.com/*]"
+    api.add("own-image", job={"image": "evil.example.com/miner:latest"})
+    run(api, "own-image")
+    assert api.created == ["own-image-g1"]
+    api.policy_text = ""  # tightened back to the defaults while the Job runs
+    run(api, "own-image")  # resumed (an operator restart): the running Job is adopted, not refused
+    assert status(api, "own-image")["phase"] == "Pending" and api.created == ["own-image-g1"]
