@@ -93,18 +93,20 @@ class Cluster:
             content_type="application/merge-patch+json",
         )
 
+    def _list(self, prefix: str, plural: str, namespaces: list[str] | None,
+              query: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """Every `plural` object under the API `prefix`: cluster-wide, or in each of `namespaces`."""
+        paths = ([f"{prefix}/{plural}"] if not namespaces
+                 else [f"{prefix}/namespaces/{ns}/{plural}" for ns in namespaces])
+        return [item for path in paths for item in self.request("GET", path, query=query)["items"]]
+
     def resources(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
         """Every ModelOptimization the operator serves (all namespaces, or the given ones)."""
-        paths = ([f"/apis/{GROUP}/{VERSION}/{PLURAL}"] if not namespaces
-                 else [f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}" for ns in namespaces])
-        return [item for path in paths for item in self.request("GET", path)["items"]]
+        return self._list(f"/apis/{GROUP}/{VERSION}", PLURAL, namespaces)
 
     def worker_jobs(self, namespaces: list[str] | None) -> list[dict[str, Any]]:
         """Every Job the operator made (all namespaces, or the given ones), selected by label on the server."""
-        query = [("labelSelector", MANAGED_BY)]
-        paths = (["/apis/batch/v1/jobs"] if not namespaces
-                 else [f"/apis/batch/v1/namespaces/{ns}/jobs" for ns in namespaces])
-        return [item for path in paths for item in self.request("GET", path, query=query)["items"]]
+        return self._list("/apis/batch/v1", "jobs", namespaces, [("labelSelector", MANAGED_BY)])
 
     def job_events(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         """The Job's events (FailedCreate says why the Job controller made no pod)."""
