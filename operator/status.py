@@ -40,8 +40,8 @@ _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy",
 _IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError")
 
 
-def _age_seconds(job: dict[str, Any], now: datetime.datetime) -> float:
-    created = job["metadata"].get("creationTimestamp")
+def _age_seconds(thing: dict[str, Any], now: datetime.datetime) -> float:
+    created = thing["metadata"].get("creationTimestamp")
     if not created:
         return 0.0
     started = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
@@ -57,12 +57,17 @@ def _failed_create(events: list[dict[str, Any]]) -> str | None:
     return newest.get("message") or "the Job controller could not create the worker pod"
 
 
-def _waited_too_long(status: dict[str, Any], job: dict[str, Any], waits: Waits, now: datetime.datetime) -> dict[str, Any]:
-    """A Pending status whose problem has lasted past its limit becomes Failed, saying how long it waited."""
+def _waited_too_long(status: dict[str, Any], job: dict[str, Any], pods: list[dict[str, Any]], waits: Waits,
+                     now: datetime.datetime) -> dict[str, Any]:
+    """A Pending status whose problem has lasted past its limit becomes Failed, saying how long it waited.
+    A pod's problem is timed from that pod's creation: the replacement of a pod evicted an hour into a
+    run (a drained node) gets its full wait, not none."""
     limit = {"FailedCreate": waits.failed_create, "Unschedulable": waits.unschedulable,
              **{reason: waits.image for reason in _IMAGE_PROBLEMS}}.get(status.get("reason"))
-    age = _age_seconds(job, now)
-    if status.get("phase") != "Pending" or limit is None or age < limit:
+    if status.get("phase") != "Pending" or limit is None:
+        return status
+    age = _age_seconds(_latest(pods) if pods and status["reason"] != "FailedCreate" else job, now)
+    if age < limit:
         return status
     return {**status, "phase": "Failed",
             "message": f"{status['message']} (still so after {int(age)} s; the operator's limit is {limit} s)"}
@@ -232,7 +237,7 @@ def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]], events: lis
                     now: datetime.datetime | None = None, waits: Waits = Waits()) -> dict[str, Any]:
     """phase, reason, message, exitCode, times and results for the resource that owns `job`."""
     status = _status(job, pods, events or [])
-    return _waited_too_long(status, job, waits, now or datetime.datetime.now(datetime.timezone.utc))
+    return _waited_too_long(status, job, pods, waits, now or datetime.datetime.now(datetime.timezone.utc))
 
 
 def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def test_deadline_while_the_image_cannot_be_pulled():
 
 def test_image_pull_failure_is_explained_while_pending():
     waiting = {"waiting": {"reason": "ErrImagePull", "message": "pull access denied for nope"}}
-    status = status_from_job(job(), [pod(waiting, phase="Pending")])
+    status = status_from_job(job(), [pod(waiting, phase="Pending")], now=_at(5))  # 4 s after the pod was created
     assert status["phase"] == "Pending"
     assert status["reason"] == "ErrImagePull"
     assert "cannot pull the worker image: pull access denied" in status["message"]
@@ -236,6 +236,12 @@ def test_unschedulable_and_image_problems_fail_only_after_their_waits():
     assert status_from_job(_created(job()), [backoff], now=_at(31), waits=waits)["phase"] == "Failed"
     running = pod({"running": {"startedAt": "x"}})
     assert status_from_job(_created(job()), [running], now=_at(10_000), waits=waits)["phase"] == "Running"
+    # A replacement pod (the first was evicted an hour in) waits its own full time, from its creation.
+    replacement = pod({}, phase="Pending", created="2026-01-01T01:00:00Z",
+                      pod_conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                       "message": "0/1 nodes fit"}])
+    assert status_from_job(_created(job()), [replacement], now=_at(3600 + 100), waits=waits)["phase"] == "Pending"
+    assert status_from_job(_created(job()), [replacement], now=_at(3600 + 121), waits=waits)["phase"] == "Failed"
 
 
 def test_a_job_suspended_for_kueue_is_queued():
