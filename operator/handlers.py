@@ -29,7 +29,8 @@ from .status import TERMINAL, conditions, job_finished, status_from_job
 # Fields of a run's status; reset (None = removed by the merge patch) when a generation starts.
 _RUN_FIELDS = (
     "reason", "message", "exitCode", "startTime", "completionTime", "best", "bestSize",
-    "bestLatency", "bestSpeedup", "baseline", "variants", "results", "queuePosition", "jobName",
+    "bestLatency", "bestSpeedup", "baseline", "variants", "results", "output", "artifacts", "queuePosition",
+    "jobName",
 )
 QUEUE_RETRY_SECONDS = 10  # how soon a Queued resource asks again for a slot
 POLICY_RETRY_SECONDS = 30  # how soon a resource held by an unreadable policy ConfigMap is tried again

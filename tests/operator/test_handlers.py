@@ -150,10 +150,13 @@ def test_a_finished_generation_never_runs_twice_and_a_new_one_supersedes_the_old
     assert api.created == ["digits-g1"]
     api.add("digits", generation=2)
     api.store[("team", "digits")]["status"] = {"phase": "Succeeded", "observedGeneration": 1, "jobName": "digits-g1",
-                                                   "bestSize": "1 MB"}
+                                                   "bestSize": "1 MB", "output": "s3://b/run/",
+                                                   "artifacts": {"best": "s3://b/run/models/best.onnx"}}
     run(api, "digits")
     assert api.deleted == ["digits-g1"] and api.created == ["digits-g1", "digits-g2"]
-    assert "bestSize" not in status(api, "digits") and status(api, "digits")["observedGeneration"] == 2
+    # generation 1's model and location must not read as generation 2's (it may fail, or keep nothing)
+    assert not {"bestSize", "output", "artifacts"} & set(status(api, "digits"))
+    assert status(api, "digits")["observedGeneration"] == 2
 
 
 def test_an_invalid_spec_fails_for_good_naming_the_field(api):
