@@ -166,7 +166,10 @@ class ModelSpec(_Strict):
 
 
 class VariantSpec(_Strict):
-    name: str = Field(description="Unique name of this variant in the results.", min_length=1)
+    # The name becomes a file name (models/<name>.onnx) and an object key: no '/' or '..'.
+    name: str = Field(description="Unique name of this variant in the results and of its file under models/: "
+                      "letters, digits, '.', '_', '+', '-', starting with a letter or digit.",
+                      min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
     recipe: Recipe = Field(description="How the variant is made; see `mlopt recipes`.")
     calibration: Calibration = Field(
         Calibration.minmax,

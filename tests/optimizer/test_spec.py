@@ -48,6 +48,11 @@ def test_dynamic_axes_keys_arrive_as_strings_from_kubernetes():
      "spec.job.resources", "lower requests.memory or raise limits.memory"),
     ({"model": {"source": "zoo:crnn"}, "job": {"resources": {"limits": {"memory": "2 GB"}}}},
      "spec.job.resources.limits.memory", "pattern"),
+    # a variant's name is its file under models/: a '/' or '..' would write outside the run
+    ({"model": {"source": "zoo:crnn"}, "variants": [{"name": "../../x", "recipe": "onnx-fp32"}]},
+     "spec.variants[0].name", "pattern"),
+    ({"model": {"source": "zoo:crnn"}, "variants": [{"name": "resnet/int8", "recipe": "onnx-fp32"}]},
+     "spec.variants[0].name", "pattern"),
 ])
 def test_invalid_specs_name_the_field_and_the_fix(spec, field, words):
     with pytest.raises(SpecError) as caught:
