@@ -3,7 +3,7 @@ select → analyze → report.
 
 Each step is a function in optimizer/steps/ that reads the typed `Run` earlier steps filled and
 fills its own fields; `optimize` runs them in order and times each. Everything is written to a
-staging directory beside the output and moved into place at the end, results.json last, so an
+staging folder inside the output folder and moved into place at the end, results.json last, so an
 interrupted run leaves no half-written results. `optimize_to` is where the CLI and the Job's worker
 enter: it runs `optimize` and puts the results where spec.output says (a folder, a claim, or an
 s3:// prefix, uploaded only once complete).
@@ -11,6 +11,7 @@ s3:// prefix, uploaded only once complete).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -18,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from optimizer.api.results import Results, StepTiming, write_json_atomically
-from optimizer.artifacts.storage import RESULTS_FILE, deliver, output_location, pvc_path
+from optimizer.artifacts.storage import (RESULTS_FILE, StorageError, deliver, describe_outputs, output_location,
+                                         publish, pvc_path)
 from optimizer.api.spec import ModelOptimization
 from optimizer.console import Reporter
 from optimizer.engines.runners import check_device
@@ -62,24 +64,40 @@ def _timed(run: Run, step: str):
 
 
 def _publish(staging: Path, output: Path, results: Results) -> None:
-    """Move everything into the output directory; results.json goes last, atomically."""
-    from optimizer.artifacts.storage import describe_outputs
-
-    output.mkdir(parents=True, exist_ok=True)
+    """Move everything into the output folder; results.json goes last, atomically."""
     shutil.rmtree(staging / "scratch", ignore_errors=True)
     results.outputs = describe_outputs(staging)  # so a reader can verify every file it downloads
-    for item in sorted(staging.iterdir()):
-        target = output / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        item.replace(target)
-    write_json_atomically(output / "results.json", results.model_dump(mode="json"))
+    publish(staging, output)
+    write_json_atomically(output / RESULTS_FILE, results.model_dump(mode="json"))
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and the ancestors of it that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _staging_in(output: Path) -> Path:
+    """The run's staging folder, inside the output folder: the one place a run may write (a claim's
+    mount point sits on the pod's read-only root filesystem, so nothing can go beside it)."""
+    if output.exists() and not output.is_dir():
+        raise StorageError(f"spec.output: {output} is a file; give a folder for the results (spec.output or --output)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".mlopt-partial-", dir=output))
+    except OSError as error:
+        raise StorageError(f"spec.output: cannot write the results to {output}: {error.strerror or error}; give a "
+                           f"folder this user (uid {os.getuid()}) can write (spec.output or --output)") from None
 
 
 def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Reporter) -> Results:
     output = Path(output).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    created = _missing_folders(output)  # removed again if the run fails: nothing half-written
+    staging = _staging_in(output)
+    published = False
     reporter = RecordingReporter(reporter)
     bench = spec.spec.benchmark
     try:
@@ -103,9 +121,15 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Re
         (staging / "run.log").write_text("\n".join([*reporter.lines, "", "warnings from the libraries:",
                                                     *(results.warnings or ["none"])]) + "\n")
         _publish(staging, output, results)
+        published = True
         return results
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in [] if published else created:
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
 
 
 def local_output(output: str, base: Path) -> Path | None:

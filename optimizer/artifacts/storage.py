@@ -17,6 +17,7 @@ read whole into memory. Uploads put results.json last: its presence means the ru
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import urllib.error
@@ -134,7 +135,9 @@ def _explain(error: BaseException, field: str, uri: str) -> StorageError:
     from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
 
     text = " ".join(str(error).split())
-    if isinstance(error, (NotFoundError, FileNotFoundError)) or "NoSuchKey" in text or "NoSuchBucket" in text:
+    if "NoSuchBucket" in text:
+        return StorageError(f"{field}: the bucket of {uri} does not exist; create it or correct the name")
+    if isinstance(error, (NotFoundError, FileNotFoundError)) or "NoSuchKey" in text:
         return StorageError(f"{field}: no object at {uri}; check the bucket and key")
     denied = isinstance(error, (PermissionDeniedError, UnauthenticatedError)) or any(
         word in text for word in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403", "401"))
@@ -286,6 +289,34 @@ def describe_outputs(directory: Path) -> list[dict]:
 
 # --- delivery --------------------------------------------------------------------------------------
 
+def _previous_run_files(folder: Path) -> list[Path]:
+    """The files the run already in `folder` wrote, as its results.json lists them (inside `folder`
+    only: a results.json is data, and must not be able to name anything outside)."""
+    try:
+        listed = json.loads((folder / RESULTS_FILE).read_text()).get("outputs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    root = folder.resolve()
+    paths = [(folder / str(entry.get("path") or "")).resolve() for entry in listed if isinstance(entry, dict)]
+    return [path for path in paths if path != root and path.is_relative_to(root)]
+
+
+def publish(staging: Path, folder: Path) -> None:
+    """Move a finished run from `staging` into `folder`; the caller writes results.json after it.
+    The previous run's results.json goes first (a folder with one always holds that run whole), then
+    the files it lists (a variant the new run dropped must not linger); anything else is the user's
+    and stays."""
+    previous = _previous_run_files(folder)
+    (folder / RESULTS_FILE).unlink(missing_ok=True)
+    for path in previous:
+        if path.is_file():
+            path.unlink()
+    for path in _run_files(staging):
+        target = folder / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+
+
 def output_location(uri: str, field: str = "spec.output") -> Location:
     location = parse(uri, field)
     if location.scheme == "https":
@@ -302,20 +333,31 @@ def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str =
     (and with no results.json at the prefix, readers know the run is not there)."""
     import obstore
 
+    from obstore.exceptions import NotFoundError
+
     location = output_location(uri, field)
     store = _store(location.container, S3Settings.of(storage))
+
+    def retried(action, what: str, key: str) -> None:
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                return action()
+            except NotFoundError:
+                return None  # deleting what is not there
+            except Exception as error:
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise StorageError(f"{field}: {what} s3://{location.container}/{key} failed {attempt} times: "
+                                       f"{_explain(error, field, uri)}") from None
+                time.sleep(min(2 ** attempt, 20))
+
+    # A previous run's results.json at this prefix would vouch for files this upload overwrites.
+    old_results = location.key + RESULTS_FILE
+    retried(lambda: obstore.delete(store, old_results), "deleting the previous", old_results)
     files = [*_run_files(directory), directory / RESULTS_FILE]
     for index, path in enumerate(files, 1):
         key = location.key + path.relative_to(directory).as_posix()
         if reporter:
             reporter.log(f"uploading [{index}/{len(files)}] {key} ({format_size(path.stat().st_size)})")
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
-            try:
-                obstore.put(store, key, path, chunk_size=8 * CHUNK, max_concurrency=4)
-                break
-            except Exception as error:
-                if attempt == UPLOAD_ATTEMPTS:
-                    raise StorageError(f"{field}: uploading {path.name} to s3://{location.container}/{key} failed "
-                                       f"{attempt} times: {_explain(error, field, uri)}") from None
-                time.sleep(min(2 ** attempt, 20))
+        retried(lambda: obstore.put(store, key, path, chunk_size=8 * CHUNK, max_concurrency=4),
+                f"uploading {path.name} to", key)
     return f"s3://{location.container}/{location.key}{RESULTS_FILE}"

@@ -696,23 +696,26 @@ def test_model_from_a_claim_optimized_model_back_on_the_volume(operator, control
                                      "inputs": [{"name": "x", "shape": [1, 256], "dynamicAxes": {0: "batch"}}]},
                   variants=[{"name": "onnx-fp32", "recipe": "onnx-fp32"},
                             {"name": "int8", "recipe": "ort-int8-dynamic"}],
-                  output="pvc://models/out/", benchmark={"warmup": 5, "runs": 40})
+                  output="pvc://models/", benchmark={"warmup": 5, "runs": 40})
     apply(control_plane, namespace, spec)
     try:
         status = wait_status(control_plane, operator, namespace, "from-pvc", phase_is("Succeeded", "Failed"))["status"]
         assert status["phase"] == "Succeeded", status
-        assert status["output"] == "pvc://models/out/" and status["results"] == "pvc://models/out/results.json"
-        results = json.loads((volume / "out" / "results.json").read_text())
+        # the claim's root: its mount point sits on the pod's read-only root filesystem, so the run
+        # must stage inside the claim, and the user's files there (in/) stay
+        assert status["output"] == "pvc://models/" and status["results"] == "pvc://models/results.json"
+        results = json.loads((volume / "results.json").read_text())
+        assert (volume / "in" / "model.onnx").is_file() and not list(volume.glob(".mlopt-partial-*"))
         assert results["best"] == status.get("best")  # None (no key in status) when nothing beat the baseline
         for stored in results["outputs"]:  # the whole run is on the volume, byte for byte
-            on_volume = volume / "out" / stored["path"]
+            on_volume = volume / stored["path"]
             assert hashlib.sha256(on_volume.read_bytes()).hexdigest() == stored["sha256"], stored["path"]
         assert any(o["path"].startswith("models/") for o in results["outputs"]), results["outputs"]
         if results["best"] in (None, results["baseline"]["name"]):  # timing kept the user's own model: nothing to ship
             assert "artifacts" not in status, status
         else:
             best = status["artifacts"]["best"]
-            assert best["uri"].startswith("pvc://models/out/models/"), best
+            assert best["uri"].startswith("pvc://models/models/"), best
             on_volume = volume / best["uri"].removeprefix("pvc://models/")
             assert on_volume.is_file() and hashlib.sha256(on_volume.read_bytes()).hexdigest() == best["sha256"]
     finally:

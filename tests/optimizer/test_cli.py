@@ -44,7 +44,7 @@ def test_optimize_digits_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "## ONNX conversion" in report and "| model file |" in report and "ort-int8-static" in report
     assert (out / "size.png").read_bytes()[:4] == b"\x89PNG"
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # staging cleaned up
+    assert not list(tmp_path.rglob(".mlopt-partial-*"))  # staging cleaned up
 
 
 @pytest.mark.slow  # the whole pipeline
@@ -131,7 +131,18 @@ def test_interrupted_run_leaves_no_results(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         optimize(load_spec(spec), tmp_path / "out", tmp_path, InterruptAtBenchmark())
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert not list(tmp_path.rglob(".mlopt-partial-*"))
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/below-it"])
+def test_an_output_that_is_a_file_fails_before_any_work_naming_spec_output(tmp_path, where):
+    (tmp_path / "a-file").write_text("the user's")
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}]})
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / where), cwd=tmp_path)
+    assert done.returncode == 1 and "spec.output:" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert "load…" not in done.stdout + done.stderr  # refused before the first step
+    assert (tmp_path / "a-file").read_text() == "the user's"
 
 
 @pytest.mark.slow  # the whole pipeline

@@ -164,7 +164,9 @@ def test_a_failing_upload_is_retried_with_backoff_then_fails_naming_the_output(t
     settings = type("Storage", (), {"endpoint": s3_server.endpoint, "region": None, "anonymous": False})()
     with pytest.raises(storage.StorageError) as caught:
         storage.deliver(run, "s3://no-such-bucket/run/", settings)
-    assert "spec.output: uploading m.onnx" in str(caught.value) and f"{storage.UPLOAD_ATTEMPTS} times" in str(caught.value)
+    message = str(caught.value)
+    assert message.startswith("spec.output: ") and f"{storage.UPLOAD_ATTEMPTS} times" in message, message
+    assert "the bucket of s3://no-such-bucket/run/ does not exist" in message, message
     assert delays == sorted(delays) and len(delays) == storage.UPLOAD_ATTEMPTS - 1 and delays[0] > 0
 
     bucket = s3_server.bucket("delivered")
@@ -175,6 +177,71 @@ def test_a_failing_upload_is_retried_with_backoff_then_fails_naming_the_output(t
     # results.json went up last: its modification time is the newest
     times = {k: p.stat().st_mtime_ns for k, p in stored.items() if k.startswith(tmp_path.name)}
     assert times[f"{tmp_path.name}/results.json"] >= max(times.values())
+
+
+def test_an_upload_that_fails_over_an_earlier_run_leaves_no_results_json(tmp_path, s3_server, monkeypatch):
+    """The earlier run's results.json would vouch for models this upload has half overwritten."""
+    import obstore
+
+    from optimizer.artifacts import storage
+
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "models" / "m.onnx").write_bytes(b"first model")
+    (run / "results.json").write_text("{}")
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.credentials()["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.credentials()["AWS_SECRET_ACCESS_KEY"])
+    settings = type("Storage", (), {"endpoint": s3_server.endpoint, "region": None, "anonymous": False})()
+    bucket, prefix = s3_server.bucket("rerun"), f"{tmp_path.name}/"
+    storage.deliver(run, f"s3://{bucket}/{prefix}", settings)
+    assert prefix + "results.json" in s3_server.objects(bucket)
+
+    real_put = obstore.put
+
+    def put_failing_on_results_json(store, key, *args, **kwargs):  # the network drops at the end
+        if key.endswith("results.json"):
+            raise OSError("connection reset by peer")
+        return real_put(store, key, *args, **kwargs)
+
+    (run / "models" / "m.onnx").write_bytes(b"second model")
+    monkeypatch.setattr(obstore, "put", put_failing_on_results_json)
+    with pytest.raises(storage.StorageError, match="uploading results.json"):
+        storage.deliver(run, f"s3://{bucket}/{prefix}", settings)
+    stored = s3_server.objects(bucket)
+    assert stored[prefix + "models/m.onnx"].read_bytes() == b"second model"
+    assert prefix + "results.json" not in stored
+
+
+def _previous_run(folder, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    (folder / "results.json").write_text(json.dumps({"outputs": [{"path": name} for name in files]}))
+
+
+def test_a_rerun_into_a_folder_replaces_its_own_files_and_keeps_the_users(tmp_path):
+    from optimizer.artifacts.storage import publish
+
+    output = tmp_path / "out"
+    _previous_run(output, {"models/dropped.onnx": "old", "models/kept.onnx": "old", "report.md": "old"})
+    (output / "models" / "my-notes.txt").write_text("mine")  # the user's, in a folder mlopt also writes
+    (output / "train.py").write_text("mine")
+    (tmp_path / "outside.txt").write_text("not mlopt's")
+    listed = json.loads((output / "results.json").read_text())
+    listed["outputs"].append({"path": "../outside.txt"})  # a results.json must not reach outside its folder
+    (output / "results.json").write_text(json.dumps(listed))
+    staging = output / ".mlopt-partial-test"
+    _previous_run(staging, {"models/kept.onnx": "new", "models/added.onnx": "new", "report.md": "new"})
+    (staging / "results.json").unlink()
+
+    publish(staging, output)
+    assert not (output / "results.json").exists()  # the caller writes the new one last
+    assert not (output / "models" / "dropped.onnx").exists()
+    assert {p.name: p.read_text() for p in (output / "models").iterdir()} == {
+        "kept.onnx": "new", "added.onnx": "new", "my-notes.txt": "mine"}
+    assert (output / "report.md").read_text() == "new" and (output / "train.py").read_text() == "mine"
+    assert (tmp_path / "outside.txt").read_text() == "not mlopt's"
 
 
 def test_https_downloads_follow_https_redirects_but_never_to_plain_http(tmp_path, monkeypatch):

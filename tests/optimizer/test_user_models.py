@@ -136,7 +136,7 @@ def test_inputs_that_do_not_fit_the_model_exit_2_naming_the_field(tmp_path, case
     for phrase in phrases:
         assert phrase in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # nothing half-written
+    assert not list(tmp_path.rglob(".mlopt-partial-*"))  # nothing half-written
 
 
 @pytest.mark.slow  # the whole pipeline
