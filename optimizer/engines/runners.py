@@ -36,7 +36,7 @@ class Runner(Protocol):
     def with_threads(self, count: int) -> "Runner": ...
 
 
-class ProviderError(RuntimeError):
+class ProviderError(DeviceError):
     """The requested execution provider is not the one ONNX Runtime actually bound."""
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optimizer.api.errors import ModelLoadError
 from optimizer.api.spec import ExportSpec, InputSpec, Tolerance
 from optimizer.engines.feeds import random_feed
 from optimizer.engines.torch_export import dynamic_example, root_cause
@@ -258,13 +259,30 @@ def _hint(error: BaseException, route: str, inputs: list[InputSpec]) -> str:
     return ""
 
 
+def _onnx_source_runner(path: Path, threads: int, device: str):
+    """The user's ONNX model in ONNX Runtime. onnx's checker passes graphs this ONNX Runtime still
+    cannot run (an opset or IR version newer than it knows, an op it lacks): say so as a load error."""
+    import onnxruntime as ort
+
+    from optimizer.engines.runners import OrtRunner, ProviderError
+
+    try:
+        return OrtRunner(path, threads=threads, device=device)
+    except ProviderError:
+        raise
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+        detail = " ".join(str(error).split())[:400]
+        raise ModelLoadError(f"model.source: ONNX Runtime {ort.__version__} cannot load this model: {detail}; "
+                             "export it at an opset this version supports (or use a newer onnxruntime)") from None
+
+
 def export_step(run: Run) -> None:
     """The PyTorch baseline's runner, and its ONNX export checked for parity (an ONNX source is its own baseline)."""
-    from optimizer.engines.runners import OrtRunner, TorchRunner
+    from optimizer.engines.runners import TorchRunner
 
     threads = run.spec.spec.benchmark.threads
     if run.loaded.onnx_path is not None:
-        run.baseline_runner = OrtRunner(run.loaded.onnx_path, threads=threads, device=run.spec.spec.benchmark.device)
+        run.baseline_runner = _onnx_source_runner(run.loaded.onnx_path, threads, run.spec.spec.benchmark.device)
         return
     names = [spec.name for spec in run.loaded.inputs]
     run.baseline_runner = TorchRunner(run.loaded.module, names, device=run.spec.spec.benchmark.device)

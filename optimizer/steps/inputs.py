@@ -17,7 +17,7 @@ from __future__ import annotations
 from optimizer.api.errors import InputMismatchError
 from optimizer.engines.feeds import random_feed
 from optimizer.steps.export import parity_shapes
-from optimizer.api.spec import InputSpec
+from optimizer.api.spec import DType, InputSpec
 from optimizer.steps.run import Run
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64", 9: "bool", 2: "uint8", 3: "int8"}
@@ -73,9 +73,12 @@ def check_onnx(path, inputs: list[InputSpec]) -> None:
                 f"{shown}; use those names")
         dtype, dims = by_name[spec.name]
         if dtype != spec.dtype:
+            supported = [d.value for d in DType]
+            fix = (f"set dtype: {dtype}" if dtype in supported else
+                   f"mlopt feeds {', '.join(supported)} only: re-export the model with a {' or '.join(supported[:2])} "
+                   "input (cast inside the model)")
             raise InputMismatchError(
-                f"{_field(index, spec.name, '.dtype')}: is {spec.dtype}, but the ONNX model expects {dtype}; "
-                f"set dtype: {dtype}")
+                f"{_field(index, spec.name, '.dtype')}: is {spec.dtype}, but the ONNX model expects {dtype}; {fix}")
         _check_dims(index, spec, dims, "ONNX model", shown)
     missing = [name for name, _, _ in declared if name not in {s.name for s in inputs}]
     if missing:

@@ -108,6 +108,16 @@ def _conv_state_dict(directory):
     torch.save(_user_module(directory).ConvBnRelu().state_dict(), directory / "fixed.pt")
 
 
+def _uint8_input_onnx(directory):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["image"], ["out"], to=TensorProto.FLOAT)], "uint8-in",
+                              [helper.make_tensor_value_info("image", TensorProto.UINT8, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 16, 16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(directory / "fixed.onnx"))
+
+
 DYNAMIC_BATCH = [{"name": "image", "shape": [1, 3, 16, 16], "dynamicAxes": {0: "batch"}}]
 MISMATCHES = {
     # case: (write the model, its model section, phrases the message must hold)
@@ -121,6 +131,9 @@ MISMATCHES = {
                         "use the shape the model expects"]),
     "onnx-wrong-name": (_fixed_batch_onnx, {"source": "fixed.onnx", "inputs": [{"name": "pixels", "shape": [1, 3, 16, 16]}]},
                         ["spec.model.inputs[0] (pixels).name", "no input 'pixels'", "image float32 [1, 3, 16, 16]"]),
+    # a dtype the spec cannot express: the fix is in the model, not "set dtype: uint8" (the spec refuses it)
+    "onnx-uint8-input": (_uint8_input_onnx, {"source": "fixed.onnx", "inputs": [{"name": "image", "shape": [1, 3, 16, 16]}]},
+                         ["spec.model.inputs[0] (image).dtype", "expects uint8", "re-export the model"]),
     "onnx-wrong-rank": (_fixed_batch_onnx, {"source": "fixed.onnx", "inputs": [{"name": "image", "shape": [3, 16, 16]}]},
                         ["spec.model.inputs[0] (image).shape", "has 3 axes", "expects 4"]),
 }
@@ -202,6 +215,26 @@ def test_torchscript_traced_under_no_grad_says_how_to_fix_it(tmp_path):
     assert "traced under torch.no_grad()" in attempts[0]["reason"]
     assert results["variants"][0]["error"].startswith("needs the ONNX export, which failed")
     assert results["best"] is None
+
+
+def test_an_onnx_model_onnx_runtime_cannot_run_is_a_load_error_naming_model_source(tmp_path):
+    """onnx's checker accepts an op from a domain it does not know; ONNX Runtime has no kernel for it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Sharpen", ["image"], ["out"], domain="com.example")], "custom",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    spec = write_spec(tmp_path, {"model": {"source": "custom.onnx", "inputs": [{"name": "image", "shape": [1, 4]}]},
+                                 "benchmark": QUICK})
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "model.source: ONNX Runtime" in done.stderr and "Sharpen" in done.stderr, done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unexpected_exception_in_a_recipe_is_reported_as_an_mlopt_bug_not_a_reason(tmp_path):
