@@ -40,12 +40,10 @@ _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy",
 _IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError")
 
 
-def _age_seconds(thing: dict[str, Any], now: datetime.datetime) -> float:
-    created = thing["metadata"].get("creationTimestamp")
-    if not created:
+def _seconds_since(timestamp: str | None, now: datetime.datetime) -> float:
+    if not timestamp:
         return 0.0
-    started = datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
-    return (now - started).total_seconds()
+    return (now - datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))).total_seconds()
 
 
 def _failed_create(events: list[dict[str, Any]]) -> str | None:
@@ -61,12 +59,17 @@ def _waited_too_long(status: dict[str, Any], job: dict[str, Any], pods: list[dic
                      now: datetime.datetime) -> dict[str, Any]:
     """A Pending status whose problem has lasted past its limit becomes Failed, saying how long it waited.
     A pod's problem is timed from that pod's creation: the replacement of a pod evicted an hour into a
-    run (a drained node) gets its full wait, not none."""
+    run (a drained node) gets its full wait, not none. FailedCreate is timed from the Job's startTime,
+    which Kubernetes sets when the Job may first make pods and resets on each resume: a Job Kueue
+    admits after an hour in its queue gets its full wait too."""
     limit = {"FailedCreate": waits.failed_create, "Unschedulable": waits.unschedulable,
              **{reason: waits.image for reason in _IMAGE_PROBLEMS}}.get(status.get("reason"))
     if status.get("phase") != "Pending" or limit is None:
         return status
-    age = _age_seconds(_latest(pods) if pods and status["reason"] != "FailedCreate" else job, now)
+    if status["reason"] == "FailedCreate":
+        age = _seconds_since(job.get("status", {}).get("startTime") or job["metadata"].get("creationTimestamp"), now)
+    else:
+        age = _seconds_since((_latest(pods) if pods else job)["metadata"].get("creationTimestamp"), now)
     if age < limit:
         return status
     return {**status, "phase": "Failed",

@@ -220,6 +220,12 @@ def test_a_job_that_cannot_create_its_pod_says_why_then_fails_after_the_wait():
     assert (failed["phase"], failed["reason"]) == ("Failed", "FailedCreate")
     assert "after 61 s" in failed["message"] and "limit is 60 s" in failed["message"]
     assert status_from_job(_created(job()), [], [], now=_at(61))["reason"] == "JobCreated"  # no event: just waiting
+    # Admitted by Kueue an hour after it was created (startTime is set, or reset, on resume): a full wait.
+    admitted = _created(job())
+    admitted["status"]["startTime"] = "2026-01-01T01:00:00Z"
+    waits = Waits(failed_create=60)
+    assert status_from_job(admitted, [], [FAILED_CREATE], now=_at(3600 + 20), waits=waits)["phase"] == "Pending"
+    assert status_from_job(admitted, [], [FAILED_CREATE], now=_at(3600 + 61), waits=waits)["phase"] == "Failed"
 
 
 def test_unschedulable_and_image_problems_fail_only_after_their_waits():
