@@ -184,7 +184,7 @@ def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], gene
                        f"position {place.position} of {place.waiting}")
             _write(cluster, resource, {**fresh, "phase": "Queued", "reason": "OverCap", "message": message,
                                        "queuePosition": place.position}, generation)
-            raise kopf.TemporaryError(message, delay=QUEUE_RETRY_SECONDS)
+            raise metrics.AskAgain(message, delay=QUEUE_RETRY_SECONDS)
     pending = {**fresh, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
                "queuePosition": None, "message": f"Job {job['metadata']['name']} runs generation {generation}"}
     _write(cluster, resource, pending, generation)

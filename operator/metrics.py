@@ -13,6 +13,7 @@ import functools
 import time
 from typing import Any, Callable
 
+import kopf
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -25,6 +26,12 @@ RECONCILE_ERRORS = Counter("mlopt_reconcile_errors", "Handler runs that raised (
 RECONCILE_SECONDS = Histogram("mlopt_reconcile_seconds", "Time a handler run took", ["handler"], registry=REGISTRY,
                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LEADER = Gauge("mlopt_leader", "1 on the replica that acts (holds the Lease), 0 on a standby", registry=REGISTRY)
+
+
+class AskAgain(kopf.TemporaryError):
+    """Call this handler again after `delay` as part of normal work (a Queued resource waiting for a
+    slot): kopf retries it like any TemporaryError, but it is not a reconcile error, so an alert on
+    mlopt_reconcile_errors_total stays quiet while the queue drains."""
 
 
 class ResourceCollector:
@@ -57,6 +64,8 @@ def observed(handler: str):
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
+            except AskAgain:
+                raise
             except Exception:
                 RECONCILE_ERRORS.labels(handler).inc()
                 raise

@@ -30,8 +30,16 @@ def test_handlers_are_timed_and_their_errors_counted():
     with pytest.raises(RuntimeError):
         handler(True)
     assert metrics.RECONCILE_ERRORS.labels("test_handler")._value.get() == before + 1
+
+    @metrics.observed("test_handler")
+    def queued():
+        raise metrics.AskAgain("waiting for a slot", delay=10)  # normal work, retried by kopf
+
+    with pytest.raises(metrics.AskAgain):
+        queued()
+    assert metrics.RECONCILE_ERRORS.labels("test_handler")._value.get() == before + 1
     text = generate_latest(metrics.REGISTRY).decode()
-    assert 'mlopt_reconcile_seconds_count{handler="test_handler"} 2.0' in text
+    assert 'mlopt_reconcile_seconds_count{handler="test_handler"} 3.0' in text
     assert "mlopt_jobs_created_total" in text
 
 
