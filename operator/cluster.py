@@ -47,6 +47,7 @@ class Cluster:
         body: Any = None,
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
+        timeout: float = 30,
     ) -> dict[str, Any]:
         request = self.client.param_serialize(
             method=method,
@@ -56,7 +57,7 @@ class Cluster:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.client.call_api(*request, _request_timeout=30)
+        response = self.client.call_api(*request, _request_timeout=timeout)
         response.read()
         text = response.data.decode() if response.data else ""
         if not 200 <= response.status <= 299:

@@ -4,8 +4,12 @@ Why a Lease and not kopf's peering: peering pauses an operator only when a peer 
 is seen, so two replicas of one Deployment (same priority) would both pause or both run; it also
 needs cluster-wide peering CRDs. A Lease is what kube-controller-manager and client-go use: the
 holder renews it every RENEW seconds, a standby takes it over once it is DURATION seconds stale,
-and a holder that cannot renew within DURATION exits (its container restarts as a standby), so
-at no time do two replicas hold it.
+and a holder that cannot renew within DURATION - RENEW exits (its container restarts as a standby),
+so at no time do two replicas hold it. Two details make that hold on a real cluster, as in
+client-go: each Lease request times out after REQUEST_TIMEOUT (a stalled API server cannot keep a
+leader acting past the point where it must step down), and a standby judges staleness by its own
+monotonic clock, from when it last saw the lease change, never by comparing renewTime, written by
+another node's clock, with its own (clock skew would hand over a live lease).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Callable
 from kubernetes.client.exceptions import ApiException
 
 DURATION, RENEW, RETRY = 15, 5, 2  # seconds, as kube-controller-manager's defaults scaled down
+REQUEST_TIMEOUT = 3  # per Lease request: a GET and a PUT fit in the time a holder has left to step down
 LOG = logging.getLogger("mlopt.leader")
 
 
@@ -31,17 +36,6 @@ def _now() -> datetime.datetime:
 
 def _micro(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse(text: str | None) -> datetime.datetime | None:
-    if not text:
-        return None
-    for pattern in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            return datetime.datetime.strptime(text, pattern).replace(tzinfo=datetime.timezone.utc)
-        except ValueError:
-            continue
-    return None
 
 
 def identity() -> str:
@@ -55,6 +49,7 @@ class Lease:
         self.request, self.holder = request, holder
         self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         self.namespace, self.name = namespace, name
+        self._seen, self._seen_at = None, time.monotonic()  # the lease's last (holder, renewTime), and when
 
     def _spec(self, transitions: int, acquired: str | None) -> dict[str, Any]:
         now = _micro(_now())
@@ -79,10 +74,12 @@ class Lease:
                     return False
                 raise
         spec = current.get("spec") or {}
-        renewed = _parse(spec.get("renewTime"))
+        seen = (spec.get("holderIdentity"), spec.get("renewTime"))
+        if seen != self._seen:  # renewed (or taken) since the last look: stale only DURATION from now
+            self._seen, self._seen_at = seen, time.monotonic()
         duration = spec.get("leaseDurationSeconds") or DURATION
         ours = spec.get("holderIdentity") == self.holder
-        stale = renewed is None or (_now() - renewed).total_seconds() > duration
+        stale = time.monotonic() - self._seen_at > duration
         if not (ours or stale or not spec.get("holderIdentity")):
             return False
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if ours else 1)
@@ -133,7 +130,8 @@ def acquire(lease: Lease, stop: threading.Event | None = None) -> bool:
 
 def keep(lease: Lease, on_lost: Callable[[], None]) -> threading.Thread:
     """Renew the lease every RENEW seconds in a daemon thread; call on_lost when it could not be
-    renewed for DURATION seconds (a standby may hold it by then)."""
+    renewed for DURATION - RENEW seconds (before a standby may take it: DURATION after it last saw
+    a renewal)."""
 
     def renew() -> None:
         last = time.monotonic()

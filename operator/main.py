@@ -58,12 +58,14 @@ def _standby_health(liveness: str):
 
 def _lead(liveness: str, namespace: str):
     """Block until this replica holds the lease; exit the process if it is ever lost. Returns the lease."""
+    import functools
     import os
 
     from .cluster import Cluster
-    from .leader import Lease, acquire, identity, keep
+    from .leader import REQUEST_TIMEOUT, Lease, acquire, identity, keep
 
-    lease = Lease(Cluster().request, namespace, "mlopt-operator", identity())
+    lease = Lease(functools.partial(Cluster().request, timeout=REQUEST_TIMEOUT), namespace, "mlopt-operator",
+                  identity())
     health = _standby_health(liveness) if liveness else None
     acquire(lease)
     if health:
