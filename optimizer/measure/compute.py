@@ -60,15 +60,36 @@ def count_products(module, feed: dict, input_names: list[str]) -> list[Product]:
             products.append(Product(kind, steps * batch, in_size, gates * hidden, directions))  # input, all steps at once
             products.append(Product(kind, batch, hidden, gates * hidden, steps * directions))  # recurrence, step by step
 
+    def attention(layer, inputs, output):
+        # Counted as Linear: ONNX Runtime runs all of it as MatMul/Gemm. Its out_proj is applied with
+        # F.linear, never called as a module, so it is not counted twice.
+        query, key = inputs[0], inputs[1]
+        batched = query.dim() == 3
+        length, source = (query.shape[-2], key.shape[-2]) if layer.batch_first or not batched else (query.shape[0], key.shape[0])
+        batch = (query.shape[0] if layer.batch_first else query.shape[1]) if batched else 1
+        embed, heads = layer.embed_dim, layer.num_heads
+        head = embed // heads
+        products.extend([
+            Product("Linear", batch * length, embed, embed),  # query projection
+            Product("Linear", batch * source, layer.kdim, embed), Product("Linear", batch * source, layer.vdim, embed),
+            Product("Linear", length, head, source, batch * heads),  # scores: Q·Kᵀ per head
+            Product("Linear", length, source, head, batch * heads),  # scores · V per head
+            Product("Linear", batch * length, embed, embed),  # output projection
+        ])
+
     hooks_for = {torch.nn.Conv1d: conv, torch.nn.Conv2d: conv, torch.nn.Linear: linear,
-                 torch.nn.LSTM: recurrent, torch.nn.GRU: recurrent}
+                 torch.nn.LSTM: recurrent, torch.nn.GRU: recurrent, torch.nn.MultiheadAttention: attention}
     if not hasattr(module, "modules") or isinstance(module, torch.jit.ScriptModule):
         return []
     handles = [m.register_forward_hook(hooks_for[type(m)]) for m in module.modules() if type(m) in hooks_for]
+    # The encoder layers' fused inference path calls no submodule, so no hook would see them.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.inference_mode():
             module(*(torch.from_numpy(feed[name]) for name in input_names))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for handle in handles:
             handle.remove()
     return products

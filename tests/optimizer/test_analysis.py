@@ -176,3 +176,20 @@ def test_the_pods_qos_class_is_recorded_with_the_machine(monkeypatch):
     assert describe(1, "cpu").qosClass == "Guaranteed"  # the operator's Job sets it; numbers say how they were taken
     monkeypatch.delenv("MLOPT_QOS_CLASS")
     assert describe(1, "cpu").qosClass is None  # a local run: no pod
+
+
+def test_an_encoders_attention_is_counted_even_on_its_fused_inference_path():
+    import numpy as np
+    import torch
+
+    from optimizer.measure.compute import count_products, macs_by_type
+
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    feed = {"x": np.zeros((2, 10, 32), np.float32)}
+    tokens, embed, heads, ff = 2 * 10, 32, 4, 64
+    per_layer = (4 * tokens * embed * embed  # q, k, v and output projections
+                 + 2 * 2 * heads * 10 * 10 * (embed // heads)  # Q·Kᵀ and scores·V, per sample and head
+                 + 2 * tokens * embed * ff)  # the feed-forward pair
+    assert macs_by_type(count_products(encoder, feed, ["x"])) == {"Linear": 2 * per_layer}
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for everything else
