@@ -16,7 +16,8 @@ def _best(run: Run, best: VariantResult | None) -> Best | None:
     if best is None or best.latencyMs is None:
         return None
     built = run.built.get(best.name)
-    precision = "int8" if "int8" in best.recipe else "fp32"
+    provider = best.provider or ""
+    precision = "int8" if "int8" in best.recipe else "bf16" if "bf16" in provider or "f16" in provider else "fp32"
     call = built.runner.bind(random_feed(run.loaded.inputs)) if built else None
     return Best(best.name, precision, best.runtime == "onnxruntime", best.latencyMs.mean, call)
 

@@ -251,8 +251,10 @@ def _measurement(c: dict) -> str:
 
 def _best_against_limits(best: dict) -> str:
     precision = best["precision"].upper()
+    physical = (f"the INT8 physical limit (the INT8 rate bounds {precision} too)" if precision in ("BF16", "FP16")
+                else f"the {precision} physical limit")
     names = {"atShapes": f"the {precision} limit at the model's shapes", "peak": f"the {precision} kernels' peak limit",
-             "physical": f"the {precision} physical limit"}
+             "physical": physical}
     fastest = (f"; {_ms(best['fastestInRoundsMs'])} fastest in the same rounds"
                if best.get("fastestInRoundsMs") is not None else "")
     parts, beaten = [], []

@@ -12,7 +12,7 @@ import pytest
 from optimizer.measure.compute import PHYSICAL_MACS_PER_CYCLE, physical_limits
 from optimizer.measure.fastest import fastest_until_stable
 from optimizer.measure.hardware import ISA_CLASSES, isa_class
-from optimizer.steps.report import _compute_section, of_limit
+from optimizer.steps.report import _best_against_limits, _compute_section, of_limit
 
 from .test_hardware import ALDER_LAKE, AVX2_EPYC, SAPPHIRE_RAPIDS, SKYLAKE_SP, ZEN4
 
@@ -224,3 +224,15 @@ def test_the_limit_lines_are_ordered_and_the_best_is_never_over_100_percent(tmp_
     assert record["measurement"]["rounds"] <= 20 and record["measurement"]["attempts"] in (1, 2)
     for line in record["best"]["lines"].values():
         assert (line["fraction"] is None) == line["beaten"] and (line["fraction"] or 0) <= 1.0
+
+
+def test_a_bf16_variant_is_held_to_the_int8_physical_line():
+    from optimizer.measure.fastest import Fastest
+    from optimizer.measure.limits import Best, _best
+
+    lines = {"atShapes": {}, "peak": {}, "physical": physical_limits(64_000_000, "amx", 2.0, 1)}
+    measured = Fastest(fastest={}, samples={}, totals_of=lambda times: {})
+    record = _best(Best("openvino-default", "bf16", False, 1.0), lines, measured)
+    # AMX: BF16 tiles do 512 MACs a cycle, so the FP32 line (32) would be beaten; the INT8 one (1024) is not.
+    assert list(record["lines"]) == ["physical"] and record["lines"]["physical"]["limitMs"] == pytest.approx(0.03125)
+    assert "INT8 physical limit (the INT8 rate bounds BF16 too)" in _best_against_limits(record)
