@@ -46,19 +46,20 @@ class KernelGraph:
     layer: str
     ops: list[str]  # op type of each node, in graph order
     run: Callable[[], object] = field(repr=False)
-    model: bytes = field(repr=False, default=b"")  # the graph alone, serialized: what was timed
+    constants: frozenset = frozenset()  # the initializers it holds (weights, scales: prepacked by ORT)
+    fed: frozenset = frozenset()  # its graph inputs, fed the tensors captured from the variant
+    node_inputs: tuple = ()  # per node, the names it reads
 
 
 def _session(model, threads: int):
-    """A session for `model` (a ModelProto or its bytes) as the variants' sessions are made."""
+    """A session for `model` as the variants' sessions are made."""
     import onnxruntime as ort
 
     options = session_options(threads)
     # The graph is already optimized; optimizing again could merge identical nodes. Prepacking of
     # constant weights does not depend on this level.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    serialized = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def _node_inputs(model, feed: dict) -> dict[str, np.ndarray]:
@@ -132,10 +133,12 @@ def kernel_graphs(variant: str, optimized: Path, feed: dict, threads: int) -> li
     graphs = []
     for layer, nodes in by_layer.items():
         alone, inputs = _layer_model(model, nodes, values)
-        serialized = alone.SerializeToString()
-        session = _session(serialized, threads)
+        session = _session(alone, threads)
         graphs.append(KernelGraph(variant, layer, [node.op_type for node in nodes],
-                                  lambda session=session, inputs=inputs: session.run(None, inputs), serialized))
+                                  lambda session=session, inputs=inputs: session.run(None, inputs),
+                                  frozenset(init.name for init in alone.graph.initializer),
+                                  frozenset(i.name for i in alone.graph.input),
+                                  tuple(tuple(node.input) for node in alone.graph.node)))
     return graphs
 
 

@@ -171,8 +171,6 @@ def _conv_gemm_model(directory):
 
 
 def test_the_kernels_timed_are_the_variants_own_with_constant_weights(tmp_path):
-    import onnx
-
     from optimizer.engines.runners import OrtRunner, op_counts
     from optimizer.measure.kernels import LAYER_OF_OP, kernel_graphs
 
@@ -187,12 +185,10 @@ def test_the_kernels_timed_are_the_variants_own_with_constant_weights(tmp_path):
         for graph in graphs:
             for op in graph.ops:
                 timed[op] = timed.get(op, 0) + 1
-            alone = onnx.load_from_string(graph.model)
-            constants = {init.name for init in alone.graph.initializer}
-            fed = {i.name for i in alone.graph.input}
-            for node in alone.graph.node:  # weights stay constants (ORT prepacks them); activations are fed
-                assert all(name in constants or name in fed for name in node.input if name)
-            assert constants, "the weights must be initializers, or ORT would not prepack them"
+            for inputs in graph.node_inputs:  # weights stay constants (ORT prepacks them); activations are fed
+                assert all(name in graph.constants or name in graph.fed for name in inputs if name)
+                assert not {name for name in inputs[1:] if name} <= graph.fed  # not every operand fed: weights are constant
+            assert graph.constants, "the weights must be initializers, or ORT would not prepack them"
             graph.run()
         assert timed == ran and {g.layer for g in graphs} == {"Conv", "Linear"}
     assert {op for g in kernel_graphs("int8", tmp_path / "int8.opt.onnx", feed, 1) for op in g.ops} <= {
