@@ -104,6 +104,21 @@ class StepTiming(_Record):
     seconds: float
 
 
+class GpuEnvironment(_Record):
+    """The GPU a CUDA run measured on, as PyTorch (and nvidia-smi) report it."""
+
+    name: str  # torch.cuda.get_device_name, e.g. "NVIDIA H200"
+    capability: str  # compute capability, e.g. "9.0"
+    memoryGiB: float
+    multiprocessors: int
+    count: int  # GPUs PyTorch sees; the run uses the current one
+    driver: str | None = None  # NVIDIA driver version from nvidia-smi; None where nvidia-smi is not available
+    cuda: str | None  # the CUDA runtime PyTorch was built with (torch.version.cuda)
+    cudnn: str | None  # torch.backends.cudnn.version()
+    torch: str
+    tf32: dict[str, bool]  # {cudnn, matmul}: whether FP32 convolutions / matmuls may use TF32 tensor cores
+
+
 class Environment(_Record):
     cpu: str
     cpuFlags: list[str]
@@ -114,6 +129,7 @@ class Environment(_Record):
     availableProviders: list[str]
     hardware: dict[str, Any] | None = None  # optimizer.measure.hardware.HardwareProfile.record(): the choices and why
     qosClass: str | None = None  # the worker pod's QoS class in a cluster (Guaranteed: dedicated cores)
+    gpu: GpuEnvironment | None = None  # device cuda: the GPU the numbers came from; None on the CPU
 
 
 class Analysis(_Record):

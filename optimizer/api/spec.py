@@ -53,6 +53,14 @@ class Recipe(str, Enum):
     openvino_default = "openvino-default"
     openvino_int8 = "openvino-int8"
     openvino_ort_qdq = "openvino-ort-qdq"
+    torch_fp16 = "torch-fp16"
+    torch_bf16 = "torch-bf16"
+    torch_autocast_fp16 = "torch-autocast-fp16"
+    torch_autocast_bf16 = "torch-autocast-bf16"
+    torch_compile = "torch-compile"
+    torch_compile_max_autotune = "torch-compile-max-autotune"
+    torch_cudagraphs = "torch-cudagraphs"
+    torch_cudagraphs_fp16 = "torch-cudagraphs-fp16"
 
 
 class Calibration(str, Enum):
@@ -528,7 +536,21 @@ RECOMMENDED: dict[str, list[Recipe]] = {
         Recipe.torch_int8_static_dynamic,
         Recipe.onnx_fp16,
     ],
-    Device.cuda.value: [Recipe.onnx_fp32, Recipe.onnx_fp16, Recipe.ort_int8_static_dynamic],
+    # On the GPU: ONNX Runtime's CUDA provider (where onnxruntime-gpu is installed) and PyTorch's own GPU
+    # paths. No INT8: the CUDA provider has no DynamicQuantizeLSTM or ConvInteger kernel (those nodes would run
+    # on the CPU, which the provider check refuses) and runs QDQ models as FP32 kernels between
+    # Quantize/DequantizeLinear. torch-compile-max-autotune is opt-in: its autotuning takes minutes.
+    Device.cuda.value: [
+        Recipe.onnx_fp32,
+        Recipe.onnx_fp16,
+        Recipe.torch_fp16,
+        Recipe.torch_bf16,
+        Recipe.torch_autocast_fp16,
+        Recipe.torch_autocast_bf16,
+        Recipe.torch_compile,
+        Recipe.torch_cudagraphs,
+        Recipe.torch_cudagraphs_fp16,
+    ],
 }
 
 

@@ -37,6 +37,7 @@ class RecipeInfo:
 
 
 _ORT, _TORCH_AO, _TORCHAO, _OPENVINO = "onnxruntime", "torch.ao", "torchao (PT2E)", "openvino"
+_TORCH_CUDA = "pytorch (CUDA)"
 RECIPE_INFO: dict[str, RecipeInfo] = {
     Recipe.onnx_fp32.value: RecipeInfo(_ORT, ("cpu", "cuda"), "no", "the verified ONNX export, ORT-optimized"),
     Recipe.ort_int8_dynamic.value: RecipeInfo(
@@ -65,6 +66,22 @@ RECIPE_INFO: dict[str, RecipeInfo] = {
         _OPENVINO, ("cpu",), "used if present", "NNCF post-training INT8 (accuracy control with labelled data)"),
     Recipe.openvino_ort_qdq.value: RecipeInfo(
         _OPENVINO, ("cpu",), "no", "mlopt's ort-int8-static QDQ model compiled by OpenVINO"),
+    Recipe.torch_fp16.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "weights and inputs cast to float16, saved as a torch.export .pt2"),
+    Recipe.torch_bf16.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "weights and inputs cast to bfloat16, saved as a torch.export .pt2"),
+    Recipe.torch_autocast_fp16.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "FP32 weights, run under torch.autocast(float16)"),
+    Recipe.torch_autocast_bf16.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "FP32 weights, run under torch.autocast(bfloat16)"),
+    Recipe.torch_compile.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "the torch.export program through torch.compile (inductor), compiled at build time"),
+    Recipe.torch_compile_max_autotune.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "torch.compile mode max-autotune: autotuned kernels and CUDA graphs (minutes to build)"),
+    Recipe.torch_cudagraphs.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "FP32 program captured once per input shape as a CUDA graph and replayed"),
+    Recipe.torch_cudagraphs_fp16.value: RecipeInfo(
+        _TORCH_CUDA, ("cuda",), "no", "the float16 program captured as a CUDA graph and replayed"),
 }
 
 
@@ -136,7 +153,7 @@ RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
 
 
 def registry() -> dict[str, RecipeFunction]:
-    from optimizer.engines import openvino, ort, qat, torch_ao, torchao_pt2e
+    from optimizer.engines import openvino, ort, qat, torch_ao, torch_cuda, torchao_pt2e
 
     return {
         Recipe.onnx_fp32.value: ort.onnx_fp32,
@@ -154,4 +171,5 @@ def registry() -> dict[str, RecipeFunction]:
         Recipe.openvino_default.value: openvino.openvino_default,
         Recipe.openvino_int8.value: openvino.openvino_int8,
         Recipe.openvino_ort_qdq.value: openvino.openvino_ort_qdq,
+        **dict.fromkeys(torch_cuda.PLANS, torch_cuda.torch_on_gpu),
     }

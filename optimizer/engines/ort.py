@@ -20,7 +20,10 @@ RECURRENT_OPS = ["LSTM", "GRU"]
 
 
 def _runner(ctx: BuildContext, name: str, path: Path) -> OrtRunner:
-    return OrtRunner(path, threads=ctx.threads, device=ctx.device, optimized_path=ctx.workdir / f"{name}.ort-optimized.onnx")
+    runner = OrtRunner(path, threads=ctx.threads, device=ctx.device, optimized_path=ctx.workdir / f"{name}.ort-optimized.onnx")
+    if ctx.device == "cuda":  # a variant whose compute ops fall back to the CPU fails here, untimed
+        runner.verify_placement(ctx.dataset.calibration[0])
+    return runner
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ what the benchmark times, so input conversion never counts as model time.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,53 +81,67 @@ def check_device(device: str) -> None:
         )
 
 
-def _as_numpy(outputs) -> list[np.ndarray]:
-    import torch
+def flat_tensors(outputs) -> list:
+    """A module's outputs (a tensor, or tuples/lists of them) as one flat list of tensors."""
+    if isinstance(outputs, (tuple, list)):
+        return [tensor for item in outputs for tensor in flat_tensors(item)]
+    return [outputs]
 
-    if isinstance(outputs, torch.Tensor):
-        outputs = (outputs,)
-    flat = []
-    for item in outputs:
-        if isinstance(item, (tuple, list)):
-            flat.extend(_as_numpy(item))
-        else:
-            flat.append(item.detach().float().cpu().numpy() if item.is_floating_point() else item.cpu().numpy())
-    return flat
+
+def _as_numpy(outputs) -> list[np.ndarray]:
+    return [item.detach().float().cpu().numpy() if item.is_floating_point() else item.cpu().numpy()
+            for item in flat_tensors(outputs)]
 
 
 @dataclass
 class TorchRunner:
+    """A PyTorch module on `device`. `dtype` casts the floating inputs (the recipe cast the weights);
+    `autocast` runs every call under torch.autocast at that dtype instead. Outputs come back as FP32."""
+
     module: object
     input_names: list[str]
     device: str = "cpu"
     runtime: str = "pytorch"
+    dtype: str | None = None  # float16 | bfloat16: floating inputs are cast to it
+    autocast: str | None = None  # float16 | bfloat16: calls run under torch.autocast(device, dtype)
 
     @property
     def provider(self) -> str:
         return "CUDA" if self.device == "cuda" else "CPU"
 
-    def _tensors(self, feed: Feed):
+    def tensors(self, feed: Feed):
         import torch
 
-        return [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
+        tensors = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device) for name in self.input_names]
+        if self.dtype:
+            tensors = [t.to(getattr(torch, self.dtype)) if t.is_floating_point() else t for t in tensors]
+        return tensors
+
+    def context(self):
+        """inference_mode, and autocast when asked for: the one place both are set."""
+        import torch
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast:
+            stack.enter_context(torch.autocast(self.device, dtype=getattr(torch, self.autocast)))
+        return stack
 
     def with_threads(self, count: int) -> "TorchRunner":
         return self  # PyTorch reads its thread count per call (torch_threads)
 
     def __call__(self, feed: Feed) -> list[np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            return _as_numpy(self.module(*self._tensors(feed)))
+        with self.context():
+            return _as_numpy(self.module(*self.tensors(feed)))
 
     def bind(self, feed: Feed) -> Callable[[], object]:
         import torch
 
-        tensors = self._tensors(feed)
+        tensors = self.tensors(feed)
         module = self.module
 
         def run_once():
-            with torch.inference_mode():
+            with self.context():
                 result = module(*tensors)
             if self.device == "cuda":
                 torch.cuda.synchronize()  # CUDA launches are async: time the work, not the launch
@@ -166,6 +182,128 @@ class CompiledTorchRunner(TorchRunner):
 
 
 @dataclass
+class CapturedGraph:
+    """One CUDA graph of a module's forward at one set of input shapes: its static input and output
+    tensors stay where the capture put them, so a replay reads and writes the same memory."""
+
+    graph: object
+    inputs: list
+    outputs: object
+
+
+def capture_cuda_graph(module, example: list, context: Callable[[], contextlib.AbstractContextManager],
+                       warmup: int = 3) -> CapturedGraph:
+    """Record `module(*example)` into a torch.cuda.CUDAGraph. The warm-up runs on a side stream first
+    (as torch.cuda.graphs' docs ask), so cuDNN and cuBLAS pick their algorithms and workspaces before
+    the capture, where they could not."""
+    import torch
+
+    inputs = [tensor.clone() for tensor in example]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), context():
+        for _ in range(warmup):
+            module(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with context(), torch.cuda.graph(graph):
+        outputs = module(*inputs)
+    return CapturedGraph(graph, inputs, outputs)
+
+
+@dataclass
+class CudaGraphRunner(TorchRunner):
+    """A module replayed from CUDA graphs: one capture per input shape (static shapes only), then each
+    inference is one graph launch instead of a launch per kernel. Inputs are copied into the captured
+    graph's own input tensors; bind() copies once, so a timed run is the replay alone (as TorchRunner's
+    timed run is the forward alone, on inputs already on the GPU)."""
+
+    runtime: str = "pytorch-cudagraph"
+    graphs: dict = field(default_factory=dict, repr=False)  # input shapes and dtypes -> CapturedGraph
+
+    def _captured(self, tensors: list) -> CapturedGraph:
+        key = tuple((tuple(t.shape), str(t.dtype)) for t in tensors)
+        if key not in self.graphs:
+            self.graphs[key] = capture_cuda_graph(self.module, tensors, self.context)
+        captured = self.graphs[key]
+        for static, tensor in zip(captured.inputs, tensors):
+            static.copy_(tensor)
+        return captured
+
+    def __call__(self, feed: Feed) -> list[np.ndarray]:
+        captured = self._captured(self.tensors(feed))
+        captured.graph.replay()
+        return _as_numpy(captured.outputs)  # copied to the host: the next replay overwrites them
+
+    def bind(self, feed: Feed) -> Callable[[], object]:
+        import torch
+
+        graph = self._captured(self.tensors(feed)).graph
+
+        def run_once():
+            graph.replay()
+            torch.cuda.synchronize()
+
+        return run_once
+
+
+# Ops that do a model's arithmetic. ONNX Runtime places small shape computations (Shape, Gather on
+# shapes, ...) on the CPU on purpose, even with the CUDA provider first; one of these on the CPU means
+# the GPU variant's time would partly be CPU time, so a CUDA session with one there is refused.
+COMPUTE_OPS = frozenset({
+    "Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv",
+    "MatMul", "MatMulInteger", "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+    "Gemm", "QGemm", "FusedGemm", "LSTM", "GRU", "RNN", "DynamicQuantizeLSTM",
+    "Attention", "QAttention", "MultiHeadAttention", "GroupQueryAttention", "Einsum",
+})
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    node: str
+    op: str
+    provider: str
+
+
+def placement_from_profile(events: list[dict]) -> list[NodePlacement]:
+    """Where each node ran, from ONNX Runtime's profile (its per-node kernel events name the provider)."""
+    seen: dict[str, NodePlacement] = {}
+    for event in events:
+        name, args = event.get("name", ""), event.get("args", {})
+        if event.get("cat") == "Node" and name.endswith("_kernel_time") and "provider" in args:
+            node = name.removesuffix("_kernel_time")
+            seen.setdefault(node, NodePlacement(node, args.get("op_name", "?"), args["provider"]))
+    return list(seen.values())
+
+
+def check_placement(placement: list[NodePlacement], wanted: str) -> str:
+    """A one-line account of where the nodes ran; ProviderError when a compute op ran on another provider
+    than `wanted`, or when nothing at all ran on it."""
+    if not placement:
+        raise ProviderError(f"ONNX Runtime's profile shows no node at all, so it cannot show that {wanted} ran the model")
+    elsewhere = [p for p in placement if p.provider != wanted]
+    compute = [p for p in elsewhere if p.op in COMPUTE_OPS]
+    on_wanted = len(placement) - len(elsewhere)
+    if compute or not on_wanted:
+        ops = Counter(p.op for p in (compute or elsewhere))
+        listed = ", ".join(f"{op} ×{n}" for op, n in ops.most_common())
+        where = ", ".join(sorted({p.provider for p in compute or elsewhere}))
+        raise ProviderError(
+            f"{wanted} was asked for, but ONNX Runtime ran {len(compute or elsewhere)} of {len(placement)} nodes "
+            f"on {where} ({listed}; e.g. {(compute or elsewhere)[0].node}): they have no {wanted} kernel here, "
+            "so this variant's time would be CPU time; it is not timed. Use a variant whose ops the GPU runs "
+            "(onnx-fp32, onnx-fp16) or a PyTorch GPU recipe"
+        )
+    note = f"{on_wanted} of {len(placement)} nodes ran on {wanted} (checked with ONNX Runtime's profiler)"
+    if elsewhere:
+        ops = Counter(p.op for p in elsewhere)
+        note += ("; on " + ", ".join(sorted({p.provider for p in elsewhere})) + ": "
+                 + ", ".join(f"{op} ×{n}" for op, n in ops.most_common()) + " (no compute ops: ONNX Runtime keeps "
+                 "small shape computations there on purpose)")
+    return note
+
+
+@dataclass
 class OrtRunner:
     path: Path
     threads: int = 1
@@ -173,27 +311,59 @@ class OrtRunner:
     optimized_path: Path | None = None  # where ORT writes its optimized graph (for op counts)
     runtime: str = "onnxruntime"
     session: object = field(init=False, repr=False)
+    placement_note: str | None = field(default=None, init=False)  # CUDA: where the nodes ran, once checked
 
     def __post_init__(self):
-        import onnxruntime as ort
-
         options = session_options(self.threads)
         if self.optimized_path:
             options.optimized_model_filepath = str(self.optimized_path)
-        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+        self.session = self._session(options)
+
+    @property
+    def _providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device == "cuda" else ["CPUExecutionProvider"]
+
+    def _session(self, options):
+        """A session on the asked-for provider, or ProviderError: ORT falls back to the CPU silently when
+        the CUDA provider is missing or fails to initialise, and that must never be timed as the GPU."""
+        import onnxruntime as ort
+
+        wanted = self._providers
         if self.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ProviderError(
                 "benchmark.device is cuda, but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-                "or use the GPU worker image"
+                f"(available: {', '.join(ort.get_available_providers())}; onnxruntime {ort.__version__}); "
+                "install onnxruntime-gpu or use the GPU worker image"
             )
         if self.device == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* pip packages (see the GPU image)
-        self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
-        bound = self.session.get_providers()[0]
+        session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        bound = session.get_providers()[0]
         if bound != wanted[0]:
-            # ORT falls back to CPU silently when CUDA fails to initialise: refuse to time that.
             raise ProviderError(f"asked for {wanted[0]}, but ONNX Runtime bound {bound}")
+        return session
+
+    def placement(self, feed: Feed) -> list[NodePlacement]:
+        """Where each node runs: one run of `feed` in a second, profiled session on the same providers."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mlopt-placement-") as folder:
+            options = session_options(self.threads)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(folder) / "placement")
+            session = self._session(options)
+            session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+            return placement_from_profile(json.loads(Path(session.end_profiling()).read_text()))
+
+    def verify_placement(self, feed: Feed) -> str:
+        """That every compute node runs on the asked-for provider (check_placement), with a note saying where
+        the nodes ran; ProviderError otherwise. Done before a CUDA session's first result is used or timed."""
+        self.placement_note = check_placement(self.placement(feed), self._providers[0])
+        return self.placement_note
+
+    def _verified(self, feed: Feed) -> None:
+        if self.device == "cuda" and self.placement_note is None:
+            self.verify_placement(feed)  # before the first result is used or timed
 
     @property
     def provider(self) -> str:
@@ -211,10 +381,12 @@ class OrtRunner:
         return OrtRunner(self.path, threads=count, device=self.device)
 
     def __call__(self, feed: Feed) -> list[np.ndarray]:
+        self._verified(feed)
         return [np.asarray(o, dtype=np.float32) if np.asarray(o).dtype.kind == "f" else np.asarray(o)
                 for o in self.session.run(None, {n: feed[n] for n in self.input_names})]
 
     def bind(self, feed: Feed) -> Callable[[], object]:
+        self._verified(feed)
         if self.device != "cuda":
             session, inputs = self.session, {n: feed[n] for n in self.input_names}
             return lambda: session.run(None, inputs)

@@ -20,43 +20,20 @@ it is rebuilt on the machine that runs it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from optimizer.engines import BuildContext, Built, NotApplicable, RecipeFailure
 from optimizer.engines.runners import CompiledTorchRunner
+from optimizer.engines.torch_export import dynamic_shapes, quiet
 from optimizer.api.spec import VariantSpec
 
 # PT2E's INT8 weight prepacking is an inductor freezing pass: without freezing the int8 weights
 # are dequantized on every call and the convolutions run in FP32.
 INDUCTOR_CONFIG = {"freezing": True}
 INSTEAD = "use torch-int8-static or ort-int8-static for this model"
-
-# torch logs through its own stderr handler (not the root logger the run collects from): these
-# would print over the progress display.
-_NOISY_LOGGERS = ("torch.utils._pytree", "torch._dynamo", "torch._inductor", "torch.export", "torch._export",
-                  "torchao")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
 
 def _require_pt2e(ctx: BuildContext) -> None:
     if ctx.device != "cpu":
@@ -67,19 +44,11 @@ def _require_pt2e(ctx: BuildContext) -> None:
             "recipes (give a state-dict with model.entrypoint, or a .pt2, to also get PT2E quantization)"
         )
     try:
-        with _quiet():
+        with quiet():
             import torchao  # noqa: F401
     except ImportError as error:
         raise NotApplicable(f"skipped (not installed): {error.name} is missing; pip install 'mlopt[optimizer]' "
                             "brings torchao") from None
-
-
-def _dynamic_shapes(ctx: BuildContext):
-    """The spec's dynamic axes as torch.export dims (None when every shape is fixed)."""
-    import torch
-
-    dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamicAxes} or None for spec in ctx.loaded.inputs)
-    return dynamic if any(dynamic) else None
 
 
 def _captured(ctx: BuildContext):
@@ -92,9 +61,9 @@ def _captured(ctx: BuildContext):
         return copy.deepcopy(ctx.loaded.program.module())
     module = copy.deepcopy(ctx.loaded.module).eval()
     try:
-        with _quiet():
+        with quiet():
             program = torch.export.export(module, dynamic_example(ctx.loaded.inputs),
-                                          dynamic_shapes=_dynamic_shapes(ctx))
+                                          dynamic_shapes=dynamic_shapes(ctx.loaded.inputs))
     except Exception as error:
         raise RecipeFailure(
             f"torch.export cannot capture this model ({root_cause(error)}); PT2E quantization starts from a "
@@ -115,7 +84,7 @@ def _quantized(ctx: BuildContext, captured, dynamic: bool):
     config = x86.get_default_x86_inductor_quantization_config(is_dynamic=dynamic,
                                                                reduce_range=ctx.hardware.reduce_range)
     try:
-        with _quiet():
+        with quiet():
             prepared = prepare_pt2e(captured, x86.X86InductorQuantizer().set_global(config))
     except Exception as error:
         raise RecipeFailure(f"X86InductorQuantizer cannot annotate this model ({root_cause(error)}); {INSTEAD}") from None
@@ -126,7 +95,7 @@ def _quantized(ctx: BuildContext, captured, dynamic: bool):
             for item in items:
                 prepared(*(torch.from_numpy(item[n]) for n in names))
                 advance()
-    with _quiet():
+    with quiet():
         return convert_pt2e(prepared)
 
 
@@ -149,9 +118,9 @@ def _save(ctx: BuildContext, variant: VariantSpec, converted) -> Path:
     path = ctx.workdir / f"{variant.name}.pt2"
     drop_unused_weights(converted)
     try:
-        with _quiet():
+        with quiet():
             program = torch.export.export(converted, dynamic_example(ctx.loaded.inputs),
-                                          dynamic_shapes=_dynamic_shapes(ctx))
+                                          dynamic_shapes=dynamic_shapes(ctx.loaded.inputs))
             torch.export.save(program, str(path))
     except Exception as error:
         raise RecipeFailure(f"the quantized program could not be saved with torch.export ({root_cause(error)}); "
@@ -195,7 +164,7 @@ def _compiled(ctx: BuildContext, converted) -> tuple[CompiledTorchRunner, float]
                                  [spec.name for spec in ctx.loaded.inputs], inductor_config=INDUCTOR_CONFIG)
     started = time.perf_counter()
     try:
-        with _quiet():
+        with quiet():
             runner(ctx.dataset.calibration[0])  # compiles at the declared shape, before any timing
     except Exception as error:
         raise RecipeFailure(_compile_failure(error)) from None

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from optimizer.api.results import Environment
+from optimizer.api.results import Environment, GpuEnvironment
 from optimizer.measure.hardware import AMX_FLAG, VNNI_DOT_FLAGS
 
 # Flags that decide whether INT8 can beat FP32: VNNI/AMX (hardware.VNNI_FLAGS) give 4x the int8 dot-product rate.
 INT8_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", *VNNI_DOT_FLAGS, "avx512_bf16",
               "amx_tile", AMX_FLAG, "amx_bf16")
-PACKAGES = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "numpy", "mlopt")
+PACKAGES = ("torch", "triton", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "numpy", "mlopt")
 
 
 def cpu_info() -> tuple[str, list[str]]:
@@ -42,6 +44,37 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi (PyTorch does not report it); None without nvidia-smi."""
+    command = shutil.which("nvidia-smi")
+    if command is None:
+        return None
+    try:
+        done = subprocess.run([command, "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip().splitlines() or [None])[0]
+
+
+def gpu_record() -> GpuEnvironment | None:
+    """The current CUDA device as PyTorch sees it; None when PyTorch sees no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(index)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return GpuEnvironment(
+        name=torch.cuda.get_device_name(index), capability=f"{properties.major}.{properties.minor}",
+        memoryGiB=round(properties.total_memory / 2**30, 1), multiprocessors=properties.multi_processor_count,
+        count=torch.cuda.device_count(), driver=nvidia_driver(), cuda=torch.version.cuda,
+        cudnn=None if cudnn is None else str(cudnn), torch=torch.__version__,
+        tf32={"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+    )
+
+
 def describe(threads: int, device: str) -> Environment:
     import onnxruntime as ort
 
@@ -50,4 +83,5 @@ def describe(threads: int, device: str) -> Environment:
         cpu=cpu, cpuFlags=flags, python=platform.python_version(), packages=_versions(),
         threads=threads, device=device, availableProviders=ort.get_available_providers(),
         qosClass=os.environ.get("MLOPT_QOS_CLASS"),  # set by the operator's Job
+        gpu=gpu_record() if device == "cuda" else None,
     )

@@ -159,6 +159,14 @@ def _hardware_lines(record: dict | None) -> list[str]:
     return [head, *[f"  - {reason}" for reason in record["reasons"]]]
 
 
+def gpu_line(gpu) -> str:
+    """The GPU a CUDA run measured on, in one line (results.json: environment.gpu)."""
+    tf32 = ", ".join(f"{kind} {'on' if allowed else 'off'}" for kind, allowed in gpu.tf32.items())
+    return (f"{gpu.name} (compute {gpu.capability}, {gpu.memoryGiB:g} GiB, {gpu.multiprocessors} SMs), driver "
+            f"{gpu.driver or 'unknown (no nvidia-smi)'}, CUDA {gpu.cuda}, cuDNN {gpu.cudnn}, torch {gpu.torch}; "
+            f"TF32 for FP32: {tf32}")
+
+
 def _library_warnings(results: Results) -> list[str]:
     """What PyTorch, ONNX Runtime and friends warned about during the run (kept off the terminal)."""
     if not results.warnings:
@@ -373,7 +381,8 @@ def markdown(results: Results) -> str:
         f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
         "across variants; the speedup in brackets is its lowest and highest over those rounds. Sizes are the "
         "saved files: the PyTorch FP32 baseline as its state_dict, torch.ao INT8 variants as TorchScript, "
-        "torchao PT2E variants as the quantized torch.export program (.pt2).",
+        "torchao PT2E variants as the quantized torch.export program (.pt2), the PyTorch GPU variants as the "
+        "torch.export program at their dtype (.pt2).",
         "",
         *calibration_section(results),
         *fallback_section(results),
@@ -392,6 +401,7 @@ def markdown(results: Results) -> str:
         f"- CPU: {env.cpu}; INT8-relevant flags: {', '.join(env.cpuFlags) or 'none'}",
         f"- Python {env.python}; " + ", ".join(f"{k} {v}" for k, v in env.packages.items()),
         f"- ONNX Runtime providers available: {', '.join(env.availableProviders)}",
+        *([f"- GPU: {gpu_line(env.gpu)}"] if env.gpu else []),
         *_hardware_lines(env.hardware),
         *([f"- Kubernetes QoS class of the worker pod: {env.qosClass}"
            + (" (dedicated cores)" if env.qosClass == "Guaranteed" else " (CPU shared with neighbours above its request)")]

@@ -13,12 +13,16 @@ from optimizer.measure.hardware import VNNI_FLAGS
 from optimizer.steps.run import Run
 
 _INTEGER_OPS = ("ConvInteger", "MatMulInteger")
+GPU_PROVIDERS = ("CUDA", "CUDAExecutionProvider")  # what PyTorch's and ONNX Runtime's runners report on a GPU
 
 
 def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_flags: list[str]) -> str:
     """A best guess, from the graph and the CPU, at why a variant is slower than its FP32 counterpart."""
     ratio = variant.latencyMs.mean / counterpart.latencyMs.mean
     head = f"{ratio:.2f}x the latency of {counterpart.name} ({variant.latencyMs.mean:.2f} vs {counterpart.latencyMs.mean:.2f} ms)"
+    if variant.provider in GPU_PROVIDERS:
+        return (f"{head}: on the GPU, probably because at this batch size its kernels are short and launch-bound, "
+                "so a lower precision or other kernels save less than their extra casts and launches cost")
     integer_ops = {op: n for op, n in variant.opCounts.items() if op in _INTEGER_OPS}
     if integer_ops:
         listed = ", ".join(f"{op} ×{n}" for op, n in integer_ops.items())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from optimizer.api.errors import internal_error
+from optimizer.api.errors import DeviceError, internal_error
 from optimizer.api.results import Lineage, VariantResult, VariantStatus
 from optimizer.api.spec import Calibration, Recipe, VariantSpec
 from optimizer.artifacts import onnx_files
@@ -61,7 +61,9 @@ def build_variant(ctx: BuildContext, variant: VariantSpec, recipes) -> tuple[Var
     except NotApplicable as reason:
         result.status, result.error = VariantStatus.skipped.value, str(reason)
         return result, None
-    except RecipeFailure as error:  # the message says what the user can do about it
+    except (RecipeFailure, DeviceError) as error:  # the message says what the user can do about it
+        # DeviceError: e.g. ONNX Runtime without its CUDA provider, or nodes it ran on the CPU instead:
+        # a failure of this variant with the reason, never timed as a GPU variant.
         result.status, result.error = VariantStatus.failed.value, str(error).strip()[:800]
         return result, None
     except Exception as error:  # one failing variant never stops the others; this one is our bug
@@ -86,6 +88,8 @@ def keep_variant(variant: VariantSpec, result: VariantResult, built: Built, mode
     result.sizeBytes, result.artifact = built.size_bytes, f"models/{artifact.name}"
     result.lineage = Lineage(parent=built.parent, recipe=variant.recipe, options=built.options)
     result.notes = list(built.notes)
+    if getattr(built.runner, "placement_note", None):  # ONNX Runtime on CUDA: where its nodes ran
+        result.notes.append(built.runner.placement_note)
     optimized = getattr(built.runner, "optimized_path", None)
     if optimized and optimized.exists():
         result.opCounts = op_counts(optimized)

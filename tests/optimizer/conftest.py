@@ -116,6 +116,21 @@ def save_user_model(directory: Path, cls: str, **kwargs) -> Path:
     return weights
 
 
+def load_user_model(directory: Path, cls: str, module_name: str):
+    """save_user_model's model, built from the user file and its saved weights (its class lives only there)."""
+    import importlib.util
+
+    import torch
+
+    weights = save_user_model(directory, cls)
+    spec = importlib.util.spec_from_file_location(module_name, directory / "user_models.py")
+    source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(source)
+    model = getattr(source, cls)()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
 def write_spec(directory: Path, spec: dict, name: str = "spec.yaml") -> Path:
     path = directory / name
     document = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "test"}, "spec": spec}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .conftest import OUTLIER_INPUTS, QUICK_BENCHMARK, save_user_model, write_spec
+from .conftest import OUTLIER_INPUTS, QUICK_BENCHMARK, load_user_model, save_user_model, write_spec
 from .test_model_matrix import QUICK, save_model
 
 pytestmark = pytest.mark.slow  # every test here runs the whole pipeline
@@ -67,17 +67,10 @@ def _outlier_run(tmp_path, data: dict):
 
 def _labelled_outlier_data(tmp_path) -> None:
     """Labels are the FP32 model's own classes, so FP32 scores 100% top-1 and any drop is quantization's."""
-    import importlib.util
-
     import numpy as np
     import torch
 
-    weights = save_user_model(tmp_path, "Outlier")
-    spec = importlib.util.spec_from_file_location("outlier_labels", tmp_path / "user_models.py")
-    source = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(source)
-    model = source.Outlier()
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    model = load_user_model(tmp_path, "Outlier", "outlier_labels")
     inputs = np.random.default_rng(0).uniform(0, 1, size=(128, 16)).astype(np.float32)
     with torch.no_grad():
         labels = model.eval()(torch.from_numpy(inputs)).argmax(-1).numpy()
