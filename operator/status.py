@@ -33,9 +33,13 @@ _WAITING_FATAL = {
     "onto the node (kind load docker-image, ctr images import) or set the operator's MLOPT_IMAGE_PULL_POLICY",
     "InvalidImageName": "the worker image name is invalid: fix spec.job.image or the operator's MLOPT_WORKER_IMAGE",
 }
-# Job condition types that mean it ended (FailureTarget and SuccessCriteriaMet come first, while its pods terminate).
+# Job condition types that decide the outcome. The Job controller writes the interim SuccessCriteriaMet /
+# FailureTarget first, then removes its pod finalizers and waits for pods still terminating, and only
+# then the final Complete / Failed with completionTime (seconds later, or much later when its status
+# update fails, e.g. while the API server restarts). The outcome is known at the interim one.
 _COMPLETE = ("Complete", "SuccessCriteriaMet")
 _FAILED = ("Failed", "FailureTarget")
+_ENDED = ("Complete", "Failed")
 _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
 _IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError")
 
@@ -233,7 +237,14 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def job_finished(job: dict[str, Any]) -> bool:
+    """The outcome is decided (an interim condition counts): status may say Succeeded or Failed."""
     return _condition(job, _COMPLETE + _FAILED) is not None
+
+
+def job_ended(job: dict[str, Any]) -> bool:
+    """Kubernetes' own end of the Job (Complete / Failed, with completionTime): no pod of it is left
+    terminating. Until then the Job is still active, whatever the interim conditions say."""
+    return _condition(job, _ENDED) is not None
 
 
 def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] | None = None,

@@ -81,6 +81,10 @@ class InMemoryApi:
     def pods(self, namespace, job_name):
         return self.pods_by_job.get(job_name, [])
 
+    def job_condition(self, job_name, kind, namespace="team"):
+        self.jobs_by_name[(namespace, job_name)].setdefault("status", {}).setdefault("conditions", []).append(
+            {"type": kind, "status": "True", "lastTransitionTime": "2026-01-01T00:01:00Z"})
+
     def create_job(self, job):
         if self.refuse:
             raise self.refuse
@@ -302,3 +306,18 @@ def test_a_running_job_is_adopted_even_when_the_policy_changed_since_it_started(
     api.policy_text = ""  # tightened back to the defaults while the Job runs
     run(api, "own-image")  # resumed (an operator restart): the running Job is adopted, not refused
     assert status(api, "own-image")["phase"] == "Pending" and api.created == ["own-image-g1"]
+
+
+def test_a_job_past_success_criteria_but_not_complete_still_holds_its_slot(api):
+    """SuccessCriteriaMet comes before Complete (and completionTime); until then Kubernetes counts the
+    Job as active, and so does the cap."""
+    for index in range(3):
+        api.add(f"s{index}", created=f"2026-01-01T00:00:0{index}Z")
+    run(api, "s0")
+    run(api, "s1")
+    api.job_condition("s0-g1", "SuccessCriteriaMet")
+    with pytest.raises(kopf.TemporaryError):
+        run(api, "s2")  # the cap is 2
+    api.job_condition("s0-g1", "Complete")
+    run(api, "s2")
+    assert api.created == ["s0-g1", "s1-g1", "s2-g1"]
