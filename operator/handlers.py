@@ -287,4 +287,17 @@ def recheck_waiting(meta: kopf.Meta, **_: Any) -> None:
     _sync(meta["namespace"], meta["name"], str(meta["generation"]))
 
 
-__all__ = ["configure", "run_generation", "job_changed", "pod_changed", "recheck_waiting"]
+def _running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == "Running"
+
+
+# kopf never delivers a watch event again whose handler raised: a Job's completion handled while the
+# API server restarts (the status write refused) would leave the resource Running with its results
+# unread, as a finished Job makes no further event. Look at a Running resource again now and then.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=30, initial_delay=30, when=_running)
+@metrics.observed("recheck_running")
+def recheck_running(meta: kopf.Meta, **_: Any) -> None:
+    _sync(meta["namespace"], meta["name"], str(meta["generation"]))
+
+
+__all__ = ["configure", "run_generation", "job_changed", "pod_changed", "recheck_waiting", "recheck_running"]

@@ -490,6 +490,27 @@ def test_a_pod_of_a_deleted_namesake_is_released_even_when_a_new_resource_has_it
     assert api.pod(old["metadata"]["name"]) is None
 
 
+def test_a_completion_whose_handling_failed_is_recorded_by_the_next_recheck(api, monkeypatch):
+    """kopf never delivers a watch event again whose handler raised (the API server away just then):
+    a Running resource is looked at again by the timer, so its results are not left unread."""
+    pod = started(api, "missed")
+    api.end_pod(pod, 0, SUMMARY)
+    api.job_condition("missed-g1", "SuccessCriteriaMet")
+    patch_status = api.patch_status
+
+    def api_server_away(*args):
+        raise ConnectionRefusedError("the API server restarts")
+
+    monkeypatch.setattr(api, "patch_status", api_server_away)
+    with pytest.raises(ConnectionRefusedError):
+        job_event(api, "missed-g1")
+    monkeypatch.setattr(api, "patch_status", patch_status)
+    assert status(api, "missed")["phase"] == "Running" and api.pod(pod["metadata"]["name"])["metadata"]["finalizers"]
+    assert handlers._running(status=status(api, "missed"))  # the timer's filter
+    handlers.recheck_running(meta=api.get_resource("team", "missed")["metadata"])
+    assert has_results(status(api, "missed"))
+
+
 def test_a_job_past_success_criteria_but_not_complete_still_holds_its_slot(api):
     """SuccessCriteriaMet comes before Complete (and completionTime); until then Kubernetes counts the
     Job as active, and so does the cap."""
