@@ -434,6 +434,32 @@ def test_a_completed_job_is_never_recorded_without_the_summary_of_its_exit_0_pod
         assert api.pod(pod["metadata"]["name"]) is None, label
 
 
+def completed_while_failing(api, monkeypatch, name, call, error):
+    """The worker exits 0 and the Job meets its success criteria; handling that Job event fails in the
+    API call `call`, which raises `error`. Returns the pod."""
+    pod = started(api, name)
+    api.end_pod(pod, 0, SUMMARY)
+    api.job_condition(f"{name}-g1", "SuccessCriteriaMet")
+
+    def fails(*args):
+        raise error
+
+    with monkeypatch.context() as patched:
+        patched.setattr(api, call, fails)
+        with pytest.raises(type(error)):
+            job_event(api, f"{name}-g1")
+    return pod
+
+
+def test_a_pod_whose_outcome_was_recorded_just_before_the_operator_stopped_is_released_after_it(api, monkeypatch):
+    # status written, then the operator died before the release
+    pod = completed_while_failing(api, monkeypatch, "half-done", "release_pod", ConnectionResetError("SIGKILL"))
+    assert has_results(status(api, "half-done"))
+    api.delete_pod(api.pod(pod["metadata"]["name"]))  # e.g. evicted while no operator runs
+    pod_event(api, api.pod(pod["metadata"]["name"]), kind=None)  # the restarted operator lists the pods
+    assert api.pod(pod["metadata"]["name"]) is None and has_results(status(api, "half-done"))
+
+
 def test_a_failed_worker_deleted_before_its_summary_is_read_still_explains_the_failure(api):
     pod = started(api, "broken")
     api.end_pod(pod, 1, json.dumps({"v": 1, "phase": "Failed", "reason": "ModelLoadFailed",
@@ -493,18 +519,8 @@ def test_a_pod_of_a_deleted_namesake_is_released_even_when_a_new_resource_has_it
 def test_a_completion_whose_handling_failed_is_recorded_by_the_next_recheck(api, monkeypatch):
     """kopf never delivers a watch event again whose handler raised (the API server away just then):
     a Running resource is looked at again by the timer, so its results are not left unread."""
-    pod = started(api, "missed")
-    api.end_pod(pod, 0, SUMMARY)
-    api.job_condition("missed-g1", "SuccessCriteriaMet")
-    patch_status = api.patch_status
-
-    def api_server_away(*args):
-        raise ConnectionRefusedError("the API server restarts")
-
-    monkeypatch.setattr(api, "patch_status", api_server_away)
-    with pytest.raises(ConnectionRefusedError):
-        job_event(api, "missed-g1")
-    monkeypatch.setattr(api, "patch_status", patch_status)
+    pod = completed_while_failing(api, monkeypatch, "missed", "patch_status",
+                                  ConnectionRefusedError("the API server restarts"))
     assert status(api, "missed")["phase"] == "Running" and api.pod(pod["metadata"]["name"])["metadata"]["finalizers"]
     assert handlers._running(status=status(api, "missed"))  # the timer's filter
     handlers.recheck_running(meta=api.get_resource("team", "missed")["metadata"])
