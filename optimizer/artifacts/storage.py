@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from optimizer.api import uris
 from optimizer.api.errors import OptimizationError
+from optimizer.api.uris import Location
 from optimizer.api.units import format_size
 
 CHUNK = 1 << 20
@@ -41,37 +43,18 @@ class StorageError(OptimizationError):
     reason = "StorageFailed"
 
 
-@dataclass(frozen=True)
-class Location:
-    scheme: str  # s3 | pvc | https | file
-    container: str  # the bucket or the claim ("" for https and file)
-    key: str  # the object key, the path inside the claim, the URL or the local path
-
-    @property
-    def is_prefix(self) -> bool:
-        return self.key.endswith("/") or self.key == ""
+def _checked(rule, uri: str, field: str) -> Location:
+    """`rule(uri)` from optimizer/api/uris.py, its refusal as a StorageError with the message the spec
+    loader gives for the same URI (`mlopt validate` says it word for word)."""
+    try:
+        return rule(uri)
+    except uris.UriError as error:
+        raise StorageError(f"{field}: {error} (got {uri!r})") from None
 
 
 def parse(uri: str, field: str) -> Location:
     """Split a storage URI; local paths and file:// come back with scheme "file"."""
-    for scheme in ("s3", "pvc"):
-        if uri.startswith(f"{scheme}://"):
-            container, _, key = uri.removeprefix(f"{scheme}://").partition("/")
-            if not container:
-                raise StorageError(f"{field}: {uri!r} names no {'bucket' if scheme == 's3' else 'claim'}; "
-                                   f"write {scheme}://<{'bucket' if scheme == 's3' else 'claim'}>/<path>")
-            if ".." in key.split("/"):
-                raise StorageError(f"{field}: {uri!r} climbs out with '..'; give the path inside the "
-                                   f"{'bucket' if scheme == 's3' else 'claim'}")
-            return Location(scheme, container, key)
-    if uri.startswith("https://"):
-        return Location("https", "", uri)
-    if uri.startswith("http://"):
-        raise StorageError(f"{field}: plain http is refused ({uri}); use https://")
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"{field}: {uri.split('://')[0]}:// is not a storage scheme mlopt reads; use s3://, "
-                           "pvc://, https://, file:// or a local path")
-    return Location("file", "", uri.removeprefix("file://"))
+    return _checked(uris.parse, uri, field)
 
 
 def is_remote(uri: str) -> bool:
@@ -86,7 +69,13 @@ def pvc_path(location: Location, field: str) -> Path:
             f"{field}: pvc://{location.container}/{location.key} names a PersistentVolumeClaim, which only a "
             f"cluster has; on this machine use a local path, or set {PVC_ROOT_ENV} to a folder that holds the "
             f"claim as a sub-folder ({location.container}/)")
-    return Path(root) / location.container / location.key
+    claim = (Path(root) / location.container).resolve()
+    path = claim / location.key
+    # parse() refused '/' and '..'; a symlink inside the claim may still point out of it.
+    if not path.resolve().is_relative_to(claim):
+        raise StorageError(f"{field}: pvc://{location.container}/{location.key} leads out of the claim (a symbolic "
+                           "link inside it points elsewhere); give a path whose every part is inside the claim")
+    return path
 
 
 # --- S3 --------------------------------------------------------------------------------------------
@@ -229,9 +218,7 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
     `into` (default: a folder of its own under $MLOPT_CACHE/downloads, named as the object, so files
     fetched beside it keep their names). Checks the size limit and the sha256 pin. Remote objects
     are downloaded every time: an object may change under the same key."""
-    location = parse(uri, field)
-    if location.is_prefix and location.scheme in ("s3", "pvc"):
-        raise StorageError(f"{field}: {uri} ends with '/', which means a prefix; name one object (no trailing /)")
+    location = _checked(uris.one_object, uri, field)
     if location.scheme in ("file", "pvc"):
         path = pvc_path(location, field) if location.scheme == "pvc" else Path(location.key).expanduser()
         path = path if path.is_absolute() else base_dir / path
@@ -244,7 +231,7 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
         return path
     from optimizer.artifacts.cache import cache_dir
 
-    name = Path(location.key.rstrip("/")).name or "object"
+    name = location.name  # from the URL's path: a presigned URL's query string is no part of the file name
     target = into or cache_dir("downloads", hashlib.sha256(uri.encode()).hexdigest()[:24]) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
@@ -318,13 +305,7 @@ def publish(staging: Path, folder: Path) -> None:
 
 
 def output_location(uri: str, field: str = "spec.output") -> Location:
-    location = parse(uri, field)
-    if location.scheme == "https":
-        raise StorageError(f"{field}: results cannot be written to https://; use s3://bucket/prefix/, pvc:// or a path")
-    if location.scheme == "s3" and not location.is_prefix:
-        raise StorageError(f"{field}: {uri} must end with '/': results are several files under a prefix "
-                           f"(e.g. {uri}/)")
-    return location
+    return _checked(uris.output, uri, field)
 
 
 def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str = "spec.output") -> str:

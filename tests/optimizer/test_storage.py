@@ -130,8 +130,8 @@ def test_s3_data_pin_and_output_must_be_a_prefix(tmp_path, s3_server, model_and_
     done = run_cli(tmp_path, spec, server=s3_server)
     assert done.returncode == 1 and "data.sha256 does not match" in done.stderr
     spec = _spec(tmp_path, s3_server, model, data, "s3://results/no-slash")
-    done = run_cli(tmp_path, spec, server=s3_server)
-    assert done.returncode == 1 and "spec.output: s3://results/no-slash must end with '/'" in done.stderr
+    done = run_cli(tmp_path, spec, server=s3_server)  # an invalid spec: refused before any work
+    assert done.returncode == 2 and "spec.output: must end with '/'" in done.stderr, done.stderr
 
 
 def test_pvc_uris_on_a_laptop_are_refused_or_mapped(tmp_path, s3_server, model_and_data, monkeypatch):
