@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from optimizer.api import uris
-from optimizer.api.errors import OptimizationError
+from optimizer.api.errors import OptimizationError, is_expected
 from optimizer.api.uris import Location
 from optimizer.api.units import format_size
 
@@ -185,6 +185,8 @@ def _fetch_s3(location: Location, target: Path, field: str, uri: str, max_bytes:
     except StorageError:
         raise
     except Exception as error:
+        if not is_expected(error):  # an mlopt bug, reported as one by the CLI and the worker
+            raise
         raise _explain(error, field, uri) from None
     return sink.digest.hexdigest()
 
@@ -326,6 +328,8 @@ def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str =
             except NotFoundError:
                 return None  # deleting what is not there
             except Exception as error:
+                if not is_expected(error):  # a bug is not retried, nor passed off as the network
+                    raise
                 if attempt == UPLOAD_ATTEMPTS:
                     raise StorageError(f"{field}: {what} s3://{location.container}/{key} failed {attempt} times: "
                                        f"{_explain(error, field, uri)}") from None
