@@ -310,6 +310,41 @@ def output_location(uri: str, field: str = "spec.output") -> Location:
     return _checked(uris.output, uri, field)
 
 
+PROBE_PREFIX = ".mlopt-probe-"
+
+
+def check_output(uri: str, storage=None, field: str = "spec.output") -> None:
+    """Before any work: the bucket of an s3:// output exists and these credentials may write and delete
+    under its prefix, so a wrong name or key fails now, not after the whole run.
+
+    A probe is put under the prefix, then deleted: the two calls the delivery makes (it deletes the
+    previous results.json, then puts the run), so passing means the delivery is allowed. A HEAD on
+    the bucket would prove neither permission, and a multipart create + abort proves PutObject but not
+    DeleteObject. The probe's key is unique and named as mlopt's, so one left by a process killed
+    between the two calls collides with nothing and says what it is."""
+    import uuid
+
+    import obstore
+
+    location = output_location(uri, field)
+    store = _store(location.container, S3Settings.of(storage))
+    probe = f"{location.key}{PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
+        obstore.put(store, probe, b"")
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        raise StorageError(f"{_explain(error, field, uri)} (found before the run, by writing a probe object)") from None
+    try:
+        obstore.delete(store, probe)
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        raise StorageError(f"{field}: these credentials may write to {uri} but not delete ({_short(str(error))}); "
+                           f"the run deletes the previous results.json there: allow s3:DeleteObject, and delete "
+                           f"the probe s3://{location.container}/{probe}") from None
+
+
 def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str = "spec.output") -> str:
     """Upload a finished run to an s3:// prefix, results.json last; return results.json's URI.
     Each file is retried with backoff; a file that still fails ends the delivery with StorageError

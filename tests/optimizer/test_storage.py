@@ -290,3 +290,40 @@ def test_https_downloads_follow_https_redirects_but_never_to_plain_http(tmp_path
         assert not (tmp_path / "b" / "model.bin").exists() and not (tmp_path / "c" / "model.bin").exists()
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("case", ["missing-bucket", "wrong-secret"])
+def test_an_s3_output_that_cannot_be_written_fails_before_any_work(tmp_path, s3_server, case):
+    """It used to be found only after the whole run, at the upload."""
+    import subprocess
+
+    s3_server.bucket("results")
+    output, secret, words = {"missing-bucket": ("s3://no-such-bucket/run/", None, "does not exist"),
+                             "wrong-secret": ("s3://results/run/", "not-the-secret", "refused")}[case]
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                                 "benchmark": QUICK, "output": output, "storage": {"endpoint": s3_server.endpoint}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3_server.credentials(**({"secret": secret} if secret else {})))
+    done = subprocess.run([MLOPT, "optimize", str(spec)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 1 and "spec.output: " in done.stderr and words in done.stderr, done.stderr
+    assert "before the run" in done.stderr and "load…" not in done.stdout + done.stderr  # no step ran
+    assert "Traceback" not in done.stderr
+
+
+def test_the_output_probe_leaves_nothing_behind(tmp_path, s3_server, monkeypatch):
+    import obstore
+
+    from optimizer.artifacts import storage
+
+    for key, value in s3_server.credentials().items():
+        monkeypatch.setenv(key, value)
+    settings = type("Storage", (), {"endpoint": s3_server.endpoint, "region": None, "anonymous": False})()
+    bucket, prefix = s3_server.bucket("probed"), f"{tmp_path.name}/run/"
+    upload(s3_server, bucket, f"{tmp_path.name}/mine.txt", __file__)  # the user's object beside the prefix
+    before = s3_server.objects(bucket)
+    storage.check_output(f"s3://{bucket}/{prefix}", settings)
+    assert s3_server.objects(bucket) == before
+    listed = [meta["path"] for batch in obstore.list(storage._store(bucket, storage.S3Settings.of(settings)))
+              for meta in batch]
+    assert not [key for key in listed if storage.PROBE_PREFIX in key], listed
