@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -126,11 +127,19 @@ def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
     if str(base_dir) not in sys.path:
         sys.path.insert(0, str(base_dir))  # user code usually sits beside the spec
     try:
-        target = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
+        target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ModelLoadError(f"model.entrypoint {entrypoint!r} cannot be imported: {error}") from None
+    # Only a class or function defined in that very module, under that name: the entrypoint string is
+    # then the object's real module and qualified name, which is what the cluster policy's
+    # allowedEntrypoints patterns match (acme.models:load must not be torch.load imported there).
+    defined_here = inspect.isclass(target) or inspect.isfunction(target)
+    if not defined_here or target.__module__ != module_name or target.__qualname__ != attribute:
+        real = (f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', '?')}" if defined_here
+                else f"a {type(target).__name__}")
+        raise ModelLoadError(
+            f"model.entrypoint {entrypoint!r} is {real}, not a class or function defined in {module_name} as "
+            f"{attribute}; name the class that builds the network where it is defined (module:Class)")
     try:
         return target(**arguments)
     except TypeError as error:
