@@ -17,11 +17,13 @@ read whole into memory. Uploads put results.json last: its presence means the ru
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import quote, urlsplit, urlunsplit
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -148,18 +150,34 @@ def _short(text: str) -> str:
     return f"HTTP {status.group(1)}" if status else text[:240]
 
 
-class _Limited:
-    """Writes chunks to a file, hashing as it goes and stopping at the size limit."""
+class Budget:
+    """The bytes one run input may take (its maxSizeMB): a model and all its external-data files
+    together, checked before each file and while each one streams, so N data files can never put
+    N x the limit on the scratch volume."""
 
-    def __init__(self, target: Path, field: str, uri: str, max_bytes: int):
-        self.handle, self.digest, self.size = target.open("wb"), hashlib.sha256(), 0
-        self.field, self.uri, self.max_bytes = field, uri, max_bytes
+    def __init__(self, max_bytes: int, field: str):
+        self.max_bytes, self.field, self.used = max_bytes, field, 0
+
+    def check(self, size: int, uri: str) -> None:
+        """Refuse `size` more bytes of `uri` if they would not fit."""
+        if self.used + size > self.max_bytes:
+            already = f" (after {self.used / 1e6:.0f} MB of files fetched with it)" if self.used else ""
+            raise StorageError(f"{self.field}: {uri} does not fit in maxSizeMB ({self.max_bytes // 2**20} MB){already}; "
+                               "raise maxSizeMB to load it")
+
+    def take(self, size: int, uri: str) -> None:
+        self.check(size, uri)
+        self.used += size
+
+
+class _Limited:
+    """Writes chunks to a file, hashing as it goes and charging each one to the input's budget."""
+
+    def __init__(self, target: Path, uri: str, budget: Budget):
+        self.handle, self.digest, self.uri, self.budget = target.open("wb"), hashlib.sha256(), uri, budget
 
     def write(self, chunk) -> None:
-        self.size += len(chunk)
-        if self.size > self.max_bytes:
-            raise StorageError(f"{self.field}: {self.uri} is larger than {self.max_bytes // (1024 * 1024)} MB "
-                               "(maxSizeMB); raise it to load this file")
+        self.budget.take(len(chunk), self.uri)
         self.digest.update(chunk)
         self.handle.write(chunk)
 
@@ -169,16 +187,14 @@ def _check_pin(field: str, uri: str, sha256: str | None, actual: str, pin_field:
         raise StorageError(f"{pin_field} does not match {uri} ({field}): expected {sha256}, the object has {actual}")
 
 
-def _fetch_s3(location: Location, target: Path, field: str, uri: str, max_bytes: int, settings: S3Settings) -> str:
+def _fetch_s3(location: Location, target: Path, field: str, uri: str, budget: Budget, settings: S3Settings) -> str:
+    """The object streamed to `target`; the client's own 30-minute timeout bounds the whole request."""
     import obstore
 
     store = _store(location.container, settings)
     try:
-        meta = obstore.head(store, location.key)
-        if meta["size"] > max_bytes:
-            raise StorageError(f"{field}: {uri} is {meta['size'] / 1e6:.0f} MB, over maxSizeMB "
-                               f"({max_bytes // (1024 * 1024)}); raise it to load this file")
-        sink = _Limited(target, field, uri, max_bytes)
+        budget.check(obstore.head(store, location.key)["size"], uri)
+        sink = _Limited(target, uri, budget)
         with sink.handle:
             for chunk in obstore.get(store, location.key).stream(min_chunk_size=CHUNK):
                 sink.write(chunk)
@@ -198,36 +214,62 @@ class _NoPlainHttpRedirect(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _fetch_https(uri: str, target: Path, field: str, max_bytes: int) -> str:
+HTTPS_READ_SECONDS = 60  # the longest one read may wait
+HTTPS_DEADLINE_SECONDS = 30 * 60  # the whole download, like the S3 client's timeout: a server that sends
+                                  # one byte a minute cannot hold a run until the Job's deadline
+
+
+def _declared_length(response, field: str, uri: str) -> int | None:
+    """Content-Length as a number, None when absent; a malformed one is refused (a proxy or server
+    that garbles it cannot be trusted with the body either)."""
+    header = response.headers.get("Content-Length")
+    if header is None:
+        return None
+    if not (header.isascii() and header.strip().isdigit()):
+        raise StorageError(f"{field}: the server of {uri} sent a malformed Content-Length ({header[:40]!r}); "
+                           "fix the server, or serve the file from s3:// or a claim")
+    return int(header)
+
+
+def _fetch_https(uri: str, target: Path, field: str, budget: Budget) -> str:
     opener = urllib.request.build_opener(_NoPlainHttpRedirect)
+    deadline = time.monotonic() + HTTPS_DEADLINE_SECONDS
     try:
-        with opener.open(uri, timeout=60) as response:
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > max_bytes:
-                raise StorageError(f"{field}: {uri} is {declared / 1e6:.0f} MB, over maxSizeMB")
-            sink = _Limited(target, field, uri, max_bytes)
+        with opener.open(uri, timeout=HTTPS_READ_SECONDS) as response:
+            declared = _declared_length(response, field, uri)
+            if declared is not None:
+                budget.check(declared, uri)
+            sink = _Limited(target, uri, budget)
             with sink.handle:
-                while chunk := response.read(CHUNK):
+                # read1: whatever has arrived (read(n) would wait for all n bytes of a slow server)
+                while chunk := response.read1(CHUNK):
                     sink.write(chunk)
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"{field}: downloading {uri} took longer than {HTTPS_DEADLINE_SECONDS} s "
+                                           f"({sink.budget.used / 1e6:.1f} MB arrived); serve it from a faster "
+                                           "host, s3:// or a claim")
     except OSError as error:
         raise StorageError(f"{field}: cannot download {uri}: {error}") from None
+    except http.client.HTTPException as error:  # a malformed response (IncompleteRead, bad status line)
+        raise StorageError(f"{field}: cannot download {uri}: {type(error).__name__}: {error}") from None
     return sink.digest.hexdigest()
 
 
 def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str | None = None,
-          pin_field: str = "sha256", storage=None, into: Path | None = None) -> Path:
+          pin_field: str = "sha256", storage=None, into: Path | None = None, budget: Budget | None = None) -> Path:
     """The local file behind `uri`: a local or pvc:// path as it is, a remote object downloaded to
     `into` (default: a folder of its own under $MLOPT_CACHE/downloads, named as the object, so files
-    fetched beside it keep their names). Checks the size limit and the sha256 pin. Remote objects
-    are downloaded every time: an object may change under the same key."""
+    fetched beside it keep their names). Checks the size limit (`budget`, shared by the files of one
+    input; default: `max_bytes` for this file alone) and the sha256 pin. Remote objects are downloaded
+    every time: an object may change under the same key."""
     location = _checked(uris.one_object, uri, field)
+    budget = budget or Budget(max_bytes, field)
     if location.scheme in ("file", "pvc"):
         path = pvc_path(location, field) if location.scheme == "pvc" else Path(location.key).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise StorageError(f"{field}: no file at {path}")
-        if path.stat().st_size > max_bytes:
-            raise StorageError(f"{field}: {path} is larger than maxSizeMB ({max_bytes // (1024 * 1024)})")
+        budget.take(path.stat().st_size, str(path))
         if sha256:
             _check_pin(field, uri, sha256, _sha256_file(path), pin_field)
         return path
@@ -239,9 +281,9 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
     partial = target.with_name(f".{target.name}.partial")
     try:
         if location.scheme == "s3":
-            digest = _fetch_s3(location, partial, field, uri, max_bytes, S3Settings.of(storage))
+            digest = _fetch_s3(location, partial, field, uri, budget, S3Settings.of(storage))
         else:
-            digest = _fetch_https(uri, partial, field, max_bytes)
+            digest = _fetch_https(uri, partial, field, budget)
         _check_pin(field, uri, sha256, digest, pin_field)
         partial.replace(target)
     finally:
@@ -249,12 +291,25 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
     return target
 
 
-def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, max_bytes: int, storage=None) -> None:
+def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, budget: Budget, storage=None) -> None:
     """Fetch the objects named `names` that sit beside `uri` (an ONNX model's external data) next to
-    its local copy `local`. The names were validated by the caller (relative, no '..')."""
-    folder = uri[: uri.rfind("/") + 1]  # s3://bucket/dir/ or https://host/dir/
+    its local copy `local`, all within the model's `budget`. The names were validated by the caller
+    (relative, no '..')."""
+    location = parse(uri, field)
+    if names and location.scheme == "https" and urlsplit(uri).query:
+        raise StorageError(f"{field}: the model keeps its weights in {len(names)} external data file(s) "
+                           f"({', '.join(names[:3])}), which cannot be fetched beside a presigned URL (its signature "
+                           "covers one object); save the model with its weights inside (onnx.save_model(..., "
+                           "save_as_external_data=False)) or use s3://")
     for name in names:
-        fetch(folder + name, field, local.parent, max_bytes=max_bytes, storage=storage, into=local.parent / name)
+        if location.scheme == "https":  # the model URL's folder, the name %-escaped as a URL path needs
+            parts = urlsplit(uri)
+            beside = urlunsplit((parts.scheme, parts.netloc, parts.path[: parts.path.rfind("/") + 1] + quote(name),
+                                 "", ""))
+        else:  # an object key takes the name as it is
+            beside = uri[: uri.rfind("/") + 1] + name
+        fetch(beside, field, local.parent, max_bytes=budget.max_bytes, storage=storage, into=local.parent / name,
+              budget=budget)
 
 
 def _sha256_file(path: Path) -> str:

@@ -31,13 +31,14 @@ class LoadedModel:
         return self.format in ("zoo", "state-dict")
 
 
-def resolve_source(spec: ModelSpec, base_dir: Path, storage=None) -> Path:
-    """The local file behind model.source (downloaded if remote), checked against maxSizeMB and the pin."""
+def resolve_source(spec: ModelSpec, base_dir: Path, storage=None, budget=None) -> Path:
+    """The local file behind model.source (downloaded if remote), checked against maxSizeMB (the
+    model's `budget`, which its external data share) and the pin."""
     from optimizer.artifacts.storage import StorageError, fetch
 
     try:
         return fetch(spec.source, "model.source", base_dir, max_bytes=spec.maxSizeMB * 1024 * 1024,
-                     sha256=spec.sha256, pin_field="model.sha256", storage=storage)
+                     sha256=spec.sha256, pin_field="model.sha256", storage=storage, budget=budget)
     except StorageError as error:  # status.reason ModelLoadFailed: the message already names the field
         raise ModelLoadError(str(error)) from None
 
@@ -60,17 +61,17 @@ def detect_format(path: Path) -> str:
     return "state-dict"
 
 
-def _check_onnx_files(spec: ModelSpec, path: Path, storage=None) -> None:
+def _check_onnx_files(spec: ModelSpec, path: Path, budget, storage=None) -> None:
     """External data must be beside the model and, with it, within maxSizeMB. A remote model's data
-    files are fetched from beside it, once their names are known to stay inside its folder."""
+    files are fetched from beside it, once their names are known to stay inside its folder, all
+    within the model's download `budget`."""
     from optimizer.artifacts import onnx_files, storage as stores
 
     try:
         if stores.is_remote(spec.source):
             names = onnx_files.external_locations(path)
             onnx_files.check_locations(path, names)
-            stores.fetch_beside(spec.source, names, "model.source", path, max_bytes=spec.maxSizeMB * 1024 * 1024,
-                                storage=storage)
+            stores.fetch_beside(spec.source, names, "model.source", path, budget=budget, storage=storage)
         size = onnx_files.total_size(path)
     except onnx_files.ExternalDataError as error:
         raise ModelLoadError(f"model.source: {error}") from None
@@ -149,11 +150,14 @@ def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
 def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
     import torch
 
-    path = resolve_source(spec, base_dir, storage)
+    from optimizer.artifacts.storage import Budget
+
+    budget = Budget(spec.maxSizeMB * 1024 * 1024, "model.source")  # the model and its external data together
+    path = resolve_source(spec, base_dir, storage, budget)
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
     if fmt == "onnx":
-        _check_onnx_files(spec, path, storage)
+        _check_onnx_files(spec, path, budget, storage)
         loaded.onnx_path = path
     elif fmt == "torchscript":
         loaded.module = torch.jit.load(str(path), map_location="cpu").eval()
