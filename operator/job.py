@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import Any
 
+from optimizer.api import uris
 from optimizer.api.crd import GROUP, KIND, VERSION
 from optimizer.api.spec import ModelOptimization
 
@@ -114,8 +115,8 @@ def _claims(spec: ModelOptimization) -> dict[str, bool]:
     """The PersistentVolumeClaims the spec names, each with whether the worker writes to it."""
     claims: dict[str, bool] = {}
     for uri, writes in ((spec.spec.model.source, False), (spec.spec.data.source, False), (spec.spec.output, True)):
-        if uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").partition("/")[0]
+        claim = uris.claim(uri)
+        if claim:
             claims[claim] = claims.get(claim, False) or writes
     return claims
 

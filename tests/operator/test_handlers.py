@@ -218,6 +218,16 @@ def test_an_invalid_spec_fails_for_good_naming_the_field(api):
     assert "spec.benchmark.runs" in status(api, "bad")["message"] and api.created == []
 
 
+def test_a_path_out_of_its_claim_fails_as_an_invalid_spec_and_mounts_nothing(api):
+    """pvc://claim//etc/x would read the worker's own /etc/x: refused as `mlopt validate` refuses it."""
+    api.add("escape", model={"source": "pvc://models//etc/x.onnx", "inputs": [{"name": "x", "shape": [1]}]})
+    with pytest.raises(kopf.PermanentError):
+        run(api, "escape")
+    assert (status(api, "escape")["phase"], status(api, "escape")["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.model.source: the path inside the claim begins with '/'" in status(api, "escape")["message"]
+    assert api.created == []
+
+
 def test_a_refused_job_fails_and_a_forbidden_one_waits_with_the_reason(api):
     api.add("refused")
     api.refuse = JobRefused(422, 'Job.batch "x" is invalid: spec.template...')
