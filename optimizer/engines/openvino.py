@@ -25,7 +25,7 @@ import numpy as np
 from optimizer.measure.metrics import METRICS
 from optimizer.engines import BuildContext, Built, NotApplicable
 from optimizer.engines.runners import OpenVinoRunner
-from optimizer.api.spec import LABELLED_METRICS, VariantSpec
+from optimizer.api.spec import DETECTION_METRICS, LABELLED_METRICS, VariantSpec
 
 
 def _engine(ctx: BuildContext, needs_nncf: bool = False):
@@ -74,7 +74,8 @@ def _labelled_split(ctx: BuildContext) -> list[tuple[dict, np.ndarray]] | None:
     Accuracy control validates on this split, not on the held-out evaluation items, so the
     accuracy that decides the variant is measured on data the quantizer never tuned itself on."""
     labels = getattr(ctx.dataset, "calibration_labels", None)
-    if labels is None or ctx.metric not in LABELLED_METRICS:
+    # Box mAP needs the detection spec and labelled boxes, which NNCF's validation pairs do not carry.
+    if labels is None or ctx.metric not in LABELLED_METRICS or ctx.metric in DETECTION_METRICS:
         return None
     return list(zip(ctx.dataset.calibration, labels))
 
@@ -103,7 +104,7 @@ def _quantize(ctx: BuildContext, model, names: list[str]) -> tuple[object, dict,
     if split is None:
         quantized = nncf.quantize(model, calibration, subset_size=len(items))
         labelled = getattr(ctx.dataset, "calibration_labels", None) is not None
-        why = "acceptance.metric is agreement" if labelled else f"data.source {ctx.data_source} has no labels"
+        why = (f"acceptance.metric is {ctx.metric}" if labelled else f"data.source {ctx.data_source} has no labels")
         options = {"quantizer": "nncf.quantize (post-training)", "calibrationSamples": len(items)}
         return quantized, options, f"NNCF mode: plain post-training quantization ({why}; accuracy control needs labels)"
     budget = ctx.acceptance.maxAccuracyDrop

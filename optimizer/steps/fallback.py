@@ -104,8 +104,16 @@ def fallback_step(run: Run) -> None:
         evaluate_variant(run, probe, built.runner)
         return probe.accuracy if probe.accuracy is not None else float("-inf")
 
-    attempt = Attempt(build=lambda spec: build_variant(run.context, spec, recipes), accuracy=score,
-                      budget_failure=lambda value: _budget_failure(run, value))
+    def build(spec: VariantSpec) -> tuple[VariantResult, Built | None]:
+        run.reporter.log(f"fallback: rebuilding {spec.name} with {len(spec.excludeNodes)} node(s) in FP32")
+        return build_variant(run.context, spec, recipes)
+
+    def scored(built: Built) -> float:
+        value = score(built)
+        run.reporter.log(f"fallback: {run.metric} {value:.4f} (FP32 {run.baseline.accuracy:.4f})")
+        return value
+
+    attempt = Attempt(build=build, accuracy=scored, budget_failure=lambda value: _budget_failure(run, value))
     ordered: dict[str, VariantResult] = {}
     for name, result in run.results.items():
         ordered[name] = result

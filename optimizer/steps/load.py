@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimizer.api.errors import ModelLoadError, OptimizationError
-from optimizer.api.spec import InputSpec, ModelSpec
+from optimizer.api.spec import DetectionSpec, InputSpec, ModelSpec
 from optimizer.steps.run import Run
 
 
@@ -23,6 +23,7 @@ class LoadedModel:
     program: object | None = None  # torch.export.ExportedProgram, for exported-program sources
     default_data: str = "random"
     metric: str = "agreement"
+    detection: DetectionSpec | None = None  # model.detection, or the zoo detector's own
 
     @property
     def is_eager(self) -> bool:
@@ -95,6 +96,7 @@ def _load_zoo(spec: ModelSpec) -> LoadedModel:
         module=entry.build(),
         default_data=entry.data,
         metric=entry.metric,
+        detection=spec.detection or entry.detection,
     )
 
 
@@ -142,7 +144,7 @@ def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
 
     path = resolve_source(spec, base_dir, storage)
     fmt = spec.format if spec.format != "auto" else detect_format(path)
-    loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
+    loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []), detection=spec.detection)
     if fmt == "onnx":
         _check_onnx_files(spec, path, storage)
         loaded.onnx_path = path

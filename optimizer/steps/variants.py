@@ -7,6 +7,7 @@ the recipe's own message, anything else `failed` as an mlopt bug with where it h
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from optimizer.api.errors import internal_error
@@ -17,6 +18,8 @@ from optimizer.engines import (
     CALIBRATED_RECIPES, BuildContext, Built, NotApplicable, RecipeFailure, artifact_files, registry,
 )
 from optimizer.engines.runners import op_counts
+from optimizer.measure.memory import peak_memory
+from optimizer.api.units import format_size
 from optimizer.steps.run import Run
 
 
@@ -35,7 +38,8 @@ def planned_variants(run: Run) -> list[VariantSpec]:
     """The spec's variants (or the recommended set), with compareCalibration expanded."""
     variants = list(run.spec.variants())
     default_set = run.spec.spec.variants is None
-    if default_set and run.spec.spec.benchmark.device == "cpu" and run.dataset.calibration_labels is not None:
+    if default_set and run.spec.spec.benchmark.device == "cpu" and run.dataset.calibration_labels is not None \
+            and run.dataset.boxes is None:  # labelled boxes would need a detection loss
         # QAT joins the default set only with labelled data: without labels it can only be skipped.
         variants.append(VariantSpec(name=Recipe.torch_int8_qat.value, recipe=Recipe.torch_int8_qat))
     if default_set:  # engines that can win on this CPU class (optimizer/measure/hardware.py)
@@ -99,9 +103,14 @@ def variants_step(run: Run) -> None:
     for index, variant in enumerate(variants, 1):
         run.reporter.log(f"[{index}/{len(variants)}] building {variant.name} ({variant.recipe})")
         run.planned[variant.name] = variant
-        result, built = build_variant(run.context, variant, recipes)
+        started = time.perf_counter()
+        with peak_memory() as peak:
+            result, built = build_variant(run.context, variant, recipes)
+        result.peakMemoryBytes = peak.added_bytes
         if built:
             keep_variant(variant, result, built, models_dir)
+            run.reporter.log(f"{variant.name}: built in {time.perf_counter() - started:.1f} s, "
+                             f"{format_size(result.sizeBytes)}, peak memory +{format_size(peak.added_bytes)}")
         result.calibrationOf = run.calibration_of.get(variant.name)
         if variant.compareCalibration and variant.recipe not in CALIBRATED_RECIPES:
             result.notes.append("compareCalibration applies to the ORT static recipes (torch.ao's observers are "
