@@ -160,6 +160,11 @@ def _static(ctx: BuildContext, variant: VariantSpec, target: Path) -> dict:
     return options
 
 
+def _static_key(variant: VariantSpec) -> tuple:
+    """What makes two static builds the same model (the variant's name does not)."""
+    return ("static", variant.calibration, variant.perChannel, tuple(variant.opTypes or ()), tuple(variant.excludeNodes))
+
+
 def ort_int8_static(ctx: BuildContext, variant: VariantSpec) -> Built:
     target = ctx.workdir / f"{variant.name}.onnx"
     options = _static(ctx, variant, target)
@@ -167,12 +172,31 @@ def ort_int8_static(ctx: BuildContext, variant: VariantSpec) -> Built:
     left = sorted(set(op_counts(target)) & set(RECURRENT_OPS))
     if left:
         notes.append(f"{', '.join(left)} stay FP32 in static QDQ; ort-int8-static-dynamic quantizes them dynamically")
-    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options, notes=notes)
+    built = Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options, notes=notes)
+    ctx.cache[_static_key(variant)] = built  # ort-int8-static-dynamic reuses it on a model without LSTM/GRU
+    return built
+
+
+def _reused_static(ctx: BuildContext, variant: VariantSpec, target: Path) -> Built | None:
+    """On a model without LSTM/GRU, static-dynamic is the static model: copy an identical build
+    instead of calibrating again (minutes on a 257 MB detector)."""
+    import shutil
+
+    earlier = ctx.cache.get(_static_key(variant))
+    if earlier is None or ctx.external_data or not earlier.artifact.exists() \
+            or set(op_counts(earlier.artifact)) & set(RECURRENT_OPS):
+        return None
+    shutil.copyfile(earlier.artifact, target)
+    notes = ["the model has no LSTM/GRU, so this equals ort-int8-static: its model was copied, not calibrated again"]
+    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=dict(earlier.options), notes=notes)
 
 
 def ort_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     static_path = ctx.workdir / f"{variant.name}.static.onnx"
     target = ctx.workdir / f"{variant.name}.onnx"
+    reused = _reused_static(ctx, variant, target)
+    if reused is not None:
+        return reused
     options = _static(ctx, variant, static_path)
     recurrent = sorted(set(op_counts(static_path)) & set(RECURRENT_OPS))
     notes = []

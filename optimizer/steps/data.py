@@ -333,7 +333,8 @@ def data_step(run: Run) -> None:
 
     data = run.spec.spec.data
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
-    run.dataset = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
+    samples = data.samples if "samples" in data.model_fields_set else (run.loaded.default_samples or data.samples)
+    run.dataset = load_dataset(source, samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
     run.data_source = source
     run.reporter.log(f"data: {run.dataset.description}")
     labels = run.dataset.labels

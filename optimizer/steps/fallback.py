@@ -20,6 +20,14 @@ from optimizer.measure.sensitivity import exclusion, exclusion_sizes, rank_nodes
 from optimizer.api.spec import VariantSpec
 
 SENSITIVITY_ITEMS = 8  # calibration items run through both models to rank the nodes
+LARGE_MODEL_BYTES = 100e6  # above this, every activation of 8 items kept in memory twice would not fit
+LARGE_MODEL_ITEMS = 2  # (YOLOv4 at 320×320: ~0.7 GB of activations per item and model)
+
+
+def sensitivity_items(float_model: Path) -> int:
+    from optimizer.artifacts import onnx_files
+
+    return LARGE_MODEL_ITEMS if onnx_files.total_size(float_model) > LARGE_MODEL_BYTES else SENSITIVITY_ITEMS
 RANKING_KEPT = 20  # ranked nodes recorded in results.json
 SUFFIX = "+fallback"
 
@@ -38,7 +46,8 @@ def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: lis
     """(the fallback record, the recovered variant's VariantResult and Built) or (record, None, None)."""
     start = time.perf_counter()
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
-    ranking = rank_nodes(float_model, quantized, items[:SENSITIVITY_ITEMS], workdir / f"{variant.name}.sensitivity")
+    ranking = rank_nodes(float_model, quantized, items[:sensitivity_items(float_model)],
+                         workdir / f"{variant.name}.sensitivity")
     record = Fallback(ranking=[r.record() for r in ranking[:RANKING_KEPT]])
     # Nodes that add no noise (their output is as good as their input) are never worth FP32.
     candidates = [r for r in ranking if r.added_noise > 0]

@@ -24,6 +24,7 @@ class LoadedModel:
     default_data: str = "random"
     metric: str = "agreement"
     detection: DetectionSpec | None = None  # model.detection, or the zoo detector's own
+    default_samples: int | None = None  # the zoo model's data.samples when the spec sets none
 
     @property
     def is_eager(self) -> bool:
@@ -97,6 +98,7 @@ def _load_zoo(spec: ModelSpec) -> LoadedModel:
         default_data=entry.data,
         metric=entry.metric,
         detection=spec.detection or entry.detection,
+        default_samples=entry.samples,
     )
 
 

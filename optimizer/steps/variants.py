@@ -44,6 +44,13 @@ def planned_variants(run: Run) -> list[VariantSpec]:
         variants.append(VariantSpec(name=Recipe.torch_int8_qat.value, recipe=Recipe.torch_int8_qat))
     if default_set:  # engines that can win on this CPU class (optimizer/measure/hardware.py)
         variants += [VariantSpec(name=recipe, recipe=recipe) for recipe in run.hardware.default_extras]
+    if default_set and run.spec.spec.benchmark.device == "cpu" and _unquantizable_activations(run):
+        # ONNX Runtime's quantizer leaves Mish (Softplus/Tanh) in FP32 between DequantizeLinear and
+        # QuantizeLinear; OpenVINO fuses Mish into its INT8 convolutions. Measured, not assumed: it
+        # joins the set and wins or loses on its latency like every other variant.
+        known = {variant.recipe for variant in variants}
+        variants += [VariantSpec(name=recipe.value, recipe=recipe) for recipe in (Recipe.openvino_int8,)
+                     if recipe.value not in known]
     expanded = []
     for variant in variants:
         if not (variant.compareCalibration and variant.recipe in CALIBRATED_RECIPES):
@@ -55,6 +62,14 @@ def planned_variants(run: Run) -> list[VariantSpec]:
             run.calibration_of[copy.name] = variant.name
             expanded.append(copy)
     return expanded
+
+
+UNQUANTIZABLE_ACTIVATIONS = ("Mish", "Softplus")  # no QDQ kernel in ONNX Runtime's quantizer registry
+
+
+def _unquantizable_activations(run: Run) -> bool:
+    fp32 = run.loaded.onnx_path or (run.export.path if run.export else None)
+    return fp32 is not None and any(op in op_counts(fp32) for op in UNQUANTIZABLE_ACTIVATIONS)
 
 
 def build_variant(ctx: BuildContext, variant: VariantSpec, recipes) -> tuple[VariantResult, Built | None]:

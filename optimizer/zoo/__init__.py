@@ -26,6 +26,7 @@ class ZooModel:
     data: str  # default data.source when the spec sets none: "random" or "zoo:<dataset>"
     metric: str  # a name in optimizer/measure/metrics.py: "top1"/"char-accuracy" (the data has labels) or "agreement"
     detection: DetectionSpec | None = None  # a detector: which outputs are boxes and scores (model.detection)
+    samples: int | None = None  # data.samples when the spec sets none (a large model's default run stays short)
 
 
 def _lazy_build(module: str) -> Callable[[], "torch.nn.Module"]:
@@ -67,6 +68,7 @@ _MODELS = [
         data="random",
         metric="box-agreement",
         detection=DetectionSpec(),  # outputs (boxes xyxy, scores); Darknet's thresholds 0.25 / 0.45
+        samples=16,  # 8 calibration + 8 evaluation images: each costs ~1 s per variant at 320×320
     ),
     ZooModel(
         name="shapes-detector",
