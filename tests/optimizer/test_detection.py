@@ -89,3 +89,40 @@ def test_outputs_that_are_not_boxes_and_scores_are_named():
         detect([np.zeros((1, 10)), np.zeros((1, 10, 3))], DetectionSpec(), floor=0.1)
     with pytest.raises(DetectionOutputError, match="has 1 output"):
         detect([np.zeros((1, 10, 4))], DetectionSpec(), floor=0.1)
+
+
+def test_auto_picks_box_metrics_for_a_detector_and_says_what_is_missing():
+    from optimizer.steps.select import MetricError, resolve_metric
+
+    assert resolve_metric("auto", "agreement", False, "random", detector=True) == "box-agreement"
+    assert resolve_metric("auto", "map50", True, "zoo:shapes", sequence_labels=True, detector=True,
+                          box_labels=True) == "map50"
+    assert resolve_metric("auto", "agreement", False, "random") == "agreement"  # not a detector: as before
+    with pytest.raises(MetricError, match="'boxes'"):
+        resolve_metric("map50", "agreement", False, "random", detector=True)
+    with pytest.raises(MetricError, match="model.detection"):
+        resolve_metric("box-agreement", "agreement", False, "random")
+    with pytest.raises(MetricError, match="map50 or map50-95"):
+        resolve_metric("top1", "agreement", True, "x.npz", sequence_labels=True, detector=True, box_labels=True)
+
+
+def test_a_detection_spec_names_two_different_outputs():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="two different outputs"):
+        DetectionSpec(boxesOutput=1, scoresOutput=1)
+
+
+def test_npz_boxes_must_sit_beside_padded_labels(tmp_path):
+    from optimizer.api.spec import InputSpec
+    from optimizer.steps.data import DataError, load_dataset
+
+    inputs = [InputSpec(name="image", shape=[1, 3, 8, 8])]
+    images = np.zeros((4, 3, 8, 8), np.float32)
+    np.savez(tmp_path / "good.npz", image=images, boxes=np.zeros((4, 2, 4), np.float32),
+             labels=np.array([[0, -1], [1, 2], [0, -1], [2, -1]]))
+    dataset = load_dataset("good.npz", 4, inputs, tmp_path)
+    assert [b.shape for b in dataset.boxes] == [(1, 2, 4), (1, 2, 4)] and dataset.labels[0].shape == (1, 2)
+    np.savez(tmp_path / "bad.npz", image=images, boxes=np.zeros((4, 4), np.float32), labels=np.zeros((4, 2), np.int64))
+    with pytest.raises(DataError, match=r"'boxes' \[samples, max_boxes, 4\]"):
+        load_dataset("bad.npz", 4, inputs, tmp_path)
