@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from optimizer.api.results import Results, VariantResult
-from optimizer.api.units import format_size, metric_label
+from optimizer.api.units import box_cells, detection_columns, format_size, metric_label
 
 Advance = Callable[[], None]
 
@@ -87,9 +87,12 @@ def results_table(results: Results) -> Table:
     table = Table(title=f"{results.name}: {results.model['source']} on {results.environment.device} "
                         f"({results.environment.threads} thread{'s' if results.environment.threads > 1 else ''})")
     # With metric "agreement" the accuracy column would repeat the argmax-agreement one: show it once.
-    accuracy_column = results.accuracyMetric != "agreement"
-    columns = ["variant", "size", "mean ± std ms", "p50 / p99", "speedup", "max |Δ|", "argmax agree",
-               *([metric_label(results.accuracyMetric)] if accuracy_column else []), "status"]
+    accuracy_column = results.accuracyMetric not in ("agreement", "box-agreement", "map50", "map50-95")
+    boxes = detection_columns(results)
+    columns = ["variant", "size", "mean ± std ms", "p50 / p99", "speedup", "max |Δ|",
+               *(["box mAP50 / 50-95 vs FP32"] if boxes else ["argmax agree"]),
+               *(["mAP50 / 50-95 (labels)"] if boxes == 2 else []),
+               *([metric_label(results.accuracyMetric)] if accuracy_column else []), "peak mem", "status"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("variant", "status") else "right")
     for variant in [results.baseline, *results.variants]:
@@ -102,8 +105,9 @@ def results_table(results: Results) -> Table:
             variant.name, format_size(variant.sizeBytes), format_latency(variant),
             "—" if lat is None else f"{lat.p50:.2f} / {lat.p99:.2f}",
             _cell(variant.speedup, "{:.2f}x"), _cell(variant.fidelity and variant.fidelity.maxAbsDiff, "{:.2g}"),
-            _cell(variant.fidelity and variant.fidelity.argmaxAgreement, "{:.2%}"),
-            *([_cell(variant.accuracy, "{:.2%}")] if accuracy_column else []), status, style=style,
+            *(box_cells(variant, boxes) if boxes else [_cell(variant.fidelity and variant.fidelity.argmaxAgreement, "{:.2%}")]),
+            *([_cell(variant.accuracy, "{:.2%}")] if accuracy_column else []),
+            format_size(variant.peakMemoryBytes), status, style=style,
         )
     return table
 

@@ -38,12 +38,29 @@ class Latency(_Record):
     runs: int
     rounds: int = 1  # the runs were taken in this many rounds, interleaved with the other variants'
     roundMeans: list[float] = Field(default_factory=list)  # mean of each round, in order
+    precision: float | None = None  # 95% confidence half-width of the mean / the mean (Student's t)
+    stoppedBy: str = "runs"  # runs: all benchmark.runs; timeBudget: timeBudgetSeconds spent; targetPrecision: precise enough
 
 
 class Fidelity(_Record):
     maxAbsDiff: float
     cosine: float
     argmaxAgreement: float
+
+
+class BoxScores(_Record):
+    """COCO mAP of one variant's detections against one ground truth."""
+
+    map50: float
+    map50_95: float
+
+
+class DetectionRecord(_Record):
+    """A detector's variant (model.detection): its boxes against FP32's and, with labelled data, against the labels."""
+
+    vsFp32: BoxScores  # FP32's detections at scoreThreshold as ground truth ("box agreement")
+    vsLabels: BoxScores | None = None
+    detectionsPerImage: float  # at scoreThreshold, after NMS
 
 
 class Lineage(_Record):
@@ -89,6 +106,8 @@ class VariantResult(_Record):
     speedupRange: list[float] | None = None  # [lowest, highest] of the per-round speedups (same round, same moment)
     fidelity: Fidelity | None = None
     accuracy: float | None = None
+    detection: DetectionRecord | None = None  # detectors only: box mAP against FP32 and labels
+    peakMemoryBytes: int | None = None  # the process's peak RSS above its RSS before, while built, evaluated and timed
     artifact: str | None = None  # path of the saved model, relative to the output dir
     artifactFiles: list[str] = Field(default_factory=list)  # its ONNX external data files, beside it
     opCounts: dict[str, int] = Field(default_factory=dict)  # ONNX ops after ORT optimization

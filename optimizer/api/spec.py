@@ -125,6 +125,38 @@ class InputSpec(_Strict):
         return self
 
 
+class BoxFormat(str, Enum):
+    xyxy = "xyxy"  # x1, y1, x2, y2
+    cxcywh = "cxcywh"  # centre x, centre y, width, height
+    xywh = "xywh"  # top-left x, y, width, height (COCO)
+
+
+class DetectionSpec(_Strict):
+    """A detector's outputs: which are boxes and scores, and how to turn them into detections."""
+
+    boxesOutput: int = Field(0, ge=0, le=63, description="Index of the output with the boxes, [batch, candidates, 4] "
+                             "(or [batch, candidates, 1, 4]).")
+    scoresOutput: int = Field(1, ge=0, le=63, description="Index of the output with the per-class scores, "
+                              "[batch, candidates, classes] (or [batch, candidates] for one class), already "
+                              "probabilities (e.g. objectness × class probability).")
+    boxFormat: BoxFormat = Field(BoxFormat.xyxy, description="How the boxes output (and labelled boxes in the "
+                                 "data) are written: xyxy (x1, y1, x2, y2), cxcywh (centre, size) or xywh "
+                                 "(top-left, size); any coordinate unit, the same for both.")
+    scoreThreshold: float = Field(0.25, gt=0, lt=1, description="A candidate with a class score at least this is a "
+                                  "detection: FP32's detections are the reference for box agreement.")
+    iouThreshold: float = Field(0.45, gt=0, le=1, description="Non-maximum suppression (per class): a box "
+                                "overlapping a higher-scored one of its class by more than this IoU is dropped.")
+    maxDetections: int = Field(100, ge=1, le=10_000, description="Detections kept per image, highest scores first "
+                               "(COCO's 100).")
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> "DetectionSpec":
+        if self.boxesOutput == self.scoresOutput:
+            raise ValueError(f"boxesOutput and scoresOutput are both {self.boxesOutput}: they name two different "
+                             "outputs of the model (e.g. boxesOutput: 0, scoresOutput: 1)")
+        return self
+
+
 class ModelSpec(_Strict):
     source: str = Field(
         description="Where the model comes from: zoo:<name> (see `mlopt models`), s3://bucket/key, "
@@ -162,6 +194,12 @@ class ModelSpec(_Strict):
         None,
         description="The model's inputs. Optional for zoo models (they declare their own).",
         min_length=1,
+    )
+    detection: DetectionSpec | None = Field(
+        None,
+        description="Set for a detector whose outputs are boxes and scores: mlopt then applies NMS and scores "
+        "each variant's detections by mAP, against FP32's (box agreement, no labels) and against labelled "
+        "boxes when the data has them. Zoo detectors declare their own.",
     )
 
     @field_validator("source")
@@ -228,7 +266,9 @@ class DataSpec(_Strict):
         "random",
         description="Calibration and evaluation data: random, zoo:<dataset>, or a .npz file "
         "with one array per input name and an optional 'labels' array (a path, file://, s3://, "
-        "pvc:// or https://).",
+        "pvc:// or https://). For a detector, labelled boxes are 'boxes' [samples, max_boxes, 4] "
+        "(model.detection.boxFormat, padded rows ignored) with 'labels' [samples, max_boxes] class ids, "
+        "-1 for padding.",
         min_length=1,
         max_length=uris.MAX_URI_LENGTH,
     )
@@ -261,6 +301,23 @@ class BenchmarkSpec(_Strict):
         "across variants, so a slow patch on a shared machine hits every variant alike; "
         "1 times each variant's runs back to back.",
     )
+    timeBudgetSeconds: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Most seconds of timed runs per variant, spread evenly over the rounds (each round runs at "
+        "least once); warm-ups stop once they took a quarter of it. A 50 ms model never reaches the default; "
+        "a 257 MB detector at a second per run stops at about 60 runs' worth instead of holding the run for "
+        "hours. results.json records why each variant's timing stopped.",
+    )
+    targetPrecision: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Stop a variant's timing early (down to 2 runs per remaining round) once its mean is known to "
+        "this relative precision: the 95% confidence half-width of the mean over its mean, e.g. 0.02 = ±2%. "
+        "Off by default: every variant gets `runs`.",
+    )
     tune: bool = Field(
         False,
         description="Search ONNX Runtime session options (threads, execution mode, optimization "
@@ -283,10 +340,13 @@ class BenchmarkSpec(_Strict):
     )
 
 
-AccuracyMetric = Literal["top1", "char-accuracy", "exact-match", "agreement"]
+AccuracyMetric = Literal["top1", "char-accuracy", "exact-match", "agreement", "box-agreement", "map50", "map50-95"]
 ACCURACY_METRICS: tuple[str, ...] = get_args(AccuracyMetric)  # every one "higher is better"
 SEQUENCE_METRICS = ("char-accuracy", "exact-match")  # CTC text lines: labels padded with -1
-LABELLED_METRICS = tuple(m for m in ACCURACY_METRICS if m != "agreement")  # agreement needs no labels
+DETECTION_METRICS = ("box-agreement", "map50", "map50-95")  # need model.detection
+BOX_LABEL_METRICS = ("map50", "map50-95")  # labelled boxes: data 'boxes' + 'labels'
+AGREEMENT_METRICS = ("agreement", "box-agreement")  # against the FP32 model, no labels
+LABELLED_METRICS = tuple(m for m in ACCURACY_METRICS if m not in AGREEMENT_METRICS)
 # Old metric names: a spec that still uses one fails with the new name (schema version 2 renamed cer).
 RENAMED_METRICS = {"cer": ("char-accuracy", "the same number, 1 - character error rate: higher is better")}
 
@@ -296,8 +356,11 @@ class AcceptanceSpec(_Strict):
         "auto",
         description="Accuracy metric, higher is better: top1 (class labels), char-accuracy (CTC text "
         "lines: 1 - character error rate), exact-match (whole text lines), agreement (with the "
-        "FP32 model's argmax; no labels needed). auto = the zoo model's metric, else top1 when "
-        "the data has labels, else agreement.",
+        "FP32 model's argmax; no labels needed); for detectors (model.detection): box-agreement "
+        "(mAP@0.5 of the variant's detections with FP32's as ground truth; no labels), map50 and "
+        "map50-95 (COCO mAP@0.5 and mAP@0.5:0.95 against labelled boxes). auto = the zoo model's "
+        "metric, else map50 or box-agreement for a detector, else top1 when the data has labels, "
+        "else agreement.",
     )
     maxAccuracyDrop: float = Field(
         0.01,

@@ -30,9 +30,28 @@ METRIC_LABELS = {
     "char-accuracy": "char accuracy (1−CER)",
     "exact-match": "exact match",
     "agreement": "argmax agreement",
+    "box-agreement": "box mAP@0.5 vs FP32",
+    "map50": "mAP@0.5",
+    "map50-95": "mAP@0.5:0.95",
 }
 
 
 def metric_label(metric: str) -> str:
     """The metric's human name ("top-1"), or its raw name where none is defined."""
     return METRIC_LABELS.get(metric, metric)
+
+
+def detection_columns(results) -> int:
+    """Box mAP columns for a Results: 0 (not a detector), 1 (against FP32's boxes) or 2 (and against labels)."""
+    records = [v.detection for v in [results.baseline, *results.variants] if v.detection]
+    return 0 if not records else (2 if any(r.vsLabels for r in records) else 1)
+
+
+def box_cells(variant, columns: int) -> list[str]:
+    """A VariantResult's box mAP cells, '@0.5 / @0.5:0.95' as percentages."""
+    record = variant.detection
+
+    def pair(scores) -> str:
+        return "—" if scores is None else f"{scores.map50:.2%} / {scores.map50_95:.2%}"
+
+    return [pair(record and record.vsFp32), *([pair(record and record.vsLabels)] if columns == 2 else [])]

@@ -21,8 +21,8 @@ from urllib.parse import unquote, urlsplit
 
 # The zoo's names, here so that the spec can refuse `zoo:nope` without importing the zoo (which
 # builds models); tests/optimizer/test_zoo.py checks they match optimizer/zoo and the data step.
-ZOO_MODELS = ("crnn", "detector", "textlstm", "digits", "crnn-ocr")
-ZOO_DATASETS = ("digits", "textlines")
+ZOO_MODELS = ("crnn", "detector", "yolov4", "shapes-detector", "textlstm", "digits", "crnn-ocr")
+ZOO_DATASETS = ("digits", "textlines", "shapes")
 
 MAX_URI_LENGTH = 4096  # a presigned URL with a session token runs to ~2 KB
 # S3 bucket names (AWS: 3-63 of [a-z0-9.-]); S3-compatible stores also take upper case and '_'.

@@ -100,6 +100,8 @@ def torch_int8_qat(ctx: BuildContext, variant) -> Built:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 
     module = _require_eager(ctx)
+    if getattr(ctx.dataset, "boxes", None) is not None:
+        raise NotApplicable("labelled boxes need a detection loss; torch-int8-qat fine-tunes on class or text labels")
     _training_items(ctx)  # refuse unlabelled data before any work
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

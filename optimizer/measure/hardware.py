@@ -5,7 +5,10 @@ uint8 activations by int8 weights with vpmaddubsw, whose 16-bit intermediate sum
 both operands use their full range; the error is small per product and large over an LSTM's
 time steps (the CRNN lost 4 points of argmax agreement with dynamic INT8 on an AVX2-only EPYC).
 7-bit weights (`reduce_range`) keep the sums in range at no cost in speed there. VNNI and AMX
-accumulate in 32 bits, so full 8-bit weights are both exact and the better choice.
+accumulate in 32 bits, so full 8-bit weights are both exact and the better choice. OpenVINO's CPU
+kernels have the same 16-bit sums, and NNCF's `OverflowFix` is its 7-bit switch: `enable` quantizes
+every Conv/MatMul weight to half the int8 range (its default, `first_layer_only`, only the first
+convolutions), so it follows `reduce_range`.
 
 `benchmark.profile` picks the class to optimize for when the models will serve on other nodes
 than the one running mlopt; timings are still of this machine, and the results say so.
@@ -52,6 +55,11 @@ class HardwareProfile:
     def vnni(self) -> bool:
         return self.isa in VNNI_CLASSES
 
+    @property
+    def overflow_fix(self) -> str:
+        """NNCF's OverflowFix value (nncf.OverflowFix(...)): 7-bit weights wherever ORT's are."""
+        return "enable" if self.reduce_range else "disable"
+
     def record(self) -> dict:
         return {"isa": self.isa, "detected": self.detected, "chosenBy": self.chosen_by,
                 "reduceRange": self.reduce_range, "defaultExtras": list(self.default_extras),
@@ -74,7 +82,8 @@ def resolve(requested: str, flags, device: str = "cpu") -> HardwareProfile:
         reasons.append(f"{isa}: INT8 dot products accumulate in 32 bits, so weights use the full int8 range")
     else:
         reasons.append(f"{isa} without VNNI: uint8×int8 products are summed in 16 bits and can saturate, "
-                       "so ORT's INT8 weights are 7-bit (reduce_range), static and dynamic alike")
+                       "so INT8 weights are 7-bit: ORT's reduce_range (static and dynamic alike) and "
+                       "NNCF's overflow fix")
     extras: tuple[str, ...] = ()
     if isa == "amx":
         # Measured on a Xeon with AMX (1 thread, CRNN): OpenVINO ran mlopt's own QDQ model in 1.99 ms

@@ -74,10 +74,38 @@ def agreement(reference: Outputs, candidate: Outputs) -> float:
 
 # The metrics by the names zoo entries and `acceptance.metric` use (optimizer/api/spec.py
 # ACCURACY_METRICS; their labels are in optimizer/api/units.py). "agreement" needs the FP32
-# reference rather than labels: evaluate.accuracy answers it from the fidelity it computed.
+# reference rather than labels: evaluate.accuracy answers it from the fidelity it computed. The
+# detection metrics (box-agreement, map50, map50-95) need the model's detection spec and labelled
+# boxes: optimizer/measure/detection.py and `detection_scores` below.
 METRICS: dict[str, Callable[[Outputs, Labels], float]] = {
     "top1": top1,
     "char-accuracy": char_accuracy,
     "exact-match": exact_match,
     "agreement": agreement,
 }
+
+
+def detection_scores(reference: Outputs, candidate: Outputs, detection, boxes: Labels | None = None,
+                     labels: Labels | None = None):
+    """A detector variant's DetectionRecord: mAP of its detections against FP32's (at the spec's
+    scoreThreshold) and, given labelled `boxes` and their class `labels`, against those."""
+    from optimizer.api.results import BoxScores, DetectionRecord
+    from optimizer.measure.detection import SCORE_FLOOR, detect_all, labelled, mean_average_precision
+
+    truth = [image.above(detection.scoreThreshold) for image in detect_all(reference, detection, detection.scoreThreshold)]
+    found = detect_all(candidate, detection, SCORE_FLOOR)
+    versus_fp32 = mean_average_precision(truth, found)
+    record = DetectionRecord(vsFp32=BoxScores(map50=versus_fp32.map50, map50_95=versus_fp32.map50_95),
+                             detectionsPerImage=sum(len(f.above(detection.scoreThreshold).classes) for f in found)
+                             / max(len(found), 1))
+    if boxes is not None and labels is not None:
+        versus_labels = mean_average_precision(labelled(boxes, labels, detection.boxFormat), found)
+        record.vsLabels = BoxScores(map50=versus_labels.map50, map50_95=versus_labels.map50_95)
+    return record
+
+
+def detection_accuracy(metric: str, record) -> float:
+    """The run's detection metric, read from a DetectionRecord."""
+    if metric == "box-agreement":
+        return record.vsFp32.map50
+    return record.vsLabels.map50 if metric == "map50" else record.vsLabels.map50_95

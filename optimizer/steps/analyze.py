@@ -77,6 +77,15 @@ def analyze_step(run: Run) -> None:
         batches = bench.scalingBatches if batchable(inputs) else [inputs[0].shape[0]]
         if not batchable(inputs):
             analysis.notes.append("scaling by batch needs dynamic axis 0 on every input; only the declared batch is shown")
+        # A cell takes about batch × the baseline's latency per call × its calls: keep each within half
+        # the per-variant time budget (a 257 MB detector at batch 32 would take minutes per cell).
+        per_sample_s = run.baseline.latencyMs.mean / 1000 / max(inputs[0].shape[0], 1) if run.baseline.latencyMs else 0
+        affordable = [b for b in batches if b * per_sample_s * (bench.scalingRuns + 1) <= bench.timeBudgetSeconds / 2]
+        if len(affordable) < len(batches):
+            skipped = sorted(set(batches) - set(affordable))
+            analysis.notes.append(f"scaling: batch {', '.join(map(str, skipped))} skipped, each cell would take over "
+                                  f"half of benchmark.timeBudgetSeconds ({bench.timeBudgetSeconds:g} s)")
+            batches = affordable or batches[:1]
         rows = [(BASELINE_NAME if run.loaded.onnx_path is None else run.baseline.name, run.baseline_runner, run.baseline)]
         if best_built:
             rows.append((best, best_built.runner, best_result))

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from optimizer.api.results import VariantStatus
-from optimizer.measure.benchmark import measure_interleaved, round_sizes, speedup_range, steps
+from optimizer.measure.benchmark import Budget, measure_interleaved, round_sizes, speedup_range, steps
 from optimizer.engines.feeds import random_feed
 from optimizer.steps.run import Run
 
@@ -20,9 +20,13 @@ def benchmark_step(run: Run) -> None:
     rounds = len(round_sizes(bench.runs, bench.rounds))
     with run.reporter.task(f"timing {len(calls)} models in {rounds} interleaved round(s)",
                            steps(len(calls), bench.warmup, bench.runs, bench.rounds)) as advance:
-        latencies = measure_interleaved(calls, bench.warmup, bench.runs, bench.rounds, advance)
+        latencies = measure_interleaved(calls, bench.warmup, bench.runs, bench.rounds, advance,
+                                        Budget(bench.timeBudgetSeconds, bench.targetPrecision))
     for index, (result, _) in enumerate(timed):
         result.latencyMs = latencies[index]
         result.speedup = run.baseline.latencyMs.mean / result.latencyMs.mean
         result.speedupRange = speedup_range(run.baseline.latencyMs, result.latencyMs)
-        run.reporter.log(f"{result.name}: {result.latencyMs.mean:.2f} ± {result.latencyMs.std:.2f} ms")
+        latency = result.latencyMs
+        precision = f", mean ±{latency.precision:.1%} (95%)" if latency.precision is not None else ""
+        stopped = "" if latency.stoppedBy == "runs" else f", stopped by {latency.stoppedBy}"
+        run.reporter.log(f"{result.name}: {latency.mean:.2f} ± {latency.std:.2f} ms over {latency.runs} runs{precision}{stopped}")

@@ -9,9 +9,13 @@ shape[0] samples. Sources (`data.source`):
 - `zoo:textlines`: synthetic text lines ([batch, 1, 32, 100], optimizer/zoo/textlines.py) with
   padded label sequences; calibration and evaluation rendered from different seeds, neither the
   seed zoo:crnn-ocr trained on.
+- `zoo:shapes`: synthetic scenes of circles, squares and triangles ([batch, 3, 128, 128],
+  optimizer/zoo/shapes.py) with labelled boxes; calibration and evaluation from different seeds.
 - `<file>.npz` (relative to the spec's directory): one array per input name, first axis =
   samples, optional integer `labels` (one per sample, or [samples, length] padded sequences);
-  first half calibration, second half evaluation.
+  for a detector, labelled boxes: `boxes` [samples, max_boxes, 4] (in model.detection.boxFormat)
+  and `labels` [samples, max_boxes] class ids, -1 for padding rows. First half calibration,
+  second half evaluation.
 For the labelled sources `samples` caps the calibration samples: calibration cost grows with it,
 while evaluation should use every held-out sample.
 """
@@ -48,6 +52,7 @@ class Dataset:
     labels: list[np.ndarray] | None  # per evaluation item, the int64 labels of its batch
     description: str
     calibration_labels: list[np.ndarray] | None = None  # per calibration item (QAT fine-tunes on them)
+    boxes: list[np.ndarray] | None = None  # detectors: per evaluation item, [batch, max_boxes, 4]; `labels` are their classes
 
 
 def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_dir: Path, spec=None,
@@ -113,7 +118,7 @@ def _batch_size(spec: InputSpec) -> tuple[int, bool]:
 
 def _labelled(calibration: dict[str, np.ndarray], evaluation: dict[str, np.ndarray], labels: np.ndarray | None,
               samples: int, inputs: Sequence[InputSpec], description: str,
-              calibration_labels: np.ndarray | None = None) -> Dataset:
+              calibration_labels: np.ndarray | None = None, boxes: np.ndarray | None = None) -> Dataset:
     """Items from sample arrays: at most `samples` (but one full batch) calibrate, all of evaluation."""
     batch, partial_ok = _batch_size(inputs[0])
     calibration_items = _batches({name: array[:max(samples, batch)] for name, array in calibration.items()},
@@ -129,6 +134,7 @@ def _labelled(calibration: dict[str, np.ndarray], evaluation: dict[str, np.ndarr
         calibration=calibration_items,
         evaluation=evaluation_items,
         labels=label_items(labels),
+        boxes=label_items(boxes),
         calibration_labels=label_items(calibration_labels, max(samples, batch)),
         description=f"{description}, {_sample_count(calibration_items)} calibration and "
         f"{_sample_count(evaluation_items)} held-out samples",
@@ -188,7 +194,30 @@ def _textlines(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
     )
 
 
-ZOO_DATASETS = {"digits": _digits, "textlines": _textlines}
+SHAPES_EVALUATION = 128  # held-out scenes (~320 boxes): mAP@0.5 moves in steps well under a point
+
+
+def _shapes(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+    from optimizer.zoo import shapes
+
+    spec = _single_image_input("shapes", (3, shapes.SIZE, shapes.SIZE), inputs)
+    batch = spec.shape[0]
+    calibration, _, calibration_labels = shapes.render(max(samples, batch), shapes.SEEDS["calibration"])
+    evaluation, boxes, labels = shapes.render(max(SHAPES_EVALUATION, batch), shapes.SEEDS["evaluation"])
+    dtype = numpy_dtype(spec)
+    return _labelled(
+        calibration={spec.name: calibration.astype(dtype)},
+        evaluation={spec.name: evaluation.astype(dtype)},
+        labels=labels,
+        boxes=boxes,
+        calibration_labels=calibration_labels,
+        samples=samples,
+        inputs=inputs,
+        description="synthetic scenes of shapes with labelled boxes",
+    )
+
+
+ZOO_DATASETS = {"digits": _digits, "textlines": _textlines, "shapes": _shapes}
 
 
 def _zoo(name: str, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
@@ -283,6 +312,20 @@ def _checked_input(arrays: dict[str, np.ndarray], spec: InputSpec, path: Path) -
     return array.astype(dtype)
 
 
+def _checked_boxes(arrays: dict[str, np.ndarray], labels: np.ndarray | None, path: Path) -> np.ndarray | None:
+    """Labelled boxes for a detector: [samples, max_boxes, 4] beside labels [samples, max_boxes]."""
+    if "boxes" not in arrays:
+        return None
+    boxes = arrays["boxes"]
+    if labels is None or labels.ndim != 2 or boxes.shape != (*labels.shape, 4) \
+            or not np.issubdtype(boxes.dtype, np.number):
+        found = "no 'labels'" if labels is None else f"'labels' of shape {list(labels.shape)}"
+        raise DataError(
+            f"data.source: 'boxes' in {path} has shape {list(boxes.shape)} and {found}; a detector's labelled boxes are "
+            "'boxes' [samples, max_boxes, 4] with 'labels' [samples, max_boxes] (class ids, -1 for padding rows)")
+    return boxes.astype(np.float32)
+
+
 def _checked_labels(arrays: dict[str, np.ndarray], count: int, path: Path) -> np.ndarray | None:
     if "labels" not in arrays:
         return None
@@ -314,10 +357,12 @@ def _npz(path: Path, samples: int, inputs: Sequence[InputSpec], max_bytes: int) 
             "(half for calibration, half for evaluation)"
         )
     labels = _checked_labels(arrays, count, path)
+    boxes = _checked_boxes(arrays, labels, path)
     return _labelled(
         calibration={name: array[:half] for name, array in checked.items()},
         evaluation={name: array[half:] for name, array in checked.items()},
         labels=None if labels is None else labels[half:],
+        boxes=None if boxes is None else boxes[half:],
         calibration_labels=None if labels is None else labels[:half],
         samples=samples,
         inputs=inputs,
@@ -330,9 +375,11 @@ def data_step(run: Run) -> None:
 
     data = run.spec.spec.data
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
-    run.dataset = load_dataset(source, data.samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
+    samples = data.samples if "samples" in data.model_fields_set else (run.loaded.default_samples or data.samples)
+    run.dataset = load_dataset(source, samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
     run.data_source = source
     run.reporter.log(f"data: {run.dataset.description}")
     labels = run.dataset.labels
     run.metric = resolve_metric(run.spec.spec.acceptance.metric, run.loaded.metric, labels is not None, source,
-                                sequence_labels=labels is not None and labels[0].ndim == 2)
+                                sequence_labels=labels is not None and labels[0].ndim == 2,
+                                detector=run.loaded.detection is not None, box_labels=run.dataset.boxes is not None)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from optimizer.api.errors import failure_reason
-from optimizer.measure.metrics import METRICS
+from optimizer.api.spec import DETECTION_METRICS
+from optimizer.measure.metrics import METRICS, detection_accuracy, detection_scores
 from optimizer.api.results import BASELINE_NAME, Fidelity, VariantResult, VariantStatus
 from optimizer.artifacts import onnx_files
 from optimizer.engines.runners import Runner
+from optimizer.measure.memory import peak_memory
 from optimizer.steps.run import Run
 
 
@@ -56,23 +58,50 @@ def _baseline_result(run: Run) -> VariantResult:
                          status=VariantStatus.ok, runtime=runner.runtime, provider=runner.provider, sizeBytes=size)
 
 
+def score(run: Run, result: VariantResult, outputs: list[list[np.ndarray]]) -> None:
+    """Fidelity, the detector's box mAP (model.detection) and accuracy on the run's metric, into `result`."""
+    result.fidelity = fidelity(run.reference, outputs)
+    detection = run.loaded.detection
+    if detection is not None:
+        result.detection = detection_scores(run.reference, outputs, detection, run.dataset.boxes, run.dataset.labels)
+    if run.metric in DETECTION_METRICS:
+        result.accuracy = detection_accuracy(run.metric, result.detection)
+    else:
+        result.accuracy = accuracy(run.metric, outputs, run.dataset.labels, result.fidelity)
+
+
 def evaluate_variant(run: Run, result: VariantResult, runner: Runner) -> None:
     """Fidelity against the FP32 reference and accuracy on the run's metric, into `result`."""
     try:
-        outputs = run_all(runner, run.dataset.evaluation)
+        with peak_memory() as peak:
+            outputs = run_all(runner, run.dataset.evaluation)
     except Exception as error:  # one variant's failure never stops the others; a bug says so
         result.status, result.error = VariantStatus.failed.value, failure_reason(error, "inference failed")
         return
-    result.fidelity = fidelity(run.reference, outputs)
-    result.accuracy = accuracy(run.metric, outputs, run.dataset.labels, result.fidelity)
+    _record_peak(result, peak.added_bytes)
+    score(run, result, outputs)
+
+
+def _record_peak(result: VariantResult, added: int | None) -> None:
+    """The larger of the variant's build peak and its inference peak."""
+    if added is not None:
+        result.peakMemoryBytes = max(result.peakMemoryBytes or 0, added)
 
 
 def evaluate_step(run: Run) -> None:
-    items, labels = run.dataset.evaluation, run.dataset.labels
+    from optimizer.api.errors import InputMismatchError
+    from optimizer.measure.detection import DetectionOutputError
+
+    items = run.dataset.evaluation
     run.baseline = _baseline_result(run)
-    with run.reporter.task("evaluating FP32 reference", len(items)):
+    with run.reporter.task("evaluating FP32 reference", len(items)), peak_memory() as peak:
         run.reference = run_all(run.baseline_runner, items)
-    run.baseline.fidelity = fidelity(run.reference, run.reference)
-    run.baseline.accuracy = accuracy(run.metric, run.reference, labels, run.baseline.fidelity)
-    for name, built in run.built.items():
-        evaluate_variant(run, run.results[name], built.runner)
+    _record_peak(run.baseline, peak.added_bytes)
+    try:
+        score(run, run.baseline, run.reference)
+    except DetectionOutputError as error:  # model.detection does not fit the model's outputs: a spec error
+        raise InputMismatchError(f"spec.{error}") from None
+    with run.reporter.task(f"evaluating {len(run.built)} variant(s) on {len(items)} item(s)", len(run.built)) as advance:
+        for name, built in run.built.items():
+            evaluate_variant(run, run.results[name], built.runner)
+            advance()

@@ -21,6 +21,14 @@ from optimizer.measure.sensitivity import exclusion, exclusion_sizes, rank_nodes
 from optimizer.api.spec import VariantSpec
 
 SENSITIVITY_ITEMS = 8  # calibration items run through both models to rank the nodes
+LARGE_MODEL_BYTES = 100e6  # above this, every activation of 8 items kept in memory twice would not fit
+LARGE_MODEL_ITEMS = 2  # (YOLOv4 at 320×320: ~0.7 GB of activations per item and model)
+
+
+def sensitivity_items(float_model: Path) -> int:
+    from optimizer.artifacts import onnx_files
+
+    return LARGE_MODEL_ITEMS if onnx_files.total_size(float_model) > LARGE_MODEL_BYTES else SENSITIVITY_ITEMS
 RANKING_KEPT = 20  # ranked nodes recorded in results.json
 SUFFIX = "+fallback"
 
@@ -39,7 +47,8 @@ def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: lis
     """(the fallback record, the recovered variant's VariantResult and Built) or (record, None, None)."""
     start = time.perf_counter()
     elapsed = lambda: time.perf_counter() - start  # noqa: E731
-    ranking = rank_nodes(float_model, quantized, items[:SENSITIVITY_ITEMS], workdir / f"{variant.name}.sensitivity")
+    ranking = rank_nodes(float_model, quantized, items[:sensitivity_items(float_model)],
+                         workdir / f"{variant.name}.sensitivity")
     record = Fallback(ranking=[r.record() for r in ranking[:RANKING_KEPT]])
     # Nodes that add no noise (their output is as good as their input) are never worth FP32.
     candidates = [r for r in ranking if r.added_noise > 0]
@@ -105,8 +114,16 @@ def fallback_step(run: Run) -> None:
         evaluate_variant(run, probe, built.runner)
         return probe.accuracy if probe.accuracy is not None else float("-inf")
 
-    attempt = Attempt(build=lambda spec: build_variant(run.context, spec, recipes), accuracy=score,
-                      budget_failure=lambda value: _budget_failure(run, value))
+    def build(spec: VariantSpec) -> tuple[VariantResult, Built | None]:
+        run.reporter.log(f"fallback: rebuilding {spec.name} with {len(spec.excludeNodes)} node(s) in FP32")
+        return build_variant(run.context, spec, recipes)
+
+    def scored(built: Built) -> float:
+        value = score(built)
+        run.reporter.log(f"fallback: {run.metric} {value:.4f} (FP32 {run.baseline.accuracy:.4f})")
+        return value
+
+    attempt = Attempt(build=build, accuracy=scored, budget_failure=lambda value: _budget_failure(run, value))
     ordered: dict[str, VariantResult] = {}
     for name, result in run.results.items():
         ordered[name] = result

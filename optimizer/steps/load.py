@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optimizer.api.errors import ModelLoadError, OptimizationError
-from optimizer.api.spec import InputSpec, ModelSpec
+from optimizer.api.spec import DetectionSpec, InputSpec, ModelSpec
 from optimizer.steps.run import Run
 
 
@@ -24,6 +24,8 @@ class LoadedModel:
     program: object | None = None  # torch.export.ExportedProgram, for exported-program sources
     default_data: str = "random"
     metric: str = "agreement"
+    detection: DetectionSpec | None = None  # model.detection, or the zoo detector's own
+    default_samples: int | None = None  # the zoo model's data.samples when the spec sets none
 
     @property
     def is_eager(self) -> bool:
@@ -97,6 +99,8 @@ def _load_zoo(spec: ModelSpec) -> LoadedModel:
         module=entry.build(),
         default_data=entry.data,
         metric=entry.metric,
+        detection=spec.detection or entry.detection,
+        default_samples=entry.samples,
     )
 
 
@@ -155,7 +159,7 @@ def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
     budget = Budget(spec.maxSizeMB * 1024 * 1024, "model.source")  # the model and its external data together
     path = resolve_source(spec, base_dir, storage, budget)
     fmt = spec.format if spec.format != "auto" else detect_format(path)
-    loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
+    loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []), detection=spec.detection)
     if fmt == "onnx":
         _check_onnx_files(spec, path, budget, storage)
         loaded.onnx_path = path

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimizer.api.results import Results, VariantResult
-from optimizer.api.units import format_size, metric_label
+from optimizer.api.units import box_cells, detection_columns, format_size, metric_label
 from optimizer.steps.run import Run
 
 # The research note's two tables: conversion, then one column per quantization method.
@@ -59,10 +59,13 @@ def _fmt(value, pattern: str) -> str:
 
 
 def variants_table(results: Results) -> list[str]:
-    accuracy_column = results.accuracyMetric != "agreement"  # else it repeats "argmax agree"
+    accuracy_column = results.accuracyMetric not in ("agreement", "box-agreement", "map50", "map50-95")
+    boxes = detection_columns(results)
     metric = f" {metric_label(results.accuracyMetric)} |" if accuracy_column else ""
-    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree |{metric} status |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if accuracy_column else "") + "---|"]
+    box_titles = ["box mAP50 / 50-95 vs FP32", "mAP50 / 50-95 (labels)"][:boxes]
+    extra = "".join(f" {title} |" for title in box_titles) + metric + " peak memory |"
+    lines = [f"| variant | recipe | runtime | size | mean ± std | p50 | p90 | p99 | speedup | max abs Δ | cosine | argmax agree |{extra} status |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (boxes + accuracy_column + 1) + "---|"]
     for v in [results.baseline, *results.variants]:
         lat, fid = v.latencyMs, v.fidelity
         status = f"**{v.status} ★ best**" if v.name == results.best else v.status
@@ -71,7 +74,9 @@ def variants_table(results: Results) -> list[str]:
             f"{_fmt(lat and lat.p50, '{:.2f}')} | {_fmt(lat and lat.p90, '{:.2f}')} | {_fmt(lat and lat.p99, '{:.2f}')} | "
             f"{_speedup(v)} | {_fmt(fid and fid.maxAbsDiff, '{:.2g}')} | {_fmt(fid and fid.cosine, '{:.5f}')} | "
             f"{_fmt(fid and fid.argmaxAgreement, '{:.2%}')} |"
-            + (f" {_fmt(v.accuracy, '{:.2%}')} |" if accuracy_column else "") + f" {status} |"
+            + "".join(f" {cell} |" for cell in (box_cells(v, boxes) if boxes else []))
+            + (f" {_fmt(v.accuracy, '{:.2%}')} |" if accuracy_column else "")
+            + f" {format_size(v.peakMemoryBytes)} | {status} |"
         )
     return lines
 
@@ -376,7 +381,9 @@ def markdown(results: Results) -> str:
         _budget(results),
         "",
         f"Accuracy metric: `{results.accuracyMetric}`"
-        + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement" else "."),
+        + (" (agreement of each variant's argmax with the FP32 model's; no labels)." if results.accuracyMetric == "agreement"
+           else " (COCO mAP@0.5 of each variant's detections, after NMS, with FP32's detections as ground truth; no labels)."
+           if results.accuracyMetric == "box-agreement" else "."),
         "Latency is measured in one process on the same input after warm-up, in "
         f"{results.baseline.latencyMs.rounds if results.baseline.latencyMs else 1} round(s) taken in turn "
         "across variants; the speedup in brackets is its lowest and highest over those rounds. Sizes are the "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from optimizer.api.errors import DataLoadError
 from optimizer.api.results import VariantResult, VariantStatus
-from optimizer.api.spec import LABELLED_METRICS, SEQUENCE_METRICS
+from optimizer.api.spec import BOX_LABEL_METRICS, DETECTION_METRICS, LABELLED_METRICS, SEQUENCE_METRICS
 from optimizer.api.units import format_size
 from optimizer.measure.hardware import VNNI_FLAGS
 from optimizer.steps.run import Run
@@ -44,21 +44,39 @@ class MetricError(DataLoadError):
 
 
 def resolve_metric(requested: str, model_metric: str, has_labels: bool, data_source: str,
-                   sequence_labels: bool = False) -> str:
-    """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else top1
-    (class labels) or char-accuracy (padded label sequences), when the data has labels; agreement otherwise."""
+                   sequence_labels: bool = False, detector: bool = False, box_labels: bool = False) -> str:
+    """acceptance.metric → the metric actually computed. auto: the zoo model's own metric, else for a
+    detector (model.detection) map50 with labelled boxes or box-agreement without; else top1 (class
+    labels) or char-accuracy (padded label sequences) when the data has labels; agreement otherwise."""
     if requested == "auto":
+        if detector:
+            return "map50" if box_labels else (model_metric if model_metric in DETECTION_METRICS
+                                               and model_metric not in BOX_LABEL_METRICS else "box-agreement")
         if not has_labels:
             return "agreement"
         if model_metric != "agreement":
             return model_metric
         return "char-accuracy" if sequence_labels else "top1"
+    if requested in DETECTION_METRICS and not detector:
+        raise MetricError(
+            f"acceptance.metric {requested} scores boxes, but the model declares none; set model.detection "
+            "(which outputs are boxes and scores, their boxFormat) or use another metric")
+    if requested in BOX_LABEL_METRICS and not box_labels:
+        raise MetricError(
+            f"acceptance.metric {requested} needs labelled boxes, but data.source {data_source} has none; give a .npz "
+            "with 'boxes' [samples, max_boxes, 4] and 'labels' [samples, max_boxes] (-1 for padding), or use "
+            "metric box-agreement (FP32's detections as the reference, no labels)")
     if requested in LABELLED_METRICS and not has_labels:
         raise MetricError(
             f"acceptance.metric {requested} needs labels, but data.source {data_source} has none; "
             "give a .npz with a 'labels' array (or a labelled zoo data set), or use metric agreement"
         )
-    if has_labels and (requested in SEQUENCE_METRICS) != sequence_labels and requested != "agreement":
+    if box_labels and requested in LABELLED_METRICS and requested not in BOX_LABEL_METRICS:
+        raise MetricError(
+            f"acceptance.metric {requested} does not fit data.source {data_source}, which has labelled boxes; "
+            f"use {' or '.join(BOX_LABEL_METRICS)}")
+    if has_labels and not box_labels and (requested in SEQUENCE_METRICS) != sequence_labels \
+            and requested in LABELLED_METRICS:
         shape = "2-D label sequences (padded with -1)" if sequence_labels else "one class label per sample"
         raise MetricError(
             f"acceptance.metric {requested} does not fit data.source {data_source}, which has {shape}; "

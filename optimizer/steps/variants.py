@@ -7,6 +7,7 @@ the recipe's own message, anything else `failed` as an mlopt bug with where it h
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from optimizer.api.errors import DeviceError, internal_error
@@ -17,6 +18,8 @@ from optimizer.engines import (
     CALIBRATED_RECIPES, BuildContext, Built, NotApplicable, RecipeFailure, artifact_files, registry,
 )
 from optimizer.engines.runners import op_counts
+from optimizer.measure.memory import peak_memory
+from optimizer.api.units import format_size
 from optimizer.steps.run import Run
 
 
@@ -35,11 +38,19 @@ def planned_variants(run: Run) -> list[VariantSpec]:
     """The spec's variants (or the recommended set), with compareCalibration expanded."""
     variants = list(run.spec.variants())
     default_set = run.spec.spec.variants is None
-    if default_set and run.spec.spec.benchmark.device == "cpu" and run.dataset.calibration_labels is not None:
+    if default_set and run.spec.spec.benchmark.device == "cpu" and run.dataset.calibration_labels is not None \
+            and run.dataset.boxes is None:  # labelled boxes would need a detection loss
         # QAT joins the default set only with labelled data: without labels it can only be skipped.
         variants.append(VariantSpec(name=Recipe.torch_int8_qat.value, recipe=Recipe.torch_int8_qat))
     if default_set:  # engines that can win on this CPU class (optimizer/measure/hardware.py)
         variants += [VariantSpec(name=recipe, recipe=recipe) for recipe in run.hardware.default_extras]
+    if default_set and run.spec.spec.benchmark.device == "cpu" and _unquantizable_activations(run):
+        # ONNX Runtime's quantizer leaves Mish (Softplus/Tanh) in FP32 between DequantizeLinear and
+        # QuantizeLinear; OpenVINO fuses Mish into its INT8 convolutions. Measured, not assumed: it
+        # joins the set and wins or loses on its latency like every other variant.
+        known = {variant.recipe for variant in variants}
+        variants += [VariantSpec(name=recipe.value, recipe=recipe) for recipe in (Recipe.openvino_int8,)
+                     if recipe.value not in known]
     expanded = []
     for variant in variants:
         if not (variant.compareCalibration and variant.recipe in CALIBRATED_RECIPES):
@@ -51,6 +62,14 @@ def planned_variants(run: Run) -> list[VariantSpec]:
             run.calibration_of[copy.name] = variant.name
             expanded.append(copy)
     return expanded
+
+
+UNQUANTIZABLE_ACTIVATIONS = ("Mish", "Softplus")  # no QDQ kernel in ONNX Runtime's quantizer registry
+
+
+def _unquantizable_activations(run: Run) -> bool:
+    fp32 = run.loaded.onnx_path or (run.export.path if run.export else None)
+    return fp32 is not None and any(op in op_counts(fp32) for op in UNQUANTIZABLE_ACTIVATIONS)
 
 
 def build_variant(ctx: BuildContext, variant: VariantSpec, recipes) -> tuple[VariantResult, Built | None]:
@@ -103,9 +122,14 @@ def variants_step(run: Run) -> None:
     for index, variant in enumerate(variants, 1):
         run.reporter.log(f"[{index}/{len(variants)}] building {variant.name} ({variant.recipe})")
         run.planned[variant.name] = variant
-        result, built = build_variant(run.context, variant, recipes)
+        started = time.perf_counter()
+        with peak_memory() as peak:
+            result, built = build_variant(run.context, variant, recipes)
+        result.peakMemoryBytes = peak.added_bytes
         if built:
             keep_variant(variant, result, built, models_dir)
+            run.reporter.log(f"{variant.name}: built in {time.perf_counter() - started:.1f} s, "
+                             f"{format_size(result.sizeBytes)}, peak memory +{format_size(peak.added_bytes)}")
         result.calibrationOf = run.calibration_of.get(variant.name)
         if variant.compareCalibration and variant.recipe not in CALIBRATED_RECIPES:
             result.notes.append("compareCalibration applies to the ORT static recipes (torch.ao's observers are "

@@ -10,7 +10,6 @@ masquerades as the real model.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from optimizer.artifacts.cache import cache_dir
 from optimizer.zoo import textlines
 from optimizer.engines.runners import torch_threads
 from optimizer.zoo.crnn import CRNN
-from optimizer.zoo.weights import cached_or_trained, seeded
+from optimizer.zoo.weights import cached_or_trained, seeded, warmup_cosine
 
 # Part of the cache file name: bump it whenever the architecture, the renderer or the training
 # changes, so an old cache is never loaded as a different model.
@@ -50,18 +49,6 @@ def _fast_bfloat16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported()
 
 
-def _warmup_cosine(step_count: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over the first 5% of steps, then cosine decay to 0."""
-    warmup = max(1, step_count // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, step_count - warmup)))
-
-    return factor
-
-
 def _pool(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rendered once and kept as uint8: rendering per step would cost as much as the step."""
     images, labels = textlines.render_batch(size, seed)
@@ -86,7 +73,7 @@ def train(step_count: int | None = None, log: Callable[[int, float], None] | Non
     with seeded(SEED), torch_threads(THREADS):
         model = CRNN(num_classes=textlines.NUM_CLASSES).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(step_count))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(step_count))
         running = None
         for step in range(1, step_count + 1):
             batch = generator.integers(len(pool_images), size=BATCH)

@@ -8,6 +8,7 @@ variance 1, which would make Conv+BN folding and INT8 calibration trivially easy
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -86,3 +87,15 @@ def calibrate_batchnorm(module: torch.nn.Module, make_batch: Callable[[], torch.
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     module.eval()
+
+
+def warmup_cosine(step_count: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over the first 5% of steps, then cosine decay to 0."""
+    warmup = max(1, step_count // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, step_count - warmup)))
+
+    return factor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from optimizer.measure.benchmark import measure, measure_interleaved, round_sizes, steps
 
 
@@ -48,3 +50,42 @@ def test_round_means_give_the_speedup_range():
     assert baseline.roundMeans == [10.0, 12.0] and candidate.rounds == 2
     assert speedup_range(baseline, candidate) == [4.0, 5.0]
     assert speedup_range(summarize(np.array([1.0, 2.0])), summarize(np.array([1.0, 1.0]))) is None  # one round
+
+
+def test_a_time_budget_stops_a_slow_variant_and_says_so():
+    import time as clock
+
+    from optimizer.measure.benchmark import Budget, measure_interleaved
+
+    latencies = measure_interleaved({"slow": lambda: clock.sleep(0.02), "fast": lambda: None}, warmup=2, runs=100,
+                                    rounds=4, budget=Budget(seconds=0.2))
+    slow, fast = latencies["slow"], latencies["fast"]
+    assert slow.stoppedBy == "timeBudget" and slow.rounds == 4 and 4 <= slow.runs < 100
+    assert fast.stoppedBy == "runs" and fast.runs == 100
+    assert slow.precision is not None and slow.precision > 0
+
+
+def test_a_target_precision_stops_once_the_mean_is_known():
+    from optimizer.measure.benchmark import Budget, measure_interleaved
+
+    def steady():
+        sum(range(2000))
+
+    latency = measure_interleaved({"steady": steady}, warmup=1, runs=400, rounds=4,
+                                  budget=Budget(precision=0.5))["steady"]
+    assert latency.stoppedBy == "targetPrecision"
+    assert latency.runs < 400 and latency.rounds == 4  # every round keeps a mean
+    assert latency.precision <= 0.5 or latency.runs >= 8
+
+
+def test_peak_memory_sees_what_a_block_allocated():
+    import numpy as np
+
+    from optimizer.measure.memory import peak_memory
+
+    with peak_memory() as peak:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        del block
+    if peak.added_bytes is None:
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    assert peak.added_bytes >= 48 * 2**20

@@ -24,6 +24,8 @@ def test_each_cpu_class_gets_its_quantization_choices(flags, isa, reduce_range):
     profile = resolve("auto", flags)
     assert (isa_class(flags), profile.isa, profile.reduce_range, profile.chosen_by) == (isa, isa, reduce_range, "detected")
     assert ("reduce_range" in profile.reasons[-1]) == reduce_range
+    # NNCF's 7-bit switch (OverflowFix) follows ORT's: openvino-int8 must not saturate where ORT's INT8 would.
+    assert profile.overflow_fix == ("enable" if reduce_range else "disable")
 
 
 def test_benchmark_profile_targets_other_nodes_and_says_so():

@@ -134,9 +134,9 @@ def test_crnn_ocr_is_the_crnn_architecture():
 
 @pytest.mark.parametrize("step_count", [1, 2, 3, 10, 3000])
 def test_crnn_ocr_learning_rate_warms_up_then_decays_for_any_step_count(step_count):
-    from optimizer.zoo.crnn_ocr import _warmup_cosine
+    from optimizer.zoo.weights import warmup_cosine
 
-    factors = [_warmup_cosine(step_count)(step) for step in range(step_count)]
+    factors = [warmup_cosine(step_count)(step) for step in range(step_count)]
     assert all(0.0 <= factor <= 1.0 for factor in factors)
     assert max(factors) == 1.0
     peak = factors.index(1.0)

@@ -1,0 +1,215 @@
+"""YOLOv4 (Bochkovskiy et al. 2020), the research note's detector: CSPDarknet53 + SPP + PANet + three
+YOLOv3 heads, 64,363,101 parameters (≈ 257 MB in FP32) for 80 classes, as in Darknet's yolov4.cfg.
+
+- Backbone: a 3×3 stem, then five CSP stages (1, 2, 8, 8, 4 residual blocks), each a stride-2
+  conv, two 1×1 "part" convs (one straight through, one through the residual blocks), a 1×1
+  transition and a 1×1 fuse over their concatenation. Every conv is Conv + BN + Mish.
+- Neck: SPP (max-pools 5/9/13 over the last stage, concatenated) and a PANet: upsample + concat
+  routes down to stride 8, then stride-2 convs and concat routes back up. Conv + BN + LeakyReLU(0.1).
+- Heads: a 1×1 conv with bias to 3 anchors × (4 box + 1 objectness + 80 classes) = 255 channels
+  at strides 8, 16 and 32.
+
+`decode=True` (the zoo's default) puts the YOLO decode inside the model, as exported detectors
+usually ship: grid offsets, anchors, sigmoid/exp, and the outputs are `boxes` [batch, candidates, 4]
+(x1, y1, x2, y2 in input pixels) and `scores` [batch, candidates, 80] (objectness × class
+probability); NMS stays outside. `decode=False` returns the three raw head tensors.
+
+There are no trained weights here (no network to fetch them from, and training a 64 M-parameter
+detector on 2 cores is out of reach): the weights are seeded, BatchNorm has real statistics, and
+the objectness biases are set so that a random-weight model makes a detector's number of
+detections, so NMS and box agreement have something to measure.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from optimizer.zoo.weights import calibrate_batchnorm, seeded
+from optimizer.zoo.yolo_decode import decode
+
+NUM_CLASSES = 80  # COCO
+ANCHORS = ((12, 16), (19, 36), (40, 28), (36, 75), (76, 55), (72, 146), (142, 110), (192, 243), (459, 401))
+STRIDES = (8, 16, 32)
+# Darknet's scale_x_y per head: the box centre may reach slightly past its cell.
+SCALE_XY = (1.2, 1.1, 1.05)
+SIZE = 320  # the zoo's default input side; 416 and 608 by spec (any multiple of 32)
+SEED = 20261204
+DETECTIONS_PER_IMAGE = 20  # candidates per image the random-weight model scores ≥ SCORE_THRESHOLD (_set_objectness)
+SCORE_THRESHOLD = 0.25  # the zoo's detection threshold (Darknet's default)
+
+
+class ConvBlock(nn.Sequential):
+    """conv, bn, act as named children (FX fusion finds conv-bn)."""
+
+    def __init__(self, inputs: int, outputs: int, kernel: int, stride: int = 1, activation: str = "mish") -> None:
+        act = nn.Mish() if activation == "mish" else nn.LeakyReLU(0.1)
+        super().__init__(OrderedDict(
+            conv=nn.Conv2d(inputs, outputs, kernel, stride=stride, padding=kernel // 2, bias=False),
+            bn=nn.BatchNorm2d(outputs),
+            act=act,
+        ))
+
+
+def _leaky(inputs: int, outputs: int, kernel: int, stride: int = 1) -> ConvBlock:
+    return ConvBlock(inputs, outputs, kernel, stride, activation="leaky")
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.reduce = ConvBlock(channels, hidden, 1)
+        self.expand = ConvBlock(hidden, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.expand(self.reduce(x))
+
+
+class CSPStage(nn.Module):
+    """Downsample, split into two 1×1 parts, residual blocks on one, concat, fuse.
+
+    The first stage keeps full width in both parts (its blocks squeeze to half inside), the others
+    halve the width of each part, as in yolov4.cfg."""
+
+    def __init__(self, inputs: int, outputs: int, blocks: int) -> None:
+        super().__init__()
+        first = blocks == 1
+        part = outputs if first else outputs // 2
+        self.down = ConvBlock(inputs, outputs, 3, stride=2)
+        self.shortcut = ConvBlock(outputs, part, 1)
+        self.main = ConvBlock(outputs, part, 1)
+        self.blocks = nn.Sequential(*(Residual(part, outputs // 2 if first else part) for _ in range(blocks)))
+        self.transition = ConvBlock(part, part, 1)
+        self.fuse = ConvBlock(2 * part, outputs, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        main = self.transition(self.blocks(self.main(x)))
+        return self.fuse(torch.cat([main, self.shortcut(x)], dim=1))
+
+
+class CSPDarknet53(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBlock(3, 32, 3)
+        self.stages = nn.ModuleList(CSPStage(i, o, n) for i, o, n in
+                                    [(32, 64, 1), (64, 128, 2), (128, 256, 8), (256, 512, 8), (512, 1024, 4)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features[2], features[3], features[4]  # strides 8, 16, 32
+
+
+def _five(channels: int) -> nn.Sequential:
+    """1×1 → 3×3 → 1×1 → 3×3 → 1×1, alternating channels and 2×channels (YOLOv3's head stack)."""
+    return nn.Sequential(_leaky(2 * channels, channels, 1), _leaky(channels, 2 * channels, 3),
+                         _leaky(2 * channels, channels, 1), _leaky(channels, 2 * channels, 3),
+                         _leaky(2 * channels, channels, 1))
+
+
+class SPP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pools = nn.ModuleList(nn.MaxPool2d(k, stride=1, padding=k // 2) for k in (5, 9, 13))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([*(pool(x) for pool in reversed(self.pools)), x], dim=1)
+
+
+class PANet(nn.Module):
+    """SPP on the stride-32 features, top-down (upsample + concat) to stride 8, bottom-up back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre_spp = nn.Sequential(_leaky(1024, 512, 1), _leaky(512, 1024, 3), _leaky(1024, 512, 1))
+        self.spp = SPP()
+        self.post_spp = nn.Sequential(_leaky(2048, 512, 1), _leaky(512, 1024, 3), _leaky(1024, 512, 1))
+        self.up32 = _leaky(512, 256, 1)
+        self.lateral16 = _leaky(512, 256, 1)
+        self.top_down16 = _five(256)
+        self.up16 = _leaky(256, 128, 1)
+        self.lateral8 = _leaky(256, 128, 1)
+        self.top_down8 = _five(128)
+        self.down8 = _leaky(128, 256, 3, stride=2)
+        self.bottom_up16 = _five(256)
+        self.down16 = _leaky(256, 512, 3, stride=2)
+        self.bottom_up32 = _five(512)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, c8: torch.Tensor, c16: torch.Tensor, c32: torch.Tensor):
+        p32 = self.post_spp(self.spp(self.pre_spp(c32)))
+        p16 = self.top_down16(torch.cat([self.lateral16(c16), self.upsample(self.up32(p32))], dim=1))
+        p8 = self.top_down8(torch.cat([self.lateral8(c8), self.upsample(self.up16(p16))], dim=1))
+        n16 = self.bottom_up16(torch.cat([self.down8(p8), p16], dim=1))
+        n32 = self.bottom_up32(torch.cat([self.down16(n16), p32], dim=1))
+        return p8, n16, n32
+
+
+class Head(nn.Sequential):
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__(OrderedDict(
+            conv=_leaky(channels, 2 * channels, 3),
+            predict=nn.Conv2d(2 * channels, 3 * (5 + num_classes), 1),
+        ))
+
+
+class YOLOv4(nn.Module):
+    def __init__(self, num_classes: int = NUM_CLASSES, decode: bool = True) -> None:
+        super().__init__()
+        self.num_classes, self.decode = num_classes, decode
+        self.backbone = CSPDarknet53()
+        self.neck = PANet()
+        self.heads = nn.ModuleList(Head(c, num_classes) for c in (128, 256, 512))
+        # Anchors in pixels, per head (not parameters: they are part of the decode, not the weights).
+        self.register_buffer("anchors", torch.tensor(ANCHORS, dtype=torch.float32).view(3, 3, 2), persistent=False)
+
+    def forward(self, image: torch.Tensor):
+        raw = [head(x) for head, x in zip(self.heads, self.neck(*self.backbone(image)))]
+        if not self.decode:
+            return tuple(raw)  # (batch, 255, H/s, W/s) for s = 8, 16, 32
+        decoded = [decode(x, self.anchors[index], STRIDES[index], self.num_classes, SCALE_XY[index])
+                   for index, x in enumerate(raw)]
+        return torch.cat([b for b, _ in decoded], dim=1), torch.cat([s for _, s in decoded], dim=1)
+
+
+def _set_objectness(model: YOLOv4, images: torch.Tensor) -> None:
+    """Shift the objectness biases so that about DETECTIONS_PER_IMAGE candidates per image, over all
+    heads, score ≥ SCORE_THRESHOLD on `images` (score = objectness × best class): with the seeded
+    biases hundreds of the ~6,000 candidates of a 320×320 input would, and NMS would keep a hundred
+    random boxes per image instead of a detector's handful."""
+    model.decode = False
+    with torch.no_grad():
+        raw = model(images)
+    model.decode = True
+    columns = [x.view(len(images), 3, 5 + model.num_classes, -1).transpose(2, 3).reshape(-1, 5 + model.num_classes)
+               for x in raw]
+    candidates = torch.cat(columns)
+    best_class = candidates[:, 5:].sigmoid().amax(dim=1)
+    # A candidate scores ≥ the threshold once its objectness logit exceeds logit(threshold / best class).
+    needed = torch.logit((SCORE_THRESHOLD / best_class).clamp(max=1.0), eps=1e-12)
+    margin = torch.where(best_class > SCORE_THRESHOLD, candidates[:, 4] - needed, torch.full_like(needed, -1e9))
+    shift = float(torch.quantile(margin, 1 - DETECTIONS_PER_IMAGE * len(images) / len(margin)))
+    for head in model.heads:
+        head.predict.bias.data.view(3, 5 + model.num_classes)[:, 4] -= shift
+
+
+def build() -> YOLOv4:
+    """The seeded model: BatchNorm statistics from two batches of random 160×160 images (statistics
+    of random images barely depend on the size, and 160 keeps the build to seconds), objectness set
+    as above at the default size."""
+    with seeded(SEED):
+        model = YOLOv4()
+        calibrate_batchnorm(model, lambda: torch.rand(2, 3, 160, 160), steps=2)
+        _set_objectness(model, torch.rand(2, 3, SIZE, SIZE))
+    return model.eval()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+

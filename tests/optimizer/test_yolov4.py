@@ -1,0 +1,131 @@
+"""zoo:yolov4: the research note's detector, layer for layer, with its decode inside the model.
+
+A small input (128×128, the model takes any multiple of 32) keeps these quick; the export tests
+are slow (a 257 MB graph: 15-60 s per exporter on a busy 2-core machine).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from optimizer.zoo import ZOO, yolov4
+
+SMALL = 128  # grids 16², 8², 4²: 3 × 336 candidates
+
+
+@pytest.fixture(scope="module")
+def model() -> yolov4.YOLOv4:
+    return yolov4.build()
+
+
+def image(size: int = SMALL, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_it_is_yolov4_as_published():
+    """64,363,101 parameters (the public PyTorch port's count), ≈ 257 MB FP32; 110 convs, 72 of them
+    followed by Mish (the backbone), SPP's 5/9/13 pools, three 255-channel heads at strides 8/16/32."""
+    fresh = yolov4.YOLOv4()
+    assert yolov4.parameter_count(fresh) == 64_363_101
+    state_bytes = sum(t.numel() * t.element_size() for t in fresh.state_dict().values())
+    assert 257e6 < state_bytes < 258.5e6
+    convs = [m for m in fresh.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 110
+    assert sum(isinstance(m, torch.nn.Mish) for m in fresh.modules()) == 72
+    assert sum(isinstance(m, torch.nn.Mish) for m in fresh.backbone.modules()) == 72
+    assert sorted(p.kernel_size for p in fresh.neck.spp.pools) == [5, 9, 13]
+    assert [head.predict.out_channels for head in fresh.heads] == [255, 255, 255]
+    fresh.decode = False
+    with torch.no_grad():
+        raw = fresh.eval()(image())
+    assert [tuple(x.shape) for x in raw] == [(1, 255, 16, 16), (1, 255, 8, 8), (1, 255, 4, 4)]
+
+
+def test_the_zoo_entry_declares_a_detector_that_fits_two_cores():
+    entry = ZOO["yolov4"]
+    assert entry.inputs[0].shape == [1, 3, 320, 320] and entry.inputs[0].dynamicAxes == {0: "batch"}
+
+
+def _decode_by_hand(raw: np.ndarray, stride: int, anchors, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """YOLOv4's decode written out per cell, independently of the model's vectorized one."""
+    _, _, height, width = raw.shape
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    boxes, scores = [], []
+    grid = raw[0].reshape(3, 85, height, width)
+    for anchor in range(3):
+        for row in range(height):
+            for column in range(width):
+                t = grid[anchor, :, row, column]
+                cx = (sigmoid(t[0]) * scale - (scale - 1) / 2 + column) * stride
+                cy = (sigmoid(t[1]) * scale - (scale - 1) / 2 + row) * stride
+                w, h = np.exp(t[2]) * anchors[anchor][0], np.exp(t[3]) * anchors[anchor][1]
+                boxes.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+                scores.append(sigmoid(t[4]) * sigmoid(t[5:]))
+    return np.array(boxes), np.array(scores)
+
+
+def test_decode_inside_the_model_is_yolov4s_decode(model):
+    with torch.no_grad():
+        boxes, scores = (t.numpy() for t in model(image()))
+        model.decode = False
+        try:
+            raw = [t.numpy() for t in model(image())]
+        finally:
+            model.decode = True
+    assert boxes.shape == (1, 3 * (16 * 16 + 8 * 8 + 4 * 4), 4) and scores.shape == (1, boxes.shape[1], 80)
+    expected_boxes, expected_scores = zip(*(
+        _decode_by_hand(raw[i], yolov4.STRIDES[i], yolov4.ANCHORS[3 * i:3 * i + 3], yolov4.SCALE_XY[i]) for i in range(3)))
+    np.testing.assert_allclose(boxes[0], np.concatenate(expected_boxes), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(scores[0], np.concatenate(expected_scores), rtol=1e-4, atol=1e-6)
+
+
+def test_random_weights_make_a_detectors_number_of_detections(model):
+    """Objectness is set so that the seeded model proposes a handful of boxes per image, not hundreds."""
+    with torch.no_grad():
+        _, scores = model(image(320, seed=7))
+    confident = int((scores.amax(dim=-1) >= yolov4.SCORE_THRESHOLD).sum())
+    assert 3 <= confident <= 100
+
+
+def _export(model, path, dynamo: bool) -> Counter:
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (image(),), str(path), input_names=["image"], output_names=["boxes", "scores"],
+                          dynamo=dynamo, opset_version=18, external_data=False)
+    return Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _onnx_matches_pytorch(model, path) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = [t.numpy() for t in model(image(seed=3))]
+    actual = session.run(None, {"image": image(seed=3).numpy()})
+    # A box edge near 0 is the difference of two large numbers (centre − half a 1,000-pixel anchor
+    # box): compare boxes to their scale, not each element's; scores below 1e-5 never make a detection.
+    boxes, scores = expected
+    np.testing.assert_allclose(actual[0], boxes, rtol=1e-3, atol=1e-4 * float(np.abs(boxes).max()))
+    np.testing.assert_allclose(actual[1], scores, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_legacy_exporter_writes_mish_as_softplus_tanh_mul(model, tmp_path):
+    ops = _export(model, tmp_path / "legacy.onnx", dynamo=False)
+    assert ops["Softplus"] == ops["Tanh"] == 72 and "Mish" not in ops
+    assert (tmp_path / "legacy.onnx").stat().st_size > 245e6
+    _onnx_matches_pytorch(model, tmp_path / "legacy.onnx")
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_writes_the_opset_18_mish_op(model, tmp_path):
+    ops = _export(model, tmp_path / "dynamo.onnx", dynamo=True)
+    assert ops["Mish"] == 72 and "Softplus" not in ops
+    _onnx_matches_pytorch(model, tmp_path / "dynamo.onnx")
