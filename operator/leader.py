@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 DURATION, RENEW, RETRY = 15, 5, 2  # seconds, as kube-controller-manager's defaults scaled down
@@ -105,9 +106,11 @@ class Lease:
             LOG.warning(f"releasing lease {self.name}: {error}")
 
     def holder_now(self) -> str | None:
+        """Who holds the lease, for the log; None when the API server does not say (or is away: a
+        standby that cannot reach it must keep waiting, not exit)."""
         try:
             return (self.request("GET", f"{self.path}/{self.name}").get("spec") or {}).get("holderIdentity")
-        except ApiException:
+        except (ApiException, urllib3.exceptions.HTTPError, OSError):
             return None
 
 

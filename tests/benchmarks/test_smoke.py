@@ -22,8 +22,20 @@ def test_seed_crnn_prints_the_notes_tables(tmp_path):
     for heading in ("ONNX conversion (note table 1)", "Quantization with PyTorch (note table 2)",
                     "Quantization with ONNX Runtime"):
         assert heading in done.stdout
-    assert "| CPU inference (note) | 39.3 ms ± 410 µs |" in done.stdout
-    assert "best:" in done.stdout and (tmp_path / "out" / "results.json").is_file()
+    # The measured rows are this run's numbers, as results.json records them (the note's own row is
+    # a constant the script prints; asserting it proved nothing).
+    import json
+
+    from optimizer.api.results import Results
+    from optimizer.steps.report import CONVERSION, by_recipe, mean_std, size_mb
+
+    results = Results.model_validate(json.loads((tmp_path / "out" / "results.json").read_text()))
+    found = by_recipe(results)
+    measured = [found.get(recipe) for _, recipe in CONVERSION]
+    assert all(variant is not None and variant.latencyMs.mean > 0 for variant in measured), CONVERSION
+    assert "| model file (here) | " + " | ".join(size_mb(v) for v in measured) + " |" in done.stdout
+    assert "| CPU inference (here) | " + " | ".join(mean_std(v) for v in measured) + " |" in done.stdout
+    assert f"best: {results.best} — " in done.stdout and results.best in {v.name for v in results.variants}
 
 
 def test_peers_without_olive_says_how_to_set_it_up(tmp_path):

@@ -184,15 +184,19 @@ def test_model_matrix_cell(tmp_path, architecture, fmt):
         onnx = [v for v in results.variants if v.recipe.startswith(("onnx-fp32", "ort-"))]
         assert onnx and all(v.status == "ok" and v.latencyMs for v in onnx), [(v.name, v.error) for v in onnx]
         if results.best is None:
-            # An honest outcome, not a failure: an ONNX source is its own FP32 baseline, and on a tiny
-            # model nothing may beat it on a busy machine. The reason must say exactly that.
+            # Honest only for an ONNX source: it is its own FP32 baseline, and on a tiny model nothing
+            # may beat it on a busy machine (the reason must say exactly that). A PyTorch baseline is
+            # always beaten by its verified ONNX export in ONNX Runtime on these models: no best there
+            # is a regression (the test used to accept it for every format).
+            assert fmt == "onnx", f"no best variant for a {fmt} model: {results.bestReason}"
             assert results.bestReason.startswith("no variant within the accuracy budget is faster"), results.bestReason
             fastest = max(onnx, key=lambda v: v.speedup)
             MATRIX_OUTCOMES[(architecture, fmt)] = f"none faster ({fastest.name} {fastest.speedup:.2f}x)"
-            return
-        best = results.variant(results.best)
-        assert best.latencyMs is not None and best.artifact and (tmp_path / "out" / best.artifact).exists()
-        MATRIX_OUTCOMES[(architecture, fmt)] = f"{results.best} {best.speedup:.2f}x"
+        else:
+            best = results.variant(results.best)
+            assert best.status == "ok" and best.speedup > 1, (best.name, best.status, best.speedup)
+            assert best.latencyMs is not None and best.artifact and (tmp_path / "out" / best.artifact).exists()
+            MATRIX_OUTCOMES[(architecture, fmt)] = f"{results.best} {best.speedup:.2f}x"
     else:
         message = results.model.get("exportError", "")
         assert expected in message, message

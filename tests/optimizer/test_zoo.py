@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 import warnings
@@ -170,28 +169,27 @@ def test_crnn_legacy_onnx_export_holds_at_other_widths_and_batches(built, tmp_pa
         np.testing.assert_allclose(actual, expected, atol=1e-4, rtol=1e-3)
 
 
-def _static_int8(model: torch.nn.Module, example_input: torch.Tensor) -> torch.nn.Module:
-    """The torch-int8-static recipe's FX path: default x86 mapping, one calibration call."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (example_input,))
-        with torch.no_grad():
-            prepared(example_input)
-        return convert_fx(prepared)
-
-
 @pytest.fixture(scope="module")
-def static_int8(built):
-    """name -> the model after FX static INT8, converted once per module (CRNN takes seconds)."""
+def static_int8(built, tmp_path_factory):
+    """name -> the model after the torch-int8-static recipe itself (FX graph mode, calibrated on the
+    model's own random inputs), built once per module (the CRNN takes seconds)."""
+    from optimizer.api.spec import VariantSpec
+    from optimizer.console import QuietReporter
+    from optimizer.engines import BuildContext, registry
+    from optimizer.steps.load import LoadedModel
+
     converted: dict[str, torch.nn.Module] = {}
 
     def get(name: str) -> torch.nn.Module:
         if name not in converted:
-            converted[name] = _static_int8(built[name], example(name))
+            inputs = list(ZOO[name].inputs)
+            loaded = LoadedModel(source=f"zoo:{name}", format="zoo", inputs=inputs, module=built[name])
+            context = BuildContext(loaded=loaded, fp32_onnx=None, export_error="not needed here",
+                                   dataset=load_dataset("random", 2, inputs, Path(".")),
+                                   workdir=tmp_path_factory.mktemp(f"static-{name}"), threads=1, device="cpu",
+                                   hardware=None, reporter=QuietReporter())
+            recipe = registry()["torch-int8-static"]
+            converted[name] = recipe(context, VariantSpec(name="static", recipe="torch-int8-static")).runner.module
         return converted[name]
 
     return get
