@@ -36,3 +36,30 @@ def test_peers_without_olive_says_how_to_set_it_up(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "requirements-peers.txt" in done.stderr and "import olive" in done.stderr
+
+
+def test_gpu_crnn_without_a_gpu_says_so_and_fails(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the benchmark runs for real there")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_crnn.py"), "--quiet"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "no CUDA device" in done.stderr and done.stdout == ""
+
+
+@pytest.mark.slow
+def test_gpu_crnn_dry_run_prints_the_notes_gpu_rows_and_every_gpu_variant(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_crnn.py"), "--device", "cpu", "--runs", "2", "--warmup", "0",
+         "--rounds", "1", "--quiet", "--output", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| note: CRNN PyTorch (pth), GPU | the research note's own GPU | 10.2 ms ± 238 µs |" in done.stdout
+    assert "| note: CRNN ONNX, GPU | the research note's own GPU | 8.36 ms ± 78.6 µs |" in done.stdout
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    for recipe in ("torch-fp16", "torch-bf16", "torch-autocast-fp16", "torch-compile", "torch-cudagraphs"):
+        assert "skipped: not applicable on CPU" in rows[recipe]  # never a number without the GPU
+    assert "| 1.00x | 100.00% | pytorch · CPU | ok |" in rows["pytorch-fp32"]
+    assert "CPU dry run" in done.stdout and (tmp_path / "out" / "results.json").is_file()
