@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from optimizer.api.crd import CRD_NAME, GROUP, PLURAL, VERSION
 
-from .job import LABEL_GENERATION, LABEL_NAME, MANAGED_BY, name_label
+from .job import FINALIZER, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, name_label
 
 
 class JobRefused(Exception):
@@ -143,6 +143,17 @@ class Cluster:
             query=[("labelSelector", f"batch.kubernetes.io/job-name={job_name}")],
         )
         return found["items"]
+
+    def release_pod(self, namespace: str, name: str) -> None:
+        """Remove the operator's finalizer from a worker pod, and only that one (a strategic merge patch
+        deletes it from the list by value: no index that the Job controller's own removal could shift)."""
+        try:
+            self.request("PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}",
+                         body={"metadata": {"$deleteFromPrimitiveList/finalizers": [FINALIZER]}},
+                         content_type="application/strategic-merge-patch+json")
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     def create_job(self, job: dict[str, Any]) -> dict[str, Any] | None:
         """The created Job, or None when a Job of that name exists already. JobRefused when the API

@@ -7,6 +7,7 @@ is fully declared for `kubectl explain`, and kopf's own fields would be pruned f
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -20,6 +21,7 @@ from optimizer.api.spec_loader import SpecError, parse_spec
 
 from .cluster import Cluster, JobRefused
 from . import metrics
+from .finalizer import release_reason
 from .job import ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, build_job
 from .policy import CONFIGMAP, PolicySource, PolicyUnreadable, violations
 from .queue import admit
@@ -39,6 +41,7 @@ CRD_WAIT_SECONDS = 120  # at startup, for the CRD to be Established (applied tog
 # owner); one lock per resource keeps "phase changed → one Event" true.
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _state: dict[str, Any] = {}
+LOG = logging.getLogger("mlopt.operator")
 # Admission reads the queue and the running Jobs, then creates a Job: one at a time, or two
 # resources could take the same free slot.
 _admission = threading.Lock()
@@ -53,18 +56,20 @@ def _event(resource: dict[str, Any], phase: str, reason: str, message: str) -> N
     kopf.event(resource, type=kind, reason=reason or phase, message=f"{phase}: {message}"[:1000])
 
 
-def _write(cluster: Cluster, resource: dict[str, Any], status: dict[str, Any], generation: int) -> None:
-    """Patch status with conditions; post an Event when the phase changes."""
+def _write(cluster: Cluster, resource: dict[str, Any], status: dict[str, Any], generation: int) -> dict[str, Any]:
+    """Patch status with conditions; post an Event when the phase changes. Returns the status as recorded."""
     old = resource.get("status") or {}
     status = {**status, "observedGeneration": generation}
     status["conditions"] = conditions(status, generation, old.get("conditions"), _now())
+    recorded = {key: value for key, value in {**old, **status}.items() if value is not None}
     if all(old.get(key) == value for key, value in status.items()):
-        return
+        return recorded
     meta = resource["metadata"]
     cluster.patch_status(meta["namespace"], meta["name"], status)
     changed = any(old.get(key) != status.get(key) for key in ("phase", "reason", "observedGeneration"))
     if changed and status.get("reason") is not None:  # None: a field being reset, not a new state
         _event(resource, status.get("phase", "Pending"), status.get("reason", ""), status.get("message", ""))
+    return recorded
 
 
 @kopf.on.startup()
@@ -211,28 +216,43 @@ def _job_refused(cluster: Cluster, resource: dict[str, Any], job_name: str, refu
     return kopf.TemporaryError(message, delay=60)
 
 
-def _sync(namespace: str, name: str, generation: str) -> None:
+def _sync(namespace: str, name: str, generation: str, pod: dict[str, Any] | None = None) -> None:
+    """Record the generation's status from its Job and pods, then release the pods (and `pod`, the one
+    whose event this is) that no longer need to keep their summary."""
     cluster: Cluster = _state["cluster"]
     with _locks[(namespace, name)]:
         resource = cluster.get_resource(namespace, name)
-        if resource is None or str(resource["metadata"]["generation"]) != generation:
-            return  # an older generation's Job, being deleted
-        jobs = cluster.jobs(namespace, name, int(generation))
-        if not jobs:
-            return
-        job = jobs[0]
-        if not any(ref.get("uid") == resource["metadata"]["uid"] for ref in job["metadata"].get("ownerReferences", [])):
-            return  # a Job left from a deleted resource of the same name; the GC removes it
-        old = resource.get("status") or {}
-        if old.get("observedGeneration") == int(generation) and old.get("phase") in TERMINAL:
-            return  # final; pods vanishing later must not change the recorded outcome
-        pods = cluster.pods(namespace, job["metadata"]["name"])
-        events = [] if pods else cluster.job_events(namespace, job["metadata"]["name"])  # FailedCreate
-        status = status_from_job(job, pods, events, waits=_state["settings"].waits)
-        _write(cluster, resource, status, int(generation))
-        if status["phase"] == "Failed" and not job_finished(job):
-            # Failed from the pod (e.g. ErrImageNeverPull) while the Job would wait for its deadline.
-            cluster.delete_job(namespace, job["metadata"]["name"])
+        pods = _record(cluster, resource, generation) if resource is not None else []
+        if pod is not None and pod["metadata"]["name"] not in {p["metadata"]["name"] for p in pods}:
+            pods.append(pod)
+        for each in pods:
+            if why := release_reason(each, resource):
+                cluster.release_pod(namespace, each["metadata"]["name"])
+                LOG.info(f"released pod {namespace}/{each['metadata']['name']}: {why}")
+
+
+def _record(cluster: Cluster, resource: dict[str, Any], generation: str) -> list[dict[str, Any]]:
+    """Write `generation`'s status into `resource` (and the cluster); returns the pods it read."""
+    namespace, name = resource["metadata"]["namespace"], resource["metadata"]["name"]
+    if str(resource["metadata"]["generation"]) != generation:
+        return []  # an older generation's Job, being deleted
+    jobs = cluster.jobs(namespace, name, int(generation))
+    if not jobs:
+        return []
+    job = jobs[0]
+    if not any(ref.get("uid") == resource["metadata"]["uid"] for ref in job["metadata"].get("ownerReferences", [])):
+        return []  # a Job left from a deleted resource of the same name; the GC removes it
+    old = resource.get("status") or {}
+    if old.get("observedGeneration") == int(generation) and old.get("phase") in TERMINAL:
+        return []  # final; pods vanishing later must not change the recorded outcome
+    pods = cluster.pods(namespace, job["metadata"]["name"])
+    events = [] if pods else cluster.job_events(namespace, job["metadata"]["name"])  # FailedCreate
+    status = status_from_job(job, pods, events, waits=_state["settings"].waits)
+    resource["status"] = _write(cluster, resource, status, int(generation))
+    if status["phase"] == "Failed" and not job_finished(job):
+        # Failed from the pod (e.g. ErrImageNeverPull) while the Job would wait for its deadline.
+        cluster.delete_job(namespace, job["metadata"]["name"])
+    return pods
 
 
 def _resource_name(meta: kopf.Meta) -> str:
@@ -247,11 +267,12 @@ def job_changed(meta: kopf.Meta, type: str | None, **_: Any) -> None:
         _sync(meta["namespace"], _resource_name(meta), meta["labels"][LABEL_GENERATION])
 
 
+# Also called for every existing pod when the operator starts (type None): leftovers are released.
 @kopf.on.event("", "v1", "pods", labels={LABEL_NAME: kopf.PRESENT, LABEL_GENERATION: kopf.PRESENT})
 @metrics.observed("pod_changed")
-def pod_changed(meta: kopf.Meta, type: str | None, **_: Any) -> None:
+def pod_changed(body: kopf.Body, meta: kopf.Meta, type: str | None, **_: Any) -> None:
     if type != "DELETED":
-        _sync(meta["namespace"], _resource_name(meta), meta["labels"][LABEL_GENERATION])
+        _sync(meta["namespace"], _resource_name(meta), meta["labels"][LABEL_GENERATION], pod=dict(body))
 
 
 def _waiting_on_kubernetes(status: kopf.Status, **_: Any) -> bool:
@@ -266,4 +287,17 @@ def recheck_waiting(meta: kopf.Meta, **_: Any) -> None:
     _sync(meta["namespace"], meta["name"], str(meta["generation"]))
 
 
-__all__ = ["configure", "run_generation", "job_changed", "pod_changed", "recheck_waiting"]
+def _running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == "Running"
+
+
+# kopf never delivers a watch event again whose handler raised: a Job's completion handled while the
+# API server restarts (the status write refused) would leave the resource Running with its results
+# unread, as a finished Job makes no further event. Look at a Running resource again now and then.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=30, initial_delay=30, when=_running)
+@metrics.observed("recheck_running")
+def recheck_running(meta: kopf.Meta, **_: Any) -> None:
+    _sync(meta["namespace"], meta["name"], str(meta["generation"]))
+
+
+__all__ = ["configure", "run_generation", "job_changed", "pod_changed", "recheck_waiting", "recheck_running"]

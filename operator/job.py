@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import Any
 
+from optimizer.api import uris
 from optimizer.api.crd import GROUP, KIND, VERSION
 from optimizer.api.spec import ModelOptimization
 
@@ -18,6 +19,10 @@ from .settings import Settings
 LABEL_NAME = f"{GROUP}/name"
 LABEL_GENERATION = f"{GROUP}/generation"
 ANNOTATION_RESOURCE = f"{GROUP}/resource"  # the full resource name (a label value holds at most 63)
+ANNOTATION_RESOURCE_UID = f"{GROUP}/resource-uid"  # on the pod: which resource of that name it ran for
+# On every worker pod (operator/finalizer.py): a deleted pod stays, with its termination message (the
+# summary), until the operator has recorded the outcome or nobody needs it.
+FINALIZER = f"{GROUP}/summary"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "app.kubernetes.io/managed-by=mlopt-operator"  # the selector for every Job the operator made
 CONTAINER = "worker"
@@ -110,8 +115,8 @@ def _claims(spec: ModelOptimization) -> dict[str, bool]:
     """The PersistentVolumeClaims the spec names, each with whether the worker writes to it."""
     claims: dict[str, bool] = {}
     for uri, writes in ((spec.spec.model.source, False), (spec.spec.data.source, False), (spec.spec.output, True)):
-        if uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").partition("/")[0]
+        claim = uris.claim(uri)
+        if claim:
             claims[claim] = claims.get(claim, False) or writes
     return claims
 
@@ -232,7 +237,10 @@ def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimizat
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]
         },
-        "template": {"metadata": {"labels": job_labels, "annotations": annotations}, "spec": pod_spec},
+        # The Job controller copies the template's finalizers onto each pod it makes.
+        "template": {"metadata": {"labels": job_labels, "finalizers": [FINALIZER],
+                                  "annotations": {**annotations, ANNOTATION_RESOURCE_UID: meta["uid"]}},
+                     "spec": pod_spec},
     }
     if spec.spec.job.queueName:  # Kueue admits the Job by unsuspending it
         job_spec["suspend"] = True

@@ -53,7 +53,10 @@ class Policy(BaseModel):
     allowedEntrypoints: list[str] = Field(
         default_factory=list,
         description="model.entrypoint patterns (e.g. 'acme.models.*:*') whose code the worker may import; "
-        "default none: state-dict models need an entrypoint, TorchScript, .pt2 and ONNX models do not.",
+        "default none: state-dict models need an entrypoint, TorchScript, .pt2 and ONNX models do not. An "
+        "entrypoint is module:Name with one name, which the worker calls only if it is a class or function "
+        "defined in that module under that name, so a pattern matches the real module and name of what runs "
+        "(acme.models:load is refused when it is torch.load imported there).",
     )
 
 

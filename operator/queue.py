@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .job import LABEL_QUEUE
 from .settings import Settings
-from .status import TERMINAL, job_finished
+from .status import TERMINAL, job_ended
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -36,8 +36,10 @@ def _kueue(resource: dict[str, Any]) -> bool:
 
 
 def job_running(job: dict[str, Any]) -> bool:
-    """A Job that holds a slot: not finished, and not one Kueue admits (suspended or labelled)."""
-    return LABEL_QUEUE not in job["metadata"].get("labels", {}) and not job_finished(job)
+    """A Job that holds a slot: until Kubernetes ends it (Complete / Failed), and not one Kueue admits.
+    Not freed at the interim SuccessCriteriaMet / FailureTarget: after FailureTarget its pods are still
+    being stopped, and by the Jobs' own start and completion times the cap would not hold."""
+    return LABEL_QUEUE not in job["metadata"].get("labels", {}) and not job_ended(job)
 
 
 def waiting(resource: dict[str, Any]) -> bool:

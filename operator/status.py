@@ -33,9 +33,13 @@ _WAITING_FATAL = {
     "onto the node (kind load docker-image, ctr images import) or set the operator's MLOPT_IMAGE_PULL_POLICY",
     "InvalidImageName": "the worker image name is invalid: fix spec.job.image or the operator's MLOPT_WORKER_IMAGE",
 }
-# Job condition types that mean it ended (FailureTarget and SuccessCriteriaMet come first, while its pods terminate).
+# Job condition types that decide the outcome. The Job controller writes the interim SuccessCriteriaMet /
+# FailureTarget first, then removes its pod finalizers and waits for pods still terminating, and only
+# then the final Complete / Failed with completionTime (seconds later, or much later when its status
+# update fails, e.g. while the API server restarts). The outcome is known at the interim one.
 _COMPLETE = ("Complete", "SuccessCriteriaMet")
 _FAILED = ("Failed", "FailureTarget")
+_ENDED = ("Complete", "Failed")
 _VARIANT_KEYS = ("name", "recipe", "status", "sizeBytes", "speedup", "accuracy", "argmaxAgreement", "error")
 _IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError")
 
@@ -96,7 +100,7 @@ def _condition(job: dict[str, Any], types: tuple[str, ...]) -> dict[str, Any] | 
     return None
 
 
-def _worker_state(pod: dict[str, Any] | None) -> dict[str, Any]:
+def worker_state(pod: dict[str, Any] | None) -> dict[str, Any]:
     for status in (pod or {}).get("status", {}).get("containerStatuses") or []:
         if status.get("name") == CONTAINER:
             return status.get("state") or {}
@@ -110,16 +114,16 @@ def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _latest_terminated(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ended = [p for p in pods if _worker_state(p).get("terminated")]
-    return _worker_state(_latest(ended)).get("terminated") if ended else None
+    ended = [p for p in pods if worker_state(p).get("terminated")]
+    return worker_state(_latest(ended)).get("terminated") if ended else None
 
 
 def _completing_attempt(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The terminated state of the attempt that completed the Job: the one that exited 0. An earlier
-    attempt (evicted, preempted) may still be listed and may even look newer at the API's one-second
-    timestamps; its message is its last log lines, not the summary."""
-    succeeded = [p for p in pods if (_worker_state(p).get("terminated") or {}).get("exitCode") == 0]
-    return _worker_state(_latest(succeeded)).get("terminated") if succeeded else _latest_terminated(pods)
+    """The terminated state of the attempt that completed the Job: the one that exited 0, or None when
+    it is gone. An earlier attempt (evicted, preempted) may still be listed and may even look newer
+    at the API's one-second timestamps; its message is its last log lines, never the summary."""
+    succeeded = [p for p in pods if (worker_state(p).get("terminated") or {}).get("exitCode") == 0]
+    return worker_state(_latest(succeeded)).get("terminated") if succeeded else None
 
 
 def _variant(entry: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def _failure(job: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
     """Why a failed Job failed, most specific cause first."""
     failed = _condition(job, _FAILED) or {}
     terminated = _latest_terminated(pods)
-    waiting = _worker_state(_latest(pods)).get("waiting") or {}
+    waiting = worker_state(_latest(pods)).get("waiting") or {}
     out: dict[str, Any] = {"phase": "Failed"}
     if terminated and terminated.get("exitCode") is not None:
         out["exitCode"] = terminated["exitCode"]
@@ -214,7 +218,7 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
     """Pending: why the worker has not started yet, when Kubernetes says."""
     if pod is None:
         return {"phase": "Pending", "reason": "JobCreated", "message": "waiting for the worker pod"}
-    waiting = _worker_state(pod).get("waiting") or {}
+    waiting = worker_state(pod).get("waiting") or {}
     reason = waiting.get("reason")
     if explained := _WAITING_FATAL.get(reason) or _WAITING_PROBLEMS.get(reason):
         return {
@@ -233,7 +237,14 @@ def _waiting(pod: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def job_finished(job: dict[str, Any]) -> bool:
+    """The outcome is decided (an interim condition counts): status may say Succeeded or Failed."""
     return _condition(job, _COMPLETE + _FAILED) is not None
+
+
+def job_ended(job: dict[str, Any]) -> bool:
+    """Kubernetes' own end of the Job (Complete / Failed, with completionTime): no pod of it is left
+    terminating. Until then the Job is still active, whatever the interim conditions say."""
+    return _condition(job, _ENDED) is not None
 
 
 def status_from_job(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[str, Any]] | None = None,
@@ -257,15 +268,15 @@ def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[s
     if failed:
         return {**status, **_failure(job, pods)}
     if complete:
-        terminated = _completing_attempt(pods) or {}
-        summary = parse_summary(terminated.get("message", ""))
-        status.update({"phase": "Succeeded", "reason": "Completed", "exitCode": terminated.get("exitCode", 0)})
-        if summary is None:
+        terminated = _completing_attempt(pods)
+        summary = parse_summary(terminated.get("message", "")) if terminated else None
+        status.update({"phase": "Succeeded", "reason": "Completed", "exitCode": 0})
+        if summary is None:  # a pod without the operator's finalizer (an older Job), or one released by hand
             gone = "the worker's pod was deleted before its summary was read; the results are where spec.output says"
             return {**status, "message": gone if not terminated else "the worker ended without a summary; see its logs"}
         return {**status, **_from_summary(summary), "reason": summary.get("reason") or "Completed"}
     pod = _latest(pods)
-    terminated = _worker_state(pod).get("terminated")
+    terminated = worker_state(pod).get("terminated")
     if terminated:  # this attempt ended, the Job has not decided yet (or will retry)
         return {
             **status,
@@ -274,7 +285,7 @@ def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[s
             "message": f"the worker ended ({_exit_meaning(terminated.get('exitCode', -1))}); "
             "waiting for the Job to retry or finish",
         }
-    if _worker_state(pod).get("running") or (pod or {}).get("status", {}).get("phase") == "Running":
+    if worker_state(pod).get("running") or (pod or {}).get("status", {}).get("phase") == "Running":
         return {**status, "phase": "Running", "reason": "WorkerRunning", "message": "the worker is optimizing the model"}
     if pod is None and job.get("spec", {}).get("suspend"):
         queue = job["metadata"].get("labels", {}).get(LABEL_QUEUE, "")

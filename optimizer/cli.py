@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from optimizer.api import uris
 from optimizer.api.spec_loader import SpecError, load_spec
 
 
@@ -27,6 +28,11 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
 
     spec = load_spec(args.spec)
     output = args.output or spec.spec.output  # a folder (relative to here), pvc:// or s3://bucket/prefix/
+    if args.output:  # the rules spec.output follows, with the same message (exit 2, before any work)
+        try:
+            uris.output(args.output)
+        except uris.UriError as error:
+            raise SpecError(args.spec, [f"--output: {error} (got {args.output!r})"]) from None
     if args.quiet:
         reporter = QuietReporter()
     else:  # bars for people at a terminal; plain lines for logs and pipes

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from optimizer.api.results import Results, StepTiming, write_json_atomically
-from optimizer.artifacts.storage import (RESULTS_FILE, StorageError, deliver, describe_outputs, output_location,
-                                         publish, pvc_path)
+from optimizer.artifacts.storage import (RESULTS_FILE, StorageError, check_output, deliver, describe_outputs,
+                                         output_location, publish, pvc_path)
 from optimizer.api.spec import ModelOptimization
 from optimizer.console import Reporter
 from optimizer.engines.runners import check_device
@@ -150,7 +150,9 @@ def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: 
         if output.startswith("pvc://"):  # the claim's URI, not where this pod happened to mount it
             return results, f"{output.rstrip('/')}/{RESULTS_FILE}"
         return results, str(folder / RESULTS_FILE)
-    # An object store gets the run only once it is complete (results.json last).
+    # An object store gets the run only once it is complete (results.json last); a bucket that is
+    # missing or not writable is found now, before any work.
+    check_output(output, spec.spec.storage)
     with tempfile.TemporaryDirectory(prefix="mlopt-run-") as scratch:
         results = optimize(spec, Path(scratch) / "results", base_dir, reporter)
         return results, deliver(Path(scratch) / "results", output, spec.spec.storage, reporter)

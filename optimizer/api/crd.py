@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from optimizer.api import uris
 from optimizer.api.spec import _ENTRYPOINT, API_VERSION, KIND, ModelOptimization
 
 GROUP, VERSION = API_VERSION.split("/")
@@ -139,6 +140,10 @@ _RULES: dict[str, list[dict[str, str]]] = {
 # Schema details that pydantic validators enforce in code, stated here for the API server.
 _FIELD_EXTRAS: dict[tuple[str, str], dict[str, Any]] = {
     ("ModelSpec", "entrypoint"): {"pattern": _ENTRYPOINT.pattern},
+    # The URI rules of optimizer/api/uris.py that CEL can express.
+    ("ModelSpec", "source"): {"x-kubernetes-validations": uris.CEL_MODEL_SOURCE},
+    ("DataSpec", "source"): {"x-kubernetes-validations": uris.CEL_DATA_SOURCE},
+    ("ModelOptimizationSpec", "output"): {"x-kubernetes-validations": uris.CEL_OUTPUT},
     ("InputSpec", "shape"): {"items": {"type": "integer", "minimum": 1}, "maxItems": 8},
     # The API server refuses CEL rules over unbounded lists and maps (their estimated cost is too
     # high), so the inputs' rule needs these bounds; they are generous for real models.

@@ -13,11 +13,17 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from optimizer.api import uris
+
 API_VERSION = "mlopt.io/v1alpha1"
 KIND = "ModelOptimization"
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+# package.module:Name, exactly one attribute after the colon: the loader imports the module and
+# takes that one name, which must be a class or function defined there (never a chain of getattrs
+# that ends in some other module's function, such as acme.models:torch.load).
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_ENTRYPOINT = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}$")
 
 
 class _Strict(BaseModel):
@@ -125,6 +131,7 @@ class ModelSpec(_Strict):
         "pvc://claim/path (cluster), https://..., file://... or a local path. One object (no trailing /); "
         "an ONNX model's external data files are fetched from beside it.",
         min_length=1,
+        max_length=uris.MAX_URI_LENGTH,
     )
     format: ModelFormat = Field(
         ModelFormat.auto,
@@ -133,8 +140,10 @@ class ModelSpec(_Strict):
     )
     entrypoint: str | None = Field(
         None,
-        description="For state-dict models: the class that builds the network, as "
-        "package.module:Class (importable in the worker's environment).",
+        description="For state-dict models: the class (or function) that builds the network, as "
+        "package.module:Name, defined in that module (not imported into it) and importable in the worker's "
+        "environment.",
+        max_length=512,
     )
     arguments: dict[str, Any] = Field(
         default_factory=dict,
@@ -155,6 +164,12 @@ class ModelSpec(_Strict):
         min_length=1,
     )
 
+    @field_validator("source")
+    @classmethod
+    def _source_rules(cls, source: str) -> str:
+        uris.model_source(source)  # UriError (a ValueError): the loader names spec.model.source
+        return source
+
     @model_validator(mode="after")
     def _entrypoint_rules(self) -> "ModelSpec":
         if self.format == ModelFormat.state_dict.value and not self.entrypoint:
@@ -163,7 +178,8 @@ class ModelSpec(_Strict):
             )
         if self.entrypoint and not _ENTRYPOINT.match(self.entrypoint):
             raise ValueError(
-                f"entrypoint {self.entrypoint!r} must look like package.module:Class"
+                f"entrypoint {self.entrypoint!r} must look like package.module:Class, with one name after the "
+                "colon (the class or function defined in that module)"
             )
         if not self.source.startswith("zoo:") and not self.inputs:
             raise ValueError(
@@ -213,12 +229,21 @@ class DataSpec(_Strict):
         description="Calibration and evaluation data: random, zoo:<dataset>, or a .npz file "
         "with one array per input name and an optional 'labels' array (a path, file://, s3://, "
         "pvc:// or https://).",
+        min_length=1,
+        max_length=uris.MAX_URI_LENGTH,
     )
     samples: int = Field(64, description="Samples used for calibration and evaluation.", ge=2, le=100_000)
     sha256: str | None = Field(
         None, description="Expected SHA-256 of the .npz file; the run fails if it differs.", pattern=r"^[0-9a-f]{64}$"
     )
-    maxSizeMB: int = Field(4096, ge=1, le=1_048_576, description="Refuse data files larger than this (downloads included).")
+    maxSizeMB: int = Field(4096, ge=1, le=1_048_576, description="Refuse data files larger than this, downloaded "
+                           "or decompressed (a .npz's arrays together).")
+
+    @field_validator("source")
+    @classmethod
+    def _source_rules(cls, source: str) -> str:
+        uris.data_source(source)
+        return source
 
 
 class BenchmarkSpec(_Strict):
@@ -349,7 +374,7 @@ def quantity_value(text: str) -> float:
     match = re.match(QUANTITY, text)
     number, suffix = match.group(1), match.group(3) or ""
     if suffix[:1] in ("e", "E") and suffix[1:]:
-        return float(number) * 10 ** int(suffix[1:])
+        return float(number + suffix)  # '1e999' is inf, not an OverflowError
     return float(number) * _QUANTITY_SUFFIX[suffix]
 
 
@@ -433,14 +458,15 @@ class JobSpec(_Strict):
             if cpu is None or self.resources.limits.memory is None:
                 raise ValueError("qos guaranteed needs resources.limits.cpu and resources.limits.memory: "
                                  "requests are set to the limits")
-            if quantity_value(cpu) != int(quantity_value(cpu)):
+            if not quantity_value(cpu).is_integer():
                 raise ValueError(f"qos guaranteed needs whole CPUs: resources.limits.cpu is {cpu}; use e.g. '2'")
         return self
 
 
 class ConfigMapKey(_Strict):
     name: str = Field(description="ConfigMap name, in the resource's namespace.", min_length=1)
-    key: str = Field("ca.crt", description="Key that holds the PEM bundle.")
+    key: str = Field("ca.crt", description="Key that holds the PEM bundle (a file name in the pod).",
+                     pattern=uris.CONFIGMAP_KEY, max_length=253)
 
 
 class StorageSpec(_Strict):
@@ -483,9 +509,17 @@ class ModelOptimizationSpec(_Strict):
         description="Where results.json, report.md, charts and models go: a local path, "
         "s3://bucket/prefix/ or pvc://claim/path/ (CLI: --output). In a cluster, omit it to keep "
         "only the status (the pod's files are then lost).",
+        min_length=1,
+        max_length=uris.MAX_URI_LENGTH,
     )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store access.")
     job: JobSpec = Field(default_factory=JobSpec, description="Cluster Job settings.")
+
+    @field_validator("output")
+    @classmethod
+    def _output_rules(cls, output: str) -> str:
+        uris.output(output)
+        return output
 
     @field_validator("variants")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,9 @@ class SpecError(ValueError):
         super().__init__(f"{source}: invalid spec\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
@@ -43,6 +47,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
             path += f"[{part}]"
         elif str(part).startswith(("function-", "union[", "list[", "dict[")):
             continue  # pydantic's internal validator names, not fields
+        elif not _PLAIN_KEY.match(str(part)):  # a user's key: quoted, so a newline in it stays on the line
+            path += f"[{str(part)!r}]"
         else:
             path += f".{part}" if path else str(part)
     return path or "(document)"

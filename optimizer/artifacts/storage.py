@@ -17,16 +17,20 @@ read whole into memory. Uploads put results.json last: its presence means the ru
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import quote, urlsplit, urlunsplit
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from optimizer.api.errors import OptimizationError
+from optimizer.api import uris
+from optimizer.api.errors import OptimizationError, is_expected
+from optimizer.api.uris import Location
 from optimizer.api.units import format_size
 
 CHUNK = 1 << 20
@@ -41,37 +45,18 @@ class StorageError(OptimizationError):
     reason = "StorageFailed"
 
 
-@dataclass(frozen=True)
-class Location:
-    scheme: str  # s3 | pvc | https | file
-    container: str  # the bucket or the claim ("" for https and file)
-    key: str  # the object key, the path inside the claim, the URL or the local path
-
-    @property
-    def is_prefix(self) -> bool:
-        return self.key.endswith("/") or self.key == ""
+def _checked(rule, uri: str, field: str) -> Location:
+    """`rule(uri)` from optimizer/api/uris.py, its refusal as a StorageError with the message the spec
+    loader gives for the same URI (`mlopt validate` says it word for word)."""
+    try:
+        return rule(uri)
+    except uris.UriError as error:
+        raise StorageError(f"{field}: {error} (got {uri!r})") from None
 
 
 def parse(uri: str, field: str) -> Location:
     """Split a storage URI; local paths and file:// come back with scheme "file"."""
-    for scheme in ("s3", "pvc"):
-        if uri.startswith(f"{scheme}://"):
-            container, _, key = uri.removeprefix(f"{scheme}://").partition("/")
-            if not container:
-                raise StorageError(f"{field}: {uri!r} names no {'bucket' if scheme == 's3' else 'claim'}; "
-                                   f"write {scheme}://<{'bucket' if scheme == 's3' else 'claim'}>/<path>")
-            if ".." in key.split("/"):
-                raise StorageError(f"{field}: {uri!r} climbs out with '..'; give the path inside the "
-                                   f"{'bucket' if scheme == 's3' else 'claim'}")
-            return Location(scheme, container, key)
-    if uri.startswith("https://"):
-        return Location("https", "", uri)
-    if uri.startswith("http://"):
-        raise StorageError(f"{field}: plain http is refused ({uri}); use https://")
-    if "://" in uri and not uri.startswith("file://"):
-        raise StorageError(f"{field}: {uri.split('://')[0]}:// is not a storage scheme mlopt reads; use s3://, "
-                           "pvc://, https://, file:// or a local path")
-    return Location("file", "", uri.removeprefix("file://"))
+    return _checked(uris.parse, uri, field)
 
 
 def is_remote(uri: str) -> bool:
@@ -86,7 +71,13 @@ def pvc_path(location: Location, field: str) -> Path:
             f"{field}: pvc://{location.container}/{location.key} names a PersistentVolumeClaim, which only a "
             f"cluster has; on this machine use a local path, or set {PVC_ROOT_ENV} to a folder that holds the "
             f"claim as a sub-folder ({location.container}/)")
-    return Path(root) / location.container / location.key
+    claim = (Path(root) / location.container).resolve()
+    path = claim / location.key
+    # parse() refused '/' and '..'; a symlink inside the claim may still point out of it.
+    if not path.resolve().is_relative_to(claim):
+        raise StorageError(f"{field}: pvc://{location.container}/{location.key} leads out of the claim (a symbolic "
+                           "link inside it points elsewhere); give a path whose every part is inside the claim")
+    return path
 
 
 # --- S3 --------------------------------------------------------------------------------------------
@@ -159,18 +150,34 @@ def _short(text: str) -> str:
     return f"HTTP {status.group(1)}" if status else text[:240]
 
 
-class _Limited:
-    """Writes chunks to a file, hashing as it goes and stopping at the size limit."""
+class Budget:
+    """The bytes one run input may take (its maxSizeMB): a model and all its external-data files
+    together, checked before each file and while each one streams, so N data files can never put
+    N x the limit on the scratch volume."""
 
-    def __init__(self, target: Path, field: str, uri: str, max_bytes: int):
-        self.handle, self.digest, self.size = target.open("wb"), hashlib.sha256(), 0
-        self.field, self.uri, self.max_bytes = field, uri, max_bytes
+    def __init__(self, max_bytes: int, field: str):
+        self.max_bytes, self.field, self.used = max_bytes, field, 0
+
+    def check(self, size: int, uri: str) -> None:
+        """Refuse `size` more bytes of `uri` if they would not fit."""
+        if self.used + size > self.max_bytes:
+            already = f" (after {self.used / 1e6:.0f} MB of files fetched with it)" if self.used else ""
+            raise StorageError(f"{self.field}: {uri} does not fit in maxSizeMB ({self.max_bytes // 2**20} MB){already}; "
+                               "raise maxSizeMB to load it")
+
+    def take(self, size: int, uri: str) -> None:
+        self.check(size, uri)
+        self.used += size
+
+
+class _Limited:
+    """Writes chunks to a file, hashing as it goes and charging each one to the input's budget."""
+
+    def __init__(self, target: Path, uri: str, budget: Budget):
+        self.handle, self.digest, self.uri, self.budget = target.open("wb"), hashlib.sha256(), uri, budget
 
     def write(self, chunk) -> None:
-        self.size += len(chunk)
-        if self.size > self.max_bytes:
-            raise StorageError(f"{self.field}: {self.uri} is larger than {self.max_bytes // (1024 * 1024)} MB "
-                               "(maxSizeMB); raise it to load this file")
+        self.budget.take(len(chunk), self.uri)
         self.digest.update(chunk)
         self.handle.write(chunk)
 
@@ -180,22 +187,22 @@ def _check_pin(field: str, uri: str, sha256: str | None, actual: str, pin_field:
         raise StorageError(f"{pin_field} does not match {uri} ({field}): expected {sha256}, the object has {actual}")
 
 
-def _fetch_s3(location: Location, target: Path, field: str, uri: str, max_bytes: int, settings: S3Settings) -> str:
+def _fetch_s3(location: Location, target: Path, field: str, uri: str, budget: Budget, settings: S3Settings) -> str:
+    """The object streamed to `target`; the client's own 30-minute timeout bounds the whole request."""
     import obstore
 
     store = _store(location.container, settings)
     try:
-        meta = obstore.head(store, location.key)
-        if meta["size"] > max_bytes:
-            raise StorageError(f"{field}: {uri} is {meta['size'] / 1e6:.0f} MB, over maxSizeMB "
-                               f"({max_bytes // (1024 * 1024)}); raise it to load this file")
-        sink = _Limited(target, field, uri, max_bytes)
+        budget.check(obstore.head(store, location.key)["size"], uri)
+        sink = _Limited(target, uri, budget)
         with sink.handle:
             for chunk in obstore.get(store, location.key).stream(min_chunk_size=CHUNK):
                 sink.write(chunk)
     except StorageError:
         raise
     except Exception as error:
+        if not is_expected(error):  # an mlopt bug, reported as one by the CLI and the worker
+            raise
         raise _explain(error, field, uri) from None
     return sink.digest.hexdigest()
 
@@ -207,52 +214,76 @@ class _NoPlainHttpRedirect(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _fetch_https(uri: str, target: Path, field: str, max_bytes: int) -> str:
+HTTPS_READ_SECONDS = 60  # the longest one read may wait
+HTTPS_DEADLINE_SECONDS = 30 * 60  # the whole download, like the S3 client's timeout: a server that sends
+                                  # one byte a minute cannot hold a run until the Job's deadline
+
+
+def _declared_length(response, field: str, uri: str) -> int | None:
+    """Content-Length as a number, None when absent; a malformed one is refused (a proxy or server
+    that garbles it cannot be trusted with the body either)."""
+    header = response.headers.get("Content-Length")
+    if header is None:
+        return None
+    if not (header.isascii() and header.strip().isdigit()):
+        raise StorageError(f"{field}: the server of {uri} sent a malformed Content-Length ({header[:40]!r}); "
+                           "fix the server, or serve the file from s3:// or a claim")
+    return int(header)
+
+
+def _fetch_https(uri: str, target: Path, field: str, budget: Budget) -> str:
     opener = urllib.request.build_opener(_NoPlainHttpRedirect)
+    deadline = time.monotonic() + HTTPS_DEADLINE_SECONDS
     try:
-        with opener.open(uri, timeout=60) as response:
-            declared = int(response.headers.get("Content-Length") or 0)
-            if declared > max_bytes:
-                raise StorageError(f"{field}: {uri} is {declared / 1e6:.0f} MB, over maxSizeMB")
-            sink = _Limited(target, field, uri, max_bytes)
+        with opener.open(uri, timeout=HTTPS_READ_SECONDS) as response:
+            declared = _declared_length(response, field, uri)
+            if declared is not None:
+                budget.check(declared, uri)
+            sink = _Limited(target, uri, budget)
             with sink.handle:
-                while chunk := response.read(CHUNK):
+                # read1: whatever has arrived (read(n) would wait for all n bytes of a slow server)
+                while chunk := response.read1(CHUNK):
                     sink.write(chunk)
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"{field}: downloading {uri} took longer than {HTTPS_DEADLINE_SECONDS} s "
+                                           f"({sink.budget.used / 1e6:.1f} MB arrived); serve it from a faster "
+                                           "host, s3:// or a claim")
     except OSError as error:
         raise StorageError(f"{field}: cannot download {uri}: {error}") from None
+    except http.client.HTTPException as error:  # a malformed response (IncompleteRead, bad status line)
+        raise StorageError(f"{field}: cannot download {uri}: {type(error).__name__}: {error}") from None
     return sink.digest.hexdigest()
 
 
 def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str | None = None,
-          pin_field: str = "sha256", storage=None, into: Path | None = None) -> Path:
+          pin_field: str = "sha256", storage=None, into: Path | None = None, budget: Budget | None = None) -> Path:
     """The local file behind `uri`: a local or pvc:// path as it is, a remote object downloaded to
     `into` (default: a folder of its own under $MLOPT_CACHE/downloads, named as the object, so files
-    fetched beside it keep their names). Checks the size limit and the sha256 pin. Remote objects
-    are downloaded every time: an object may change under the same key."""
-    location = parse(uri, field)
-    if location.is_prefix and location.scheme in ("s3", "pvc"):
-        raise StorageError(f"{field}: {uri} ends with '/', which means a prefix; name one object (no trailing /)")
+    fetched beside it keep their names). Checks the size limit (`budget`, shared by the files of one
+    input; default: `max_bytes` for this file alone) and the sha256 pin. Remote objects are downloaded
+    every time: an object may change under the same key."""
+    location = _checked(uris.one_object, uri, field)
+    budget = budget or Budget(max_bytes, field)
     if location.scheme in ("file", "pvc"):
         path = pvc_path(location, field) if location.scheme == "pvc" else Path(location.key).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
             raise StorageError(f"{field}: no file at {path}")
-        if path.stat().st_size > max_bytes:
-            raise StorageError(f"{field}: {path} is larger than maxSizeMB ({max_bytes // (1024 * 1024)})")
+        budget.take(path.stat().st_size, str(path))
         if sha256:
             _check_pin(field, uri, sha256, _sha256_file(path), pin_field)
         return path
     from optimizer.artifacts.cache import cache_dir
 
-    name = Path(location.key.rstrip("/")).name or "object"
+    name = location.name  # from the URL's path: a presigned URL's query string is no part of the file name
     target = into or cache_dir("downloads", hashlib.sha256(uri.encode()).hexdigest()[:24]) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     try:
         if location.scheme == "s3":
-            digest = _fetch_s3(location, partial, field, uri, max_bytes, S3Settings.of(storage))
+            digest = _fetch_s3(location, partial, field, uri, budget, S3Settings.of(storage))
         else:
-            digest = _fetch_https(uri, partial, field, max_bytes)
+            digest = _fetch_https(uri, partial, field, budget)
         _check_pin(field, uri, sha256, digest, pin_field)
         partial.replace(target)
     finally:
@@ -260,12 +291,25 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
     return target
 
 
-def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, max_bytes: int, storage=None) -> None:
+def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, budget: Budget, storage=None) -> None:
     """Fetch the objects named `names` that sit beside `uri` (an ONNX model's external data) next to
-    its local copy `local`. The names were validated by the caller (relative, no '..')."""
-    folder = uri[: uri.rfind("/") + 1]  # s3://bucket/dir/ or https://host/dir/
+    its local copy `local`, all within the model's `budget`. The names were validated by the caller
+    (relative, no '..')."""
+    location = parse(uri, field)
+    if names and location.scheme == "https" and urlsplit(uri).query:
+        raise StorageError(f"{field}: the model keeps its weights in {len(names)} external data file(s) "
+                           f"({', '.join(names[:3])}), which cannot be fetched beside a presigned URL (its signature "
+                           "covers one object); save the model with its weights inside (onnx.save_model(..., "
+                           "save_as_external_data=False)) or use s3://")
     for name in names:
-        fetch(folder + name, field, local.parent, max_bytes=max_bytes, storage=storage, into=local.parent / name)
+        if location.scheme == "https":  # the model URL's folder, the name %-escaped as a URL path needs
+            parts = urlsplit(uri)
+            beside = urlunsplit((parts.scheme, parts.netloc, parts.path[: parts.path.rfind("/") + 1] + quote(name),
+                                 "", ""))
+        else:  # an object key takes the name as it is
+            beside = uri[: uri.rfind("/") + 1] + name
+        fetch(beside, field, local.parent, max_bytes=budget.max_bytes, storage=storage, into=local.parent / name,
+              budget=budget)
 
 
 def _sha256_file(path: Path) -> str:
@@ -318,13 +362,42 @@ def publish(staging: Path, folder: Path) -> None:
 
 
 def output_location(uri: str, field: str = "spec.output") -> Location:
-    location = parse(uri, field)
-    if location.scheme == "https":
-        raise StorageError(f"{field}: results cannot be written to https://; use s3://bucket/prefix/, pvc:// or a path")
-    if location.scheme == "s3" and not location.is_prefix:
-        raise StorageError(f"{field}: {uri} must end with '/': results are several files under a prefix "
-                           f"(e.g. {uri}/)")
-    return location
+    return _checked(uris.output, uri, field)
+
+
+PROBE_PREFIX = ".mlopt-probe-"
+
+
+def check_output(uri: str, storage=None, field: str = "spec.output") -> None:
+    """Before any work: the bucket of an s3:// output exists and these credentials may write and delete
+    under its prefix, so a wrong name or key fails now, not after the whole run.
+
+    A probe is put under the prefix, then deleted: the two calls the delivery makes (it deletes the
+    previous results.json, then puts the run), so passing means the delivery is allowed. A HEAD on
+    the bucket would prove neither permission, and a multipart create + abort proves PutObject but not
+    DeleteObject. The probe's key is unique and named as mlopt's, so one left by a process killed
+    between the two calls collides with nothing and says what it is."""
+    import uuid
+
+    import obstore
+
+    location = output_location(uri, field)
+    store = _store(location.container, S3Settings.of(storage))
+    probe = f"{location.key}{PROBE_PREFIX}{uuid.uuid4().hex}"
+    try:
+        obstore.put(store, probe, b"")
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        raise StorageError(f"{_explain(error, field, uri)} (found before the run, by writing a probe object)") from None
+    try:
+        obstore.delete(store, probe)
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        raise StorageError(f"{field}: these credentials may write to {uri} but not delete ({_short(str(error))}); "
+                           f"the run deletes the previous results.json there: allow s3:DeleteObject, and delete "
+                           f"the probe s3://{location.container}/{probe}") from None
 
 
 def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str = "spec.output") -> str:
@@ -345,6 +418,8 @@ def deliver(directory: Path, uri: str, storage=None, reporter=None, field: str =
             except NotFoundError:
                 return None  # deleting what is not there
             except Exception as error:
+                if not is_expected(error):  # a bug is not retried, nor passed off as the network
+                    raise
                 if attempt == UPLOAD_ATTEMPTS:
                     raise StorageError(f"{field}: {what} s3://{location.container}/{key} failed {attempt} times: "
                                        f"{_explain(error, field, uri)}") from None

@@ -6,12 +6,36 @@ from __future__ import annotations
 from optimizer.api.results import BASELINE_NAME, Analysis, VariantResult
 from optimizer.engines.runners import OrtRunner
 from optimizer.engines.feeds import random_feed
+from optimizer.measure.limits import Best, Candidate
 from optimizer.steps.run import Run
 
 
+def _best(run: Run, best: VariantResult | None) -> Best | None:
+    """The best variant as the limits see it (its precision is read from its kernels when it runs
+    on ONNX Runtime; otherwise from its recipe)."""
+    if best is None or best.latencyMs is None:
+        return None
+    built = run.built.get(best.name)
+    provider = best.provider or ""
+    precision = "int8" if "int8" in best.recipe else "bf16" if "bf16" in provider or "f16" in provider else "fp32"
+    call = built.runner.bind(random_feed(run.loaded.inputs)) if built else None
+    return Best(best.name, precision, best.runtime == "onnxruntime", best.latencyMs.mean, call)
+
+
+def _candidates(run: Run) -> list[Candidate]:
+    """The ONNX Runtime variants that were timed, with the graph ORT optimized for each."""
+    found = []
+    for name, built in run.built.items():
+        optimized = getattr(built.runner, "optimized_path", None)
+        if isinstance(built.runner, OrtRunner) and optimized and optimized.exists() and run.results[name].latencyMs:
+            found.append(Candidate(name, optimized))
+    return found
+
+
 def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
-    from optimizer.measure.compute import (clock_ghz, compute_limits, count_products, gemm_peaks, macs_by_type,
-                                   measured_limits, shape_limits)
+    from optimizer.measure.compute import count_products, macs_by_type
+    from optimizer.measure.hardware import isa_class
+    from optimizer.measure.limits import measure_limits
 
     if not run.loaded.is_eager or run.spec.spec.benchmark.device != "cpu":
         return None  # hooks need the Python module, on the CPU
@@ -20,20 +44,10 @@ def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | N
         return None
     by_type = macs_by_type(products)
     macs = sum(by_type.values())
-    threads = run.spec.spec.benchmark.threads
-    nominal = compute_limits(macs, flags, clock_ghz())
-    measured = measured_limits(macs, gemm_peaks(threads), nominal["fp32MacsPerCycle"])
-    at_shapes = shape_limits(products, threads)
-    compute = {"macs": macs, "byType": by_type, "nominal": nominal, "measured": measured, "atShapes": at_shapes}
-    if best and best.latencyMs:
-        precision = "int8" if "int8" in best.recipe else "fp32"
-        mean = best.latencyMs.mean
-        compute["best"] = {"variant": best.name, "precision": precision, "meanMs": mean,
-                           "limitMs": at_shapes[f"{precision}LimitMs"],
-                           "fractionOfLimit": at_shapes[f"{precision}LimitMs"] / mean,
-                           "peakLimitMs": measured[f"{precision}LimitMs"],
-                           "fractionOfPeakLimit": measured[f"{precision}LimitMs"] / mean}
-    return compute
+    with run.reporter.task("measuring the limits (kernels alone, peak, clock) until stable", 1):
+        limits = measure_limits(macs, by_type, _candidates(run), random_feed(run.loaded.inputs),
+                                run.spec.spec.benchmark.threads, isa_class(flags), _best(run, best))
+    return {"macs": macs, "byType": by_type, **limits}
 
 
 def analyze_step(run: Run) -> None:
@@ -52,8 +66,9 @@ def analyze_step(run: Run) -> None:
         analysis.profiledVariant = best
         analysis.profile = op_time_split(best_built.artifact, random_feed(inputs), bench.threads, 20, run.scratch)
         if analysis.compute:
-            rows = layer_efficiency(analysis.compute["byType"], analysis.profile, analysis.compute["measured"],
-                                    analysis.compute["atShapes"])
+            compute = analysis.compute
+            rows = layer_efficiency(compute["byType"], analysis.profile, compute["peak"], compute["atShapes"],
+                                    compute.get("best", {}).get("precision"))
             analysis.compute["byLayer"] = rows
             analysis.compute["otherOpsMs"] = sum(r["ms"] for r in analysis.profile) - sum(r["ms"] for r in rows)
     elif best:
@@ -62,13 +77,16 @@ def analyze_step(run: Run) -> None:
         batches = bench.scalingBatches if batchable(inputs) else [inputs[0].shape[0]]
         if not batchable(inputs):
             analysis.notes.append("scaling by batch needs dynamic axis 0 on every input; only the declared batch is shown")
-        rows = [(BASELINE_NAME if run.loaded.onnx_path is None else run.baseline.name, run.baseline_runner)]
+        rows = [(BASELINE_NAME if run.loaded.onnx_path is None else run.baseline.name, run.baseline_runner, run.baseline)]
         if best_built:
-            rows.append((best, best_built.runner))
+            rows.append((best, best_built.runner, best_result))
         with run.reporter.task("scaling table", len(rows)) as advance:
-            for name, runner in rows:
+            for name, runner, result in rows:
+                # The benchmark's own cell is its measured mean: one number for one thing.
+                known = {(inputs[0].shape[0], bench.threads): result.latencyMs.mean} if result.latencyMs else {}
                 try:
-                    analysis.scaling += scale(name, runner, inputs, batches, bench.scalingThreads, 1, bench.scalingRuns)
+                    analysis.scaling += scale(name, runner, inputs, batches, bench.scalingThreads, 1, bench.scalingRuns,
+                                              known)
                 except Exception as error:  # e.g. a compiled PT2E program that inductor cannot recompile at batch 8
                     analysis.notes.append(f"no scaling rows for {name}: {type(error).__name__}: {str(error).strip()[:200]}")
                 advance()

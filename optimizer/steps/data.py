@@ -18,6 +18,7 @@ while evaluation should use every held-out sample.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optimizer.api import uris
 from optimizer.api.errors import DataLoadError
 from optimizer.api.spec import DataSpec, InputSpec
 from optimizer.engines.feeds import numpy_dtype, random_value
@@ -55,22 +57,22 @@ def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_di
         return _random(samples, inputs)
     if source.startswith("zoo:"):
         return _zoo(source.removeprefix("zoo:"), samples, inputs)
-    if source.endswith(".npz"):
-        from optimizer.artifacts.storage import StorageError, fetch
+    from optimizer.artifacts.storage import StorageError, fetch
 
-        if "://" not in source and not (Path(base_dir) / source).is_file():
-            return _npz(Path(base_dir) / source, samples, inputs)  # says where it looked and how to fix it
-        limits = spec or DataSpec(source=source)  # maxSizeMB and sha256 as the spec (or its defaults) say
-        try:
-            path = fetch(source, "data.source", Path(base_dir), max_bytes=limits.maxSizeMB * 2**20,
-                         sha256=limits.sha256, pin_field="data.sha256", storage=storage)
-        except StorageError as error:  # status.reason DataLoadFailed
-            raise DataError(str(error)) from None
-        return _npz(path, samples, inputs)
-    raise DataError(
-        f"data.source {source!r} is not a data source: use random, zoo:<dataset> "
-        f"({', '.join(ZOO_DATASETS)}) or a path to a .npz file"
-    )
+    try:  # the spec checked it already; a caller that built no spec gets the same rule
+        uris.data_source(source)
+    except uris.UriError as error:
+        raise DataError(f"data.source: {error} (got {source!r})") from None
+    limits = spec or DataSpec(source=source)  # maxSizeMB and sha256 as the spec (or its defaults) say
+    max_bytes = limits.maxSizeMB * 2**20
+    if "://" not in source and not (Path(base_dir) / source).is_file():
+        return _npz(Path(base_dir) / source, samples, inputs, max_bytes)  # says where it looked and how to fix it
+    try:
+        path = fetch(source, "data.source", Path(base_dir), max_bytes=max_bytes, sha256=limits.sha256,
+                     pin_field="data.sha256", storage=storage)
+    except StorageError as error:  # status.reason DataLoadFailed
+        raise DataError(str(error)) from None
+    return _npz(path, samples, inputs, max_bytes)
 
 
 # --- random -----------------------------------------------------------------------------------
@@ -200,9 +202,45 @@ def _zoo(name: str, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
 
 # --- .npz files ------------------------------------------------------------------------------------
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _npy_bytes(member) -> int:
+    """The bytes a .npy member's array takes once loaded, from its header alone."""
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(member)
+    return math.prod(shape) * dtype.itemsize  # Python ints: a header claiming 10^30 elements cannot overflow
+
+
+def _check_decompressed_size(path: Path, max_bytes: int) -> None:
+    """A small .npz can decompress to any size (and numpy allocates what an array's header declares
+    before reading it): before loading, every member's size from the zip directory and every array's
+    from its .npy header, each total within data.maxSizeMB."""
+    limit = f"data.maxSizeMB ({max_bytes // 2**20})"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            stored = sum(info.file_size for info in members)
+            if stored > max_bytes:
+                raise DataError(f"data.source: {path.name} decompresses to {stored / 1e6:.0f} MB (the archive is "
+                                f"{path.stat().st_size / 1e6:.1f} MB), over {limit}; raise it to load this data")
+            declared = 0
+            for info in members:
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as member:
+                        declared += _npy_bytes(member)
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"data.source: cannot read {path} as .npz ({error})") from None
+    if declared > max_bytes:
+        raise DataError(f"data.source: the arrays in {path.name} declare {declared / 1e6:.0f} MB in their headers "
+                        f"(the archive holds {stored / 1e6:.1f} MB), over {limit}; raise it to load this data")
+
+
+def _read_npz(path: Path, max_bytes: int) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"data.source: {path} does not exist; give a .npz path relative to the spec file")
+    if zipfile.is_zipfile(path):
+        _check_decompressed_size(path, max_bytes)
     try:
         # allow_pickle=False: a data file must never run code, so object arrays are refused.
         loaded = np.load(path, allow_pickle=False)
@@ -257,8 +295,12 @@ def _checked_labels(arrays: dict[str, np.ndarray], count: int, path: Path) -> np
     return labels.astype(np.int64)
 
 
-def _npz(path: Path, samples: int, inputs: Sequence[InputSpec]) -> Dataset:
-    arrays = _read_npz(path)
+def _npz(path: Path, samples: int, inputs: Sequence[InputSpec], max_bytes: int) -> Dataset:
+    arrays = _read_npz(path, max_bytes)
+    loaded = sum(array.nbytes for array in arrays.values())
+    if loaded > max_bytes:  # the headers said otherwise: never keep more than the limit in memory
+        raise DataError(f"data.source: the arrays in {path.name} take {loaded / 1e6:.0f} MB, over data.maxSizeMB "
+                        f"({max_bytes // 2**20}); raise it to load this data")
     checked = {spec.name: _checked_input(arrays, spec, path) for spec in inputs}
     counts = {name: len(array) for name, array in checked.items()}
     if len(set(counts.values())) != 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from optimizer.api.errors import failure_reason
 from optimizer.measure.metrics import METRICS
 from optimizer.api.results import BASELINE_NAME, Fidelity, VariantResult, VariantStatus
 from optimizer.artifacts import onnx_files
@@ -59,8 +60,8 @@ def evaluate_variant(run: Run, result: VariantResult, runner: Runner) -> None:
     """Fidelity against the FP32 reference and accuracy on the run's metric, into `result`."""
     try:
         outputs = run_all(runner, run.dataset.evaluation)
-    except Exception as error:
-        result.status, result.error = VariantStatus.failed.value, f"inference failed: {str(error)[:300]}"
+    except Exception as error:  # one variant's failure never stops the others; a bug says so
+        result.status, result.error = VariantStatus.failed.value, failure_reason(error, "inference failed")
         return
     result.fidelity = fidelity(run.reference, outputs)
     result.accuracy = accuracy(run.metric, outputs, run.dataset.labels, result.fidelity)

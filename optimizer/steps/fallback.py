@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from optimizer.api.errors import failure_reason
 from optimizer.api.results import Fallback, FallbackTry, VariantResult, VariantStatus
 from optimizer.engines import CALIBRATED_RECIPES, Built
 from optimizer.steps.run import Run
@@ -116,9 +117,8 @@ def fallback_step(run: Run) -> None:
             record, recovered, built = recover(
                 run.planned[name], run.built[name].artifact, preprocessed(run.context), run.dataset.calibration,
                 scratch, run.spec.spec.acceptance.fallbackSeconds, attempt)
-        except Exception as error:  # the analysis never costs the run its other results
-            record, recovered, built = Fallback(reason=f"sensitivity analysis failed: {type(error).__name__}: "
-                                                       f"{str(error).strip()[:300]}"), None, None
+        except Exception as error:  # the analysis never costs the run its other results; a bug says so
+            record, recovered, built = Fallback(reason=failure_reason(error, "sensitivity analysis failed")), None, None
         result.fallback = record
         if built is None:
             run.reporter.log(f"{name}: fallback did not recover it ({record.reason})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -30,13 +31,14 @@ class LoadedModel:
         return self.format in ("zoo", "state-dict")
 
 
-def resolve_source(spec: ModelSpec, base_dir: Path, storage=None) -> Path:
-    """The local file behind model.source (downloaded if remote), checked against maxSizeMB and the pin."""
+def resolve_source(spec: ModelSpec, base_dir: Path, storage=None, budget=None) -> Path:
+    """The local file behind model.source (downloaded if remote), checked against maxSizeMB (the
+    model's `budget`, which its external data share) and the pin."""
     from optimizer.artifacts.storage import StorageError, fetch
 
     try:
         return fetch(spec.source, "model.source", base_dir, max_bytes=spec.maxSizeMB * 1024 * 1024,
-                     sha256=spec.sha256, pin_field="model.sha256", storage=storage)
+                     sha256=spec.sha256, pin_field="model.sha256", storage=storage, budget=budget)
     except StorageError as error:  # status.reason ModelLoadFailed: the message already names the field
         raise ModelLoadError(str(error)) from None
 
@@ -59,17 +61,17 @@ def detect_format(path: Path) -> str:
     return "state-dict"
 
 
-def _check_onnx_files(spec: ModelSpec, path: Path, storage=None) -> None:
+def _check_onnx_files(spec: ModelSpec, path: Path, budget, storage=None) -> None:
     """External data must be beside the model and, with it, within maxSizeMB. A remote model's data
-    files are fetched from beside it, once their names are known to stay inside its folder."""
+    files are fetched from beside it, once their names are known to stay inside its folder, all
+    within the model's download `budget`."""
     from optimizer.artifacts import onnx_files, storage as stores
 
     try:
         if stores.is_remote(spec.source):
             names = onnx_files.external_locations(path)
             onnx_files.check_locations(path, names)
-            stores.fetch_beside(spec.source, names, "model.source", path, max_bytes=spec.maxSizeMB * 1024 * 1024,
-                                storage=storage)
+            stores.fetch_beside(spec.source, names, "model.source", path, budget=budget, storage=storage)
         size = onnx_files.total_size(path)
     except onnx_files.ExternalDataError as error:
         raise ModelLoadError(f"model.source: {error}") from None
@@ -126,11 +128,19 @@ def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
     if str(base_dir) not in sys.path:
         sys.path.insert(0, str(base_dir))  # user code usually sits beside the spec
     try:
-        target = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
+        target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ModelLoadError(f"model.entrypoint {entrypoint!r} cannot be imported: {error}") from None
+    # Only a class or function defined in that very module, under that name: the entrypoint string is
+    # then the object's real module and qualified name, which is what the cluster policy's
+    # allowedEntrypoints patterns match (acme.models:load must not be torch.load imported there).
+    defined_here = inspect.isclass(target) or inspect.isfunction(target)
+    if not defined_here or target.__module__ != module_name or target.__qualname__ != attribute:
+        real = (f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', '?')}" if defined_here
+                else f"a {type(target).__name__}")
+        raise ModelLoadError(
+            f"model.entrypoint {entrypoint!r} is {real}, not a class or function defined in {module_name} as "
+            f"{attribute}; name the class that builds the network where it is defined (module:Class)")
     try:
         return target(**arguments)
     except TypeError as error:
@@ -140,11 +150,14 @@ def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
 def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
     import torch
 
-    path = resolve_source(spec, base_dir, storage)
+    from optimizer.artifacts.storage import Budget
+
+    budget = Budget(spec.maxSizeMB * 1024 * 1024, "model.source")  # the model and its external data together
+    path = resolve_source(spec, base_dir, storage, budget)
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []))
     if fmt == "onnx":
-        _check_onnx_files(spec, path, storage)
+        _check_onnx_files(spec, path, budget, storage)
         loaded.onnx_path = path
     elif fmt == "torchscript":
         loaded.module = torch.jit.load(str(path), map_location="cpu").eval()

@@ -190,47 +190,120 @@ def _rate(macs_per_s: float) -> str:
     return f"{macs_per_s / 1e9:.1f} GMAC/s"
 
 
+def of_limit(limit_ms: float | None, time_ms: float | None) -> str:
+    """How close a time gets to its limit, as a share that never exceeds 100%: a time below its
+    limit means the limit was measured at a disturbed moment, and the text says so instead."""
+    if limit_ms is None or not time_ms:
+        return "—"
+    if limit_ms > time_ms:
+        return "faster than this limit (limit measured while disturbed)"
+    return f"{limit_ms / time_ms:.0%}"
+
+
+def _kernel_sources(at_shapes: dict, precision: str) -> str:
+    sources = {}
+    for layer, limits in at_shapes["byType"].items():
+        variant = limits.get(f"{precision}From")
+        if variant and limits.get(f"{precision}Ms"):
+            sources.setdefault(variant, []).append(layer)
+    parts = []
+    for variant, layers in sources.items():
+        kernels = at_shapes["variants"].get(variant, {}).get("kernels", {})
+        parts.append(f"{', '.join(sorted(layers))} from {variant} (" + ", ".join(f"{op} ×{n}" for op, n in kernels.items()) + ")")
+    return "; ".join(parts) or "none"
+
+
+def _limits_table(c: dict) -> list[str]:
+    at_shapes, peak, physical = c["atShapes"], c["peak"], c["physical"]
+    threads = physical["threads"]
+
+    def cell(record: dict, precision: str) -> str:
+        return _ms(record.get(f"{precision}LimitMs"))
+
+    if physical.get("clockGHz"):
+        reported = f"; the OS reports {physical['reportedClockGHz']:.2f} GHz" if physical.get("reportedClockGHz") else ""
+        clock = (f"{physical['clockGHz']:.2f} GHz, the clock a dependent-add chain measured in the same rounds "
+                 f"({physical['clockSpreadGHz'][0]:.2f}–{physical['clockSpreadGHz'][1]:.2f}{reported})")
+    else:
+        clock = "no clock: the dependent-add chain cannot run on this machine"
+    rows = [
+        ("physical", cell(physical, "fp32"), cell(physical, "int8"),
+         f"the MACs at {physical['isa']}'s {physical['fp32MacsPerCycle']} FP32 / {physical['int8MacsPerCycle']} INT8 "
+         f"MACs per cycle and core × {clock} × {threads} thread(s): no runtime can beat it (docs/limits.md)"),
+        ("kernels' peak", cell(peak, "fp32"), cell(peak, "int8"),
+         f"the MACs at the fastest rate ONNX Runtime's kernels reached here: {_rate(peak['fp32MacsPerS'])} FP32 "
+         f"({peak['fp32From']}), {_rate(peak['int8MacsPerS'])} INT8 ({peak['int8From']}); constant, prepacked weights"),
+        ("at this model's shapes", cell(at_shapes, "fp32"), cell(at_shapes, "int8"),
+         "per layer type, the fastest of the ONNX Runtime variants' own compute kernels, each run alone on the "
+         "tensors it gets in the variant, with its prepacked weights, nothing between them, net of one session.run's "
+         f"own cost ({at_shapes.get('runOverheadMs', 0.0) * 1000:.0f} µs, timed on an empty graph): FP32 "
+         f"{_kernel_sources(at_shapes, 'fp32')}; INT8 {_kernel_sources(at_shapes, 'int8')}"),
+    ]
+    return ["| limit | FP32 | INT8 | what it is |", "|---|---:|---:|---|",
+            *[f"| {name} | {fp32} | {int8} | {what} |" for name, fp32, int8, what in rows]]
+
+
+def _measurement(c: dict) -> str:
+    m, at_shapes = c["measurement"], c["atShapes"]
+    spreads = [f"{p.upper()} {at_shapes[f'{p}SpreadMs'][0]:.2f}–{at_shapes[f'{p}SpreadMs'][1]:.2f} ms (median "
+               f"{at_shapes[f'{p}MedianRoundMs']:.2f})" for p in ("fp32", "int8") if at_shapes.get(f"{p}SpreadMs")]
+    settled = (f"until {m['patience']} rounds in a row moved no fastest time by more than {m['tolerance']:.0%}"
+               if m["stable"] else f"and stopped at its cap before {m['patience']} rounds in a row stayed within "
+               f"{m['tolerance']:.0%}: treat the limits as rough")
+    again = "; measured twice, because the best variant beat a limit the first time" if m["attempts"] > 1 else ""
+    return (f"The limits were measured right after the benchmark, in {m['rounds']} interleaved rounds "
+            f"({m['seconds']:.1f} s, plus {m['setupSeconds']:.1f} s to set up), {settled}{again}. Each is the fastest "
+            "time seen of each kernel (noise only slows a run)"
+            + (f"; one round's kernels at the model's shapes took {' and '.join(spreads)}." if spreads else "."))
+
+
+def _best_against_limits(best: dict) -> str:
+    precision = best["precision"].upper()
+    physical = (f"the INT8 physical limit (the INT8 rate bounds {precision} too)" if precision in ("BF16", "FP16")
+                else f"the {precision} physical limit")
+    names = {"atShapes": f"the {precision} limit at the model's shapes", "peak": f"the {precision} kernels' peak limit",
+             "physical": physical}
+    fastest = (f"; {_ms(best['fastestInRoundsMs'])} fastest in the same rounds"
+               if best.get("fastestInRoundsMs") is not None else "")
+    parts, beaten = [], []
+    for line, record in best["lines"].items():
+        if record["beaten"]:
+            beaten.append(f"{names[line]} ({_ms(record['limitMs'])})")
+        else:
+            parts.append(f"{of_limit(record['limitMs'], best['meanMs'])} of {names[line]}")
+    text = f"- The best variant, {best['variant']} ({_ms(best['meanMs'])} mean{fastest}), runs at " + (", ".join(parts) or "—") + "."
+    if beaten:
+        text += (f" It ran faster than {' and '.join(beaten)}, measured twice: the machine was disturbed while that "
+                 "limit was measured, so no share of it is given.")
+    if not best["onnxruntime"]:
+        text += (" It does not run on ONNX Runtime: the at-shape and peak lines are ONNX Runtime's kernels and bound "
+                 "only ONNX Runtime variants.")
+    return text
+
+
 def _compute_section(c: dict) -> list[str]:
-    """MACs, the limits they imply (at the model's shapes, at the kernels' peak, on paper), and how
-    close each layer type gets."""
+    """MACs, the three limits they imply (physical, the kernels' peak, at the model's shapes), the best
+    variant against each, and how close each layer type gets."""
     by_type = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in sorted(c["byType"].items(), key=lambda kv: -kv[1]))
-    nominal, measured, at_shapes = c["nominal"], c["measured"], c.get("atShapes")
     out = ["## Compute", "",
-           f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type})."]
-    if at_shapes:
-        out.append(f"- At this model's own shapes, ONNX Runtime's kernels take {_ms(at_shapes['fp32LimitMs'])} in FP32 "
-                   f"and {_ms(at_shapes['int8LimitMs'])} in INT8 for these products ({at_shapes['shapes']} distinct "
-                   "shapes, each timed here: a convolution as its im2col GEMM, an LSTM/GRU as one GEMM for its input "
-                   "over all steps and one matrix-vector product per step for its recurrence): the limit a runtime "
-                   "can approach, since what runs between the products only adds to it.")
-    out.append(f"- At the kernels' peak ({_rate(measured['fp32MacsPerS'])} FP32, {_rate(measured['int8MacsPerS'])} "
-               f"INT8 on a {measured['gemm']} product, fastest run of 0.1 s, {measured['threads']} thread(s)) every "
-               f"layer would take {_ms(measured['fp32LimitMs'])} in FP32 or {_ms(measured['int8LimitMs'])} in INT8: "
-               "this model cannot run faster than that; small products (matrix-vector steps, thin convolutions) "
-               "never reach the peak.")
-    if nominal.get("clockGHz") and nominal.get("fp32LimitMs"):
-        implied = (f"; the measured FP32 rate implies {measured['impliedClockGHz']:.2f} GHz"
-                   if measured.get("impliedClockGHz") else "")
-        out.append(f"- On paper, at the {nominal['clockGHz']:.2f} GHz in /proc/cpuinfo × {nominal['fp32MacsPerCycle']} "
-                   f"(FP32) and {nominal['int8MacsPerCycle']} (INT8) MAC/cycle: {_ms(nominal['fp32LimitMs'])} and "
-                   f"{_ms(nominal['int8LimitMs'])}{implied} (cloud CPUs report the base clock, not the boost).")
-    best = c.get("best")
-    if best:
-        precision = best["precision"].upper()
-        peak = (f"; {best['fractionOfPeakLimit']:.0%} of the {precision} peak limit"
-                if best.get("fractionOfPeakLimit") is not None else "")
-        out.append(f"- The best variant, {best['variant']} ({_ms(best['meanMs'])}), runs at "
-                   f"{best['fractionOfLimit']:.0%} of the {precision} limit at the model's shapes{peak}.")
+           f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type}).", "",
+           "The fastest this model can run here, three ways; each is a lower bound on latency, the physical one for "
+           "every runtime, the other two for ONNX Runtime's variants:", "",
+           *_limits_table(c), "", _measurement(c), ""]
+    if c.get("best"):
+        out.append(_best_against_limits(c["best"]))
+    out += [f"- {note}" for note in c.get("notes", [])]
     if c.get("byLayer"):
-        out += ["", "How close each layer type gets (the best variant's profile; kernel time at the layer's shapes and "
-                "the large-GEMM peak of its precision):", "",
-                "| layers | MACs | ran as | ms per inference | kernel at its shapes | of that | rate | of peak |",
+        out += ["", "How close each layer type gets (the best variant's profile against the kernels at the layer's "
+                "shapes and the kernels' peak, both of the best variant's precision):", "",
+                "| layers | MACs | ran as | ms per inference | kernels at its shapes | of that | rate | of peak |",
                 "|---|---:|---|---:|---:|---:|---:|---:|"]
         for r in c["byLayer"]:
-            at = (f"{r['shapeLimitMs']:.3f} ms | {r['fractionOfShapeLimit']:.0%}" if r.get("shapeLimitMs") is not None
-                  else "— | —")
+            limit = r.get("shapeLimitMs")
+            peak_ms = r["macs"] / c["peak"][f"{r['limitPrecision']}MacsPerS"] * 1000.0
+            at = f"{limit:.3f} ms | {of_limit(limit, r['ms'])}" if limit is not None else "— | —"
             out.append(f"| {r['layer']} | {r['macs'] / 1e6:.1f} M | {', '.join(r['ranAs'])} | {r['ms']:.3f} | {at} | "
-                       f"{_rate(r['macsPerS'])} | {r['fractionOfPeak']:.0%} {r['precision'].upper()} |")
+                       f"{_rate(r['macsPerS'])} | {of_limit(peak_ms, r['ms'])} {r['limitPrecision'].upper()} |")
         if c.get("otherOpsMs") is not None:
             out.append(f"| everything else | — | pooling, reshapes, (de)quantization | {c['otherOpsMs']:.3f} | — | — | — | — |")
     return out + [""]
@@ -256,9 +329,11 @@ def _analysis(results: Results) -> list[str]:
     if analysis.scaling:
         out += ["## Scaling", "", "| variant | batch | threads | latency | throughput (samples/s) |",
                 "|---|---:|---:|---:|---:|"]
-        out += [f"| {r['variant']} | {r['batch']} | {r['threads']} | {r['latencyMs']:.2f} ms | {r['throughput']:.1f} |"
+        out += [f"| {r['variant']} | {r['batch']} | {r['threads']} | {r['latencyMs']:.2f} ms"
+                + (" (benchmark)" if r.get("source") == "benchmark" else "") + f" | {r['throughput']:.1f} |"
                 for r in analysis.scaling]
-        out.append("")
+        out += ["", "A cell marked (benchmark) is the benchmark's mean for that variant, not timed again; the "
+                "others are timed here, after one warm-up.", ""]
     if analysis.tuning:
         t, chosen = analysis.tuning, analysis.tuning["chosen"]
         out += [f"## Session tuning ({t['variant']})", "",

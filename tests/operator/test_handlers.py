@@ -31,6 +31,7 @@ class InMemoryApi:
         self.refuse: JobRefused | None = None
         self.created: list[str] = []
         self.deleted: list[str] = []
+        self.released: list[str] = []  # pods whose mlopt.io/summary finalizer the operator removed
         self.policy_text: str | None = None  # the mlopt-policy ConfigMap's policy.yaml; None: no ConfigMap
 
     def add(self, name, generation=1, namespace="team", created="2026-01-01T00:00:00Z", **spec):
@@ -79,7 +80,50 @@ class InMemoryApi:
         return 0
 
     def pods(self, namespace, job_name):
-        return self.pods_by_job.get(job_name, [])
+        return copy.deepcopy(self.pods_by_job.get(job_name, []))
+
+    def make_pod(self, job_name, namespace="team"):
+        """A running worker pod, made as the Job controller makes it: labels, annotations and finalizers
+        copied from the Job's pod template (kubernetes pkg/controller GetPodFromTemplate)."""
+        template = self.jobs_by_name[(namespace, job_name)]["spec"]["template"]["metadata"]
+        pods = self.pods_by_job.setdefault(job_name, [])
+        pod = {"metadata": {"name": f"{job_name}-{len(pods)}", "namespace": namespace,
+                            "creationTimestamp": f"2026-01-01T00:00:{len(pods):02d}Z",
+                            "labels": {**template["labels"], "batch.kubernetes.io/job-name": job_name},
+                            "annotations": dict(template.get("annotations") or {}),
+                            "finalizers": list(template.get("finalizers") or [])},
+               "status": {"phase": "Running", "containerStatuses": [{"name": "worker", "state": {"running": {"startedAt": "2026-01-01T00:00:30Z"}}}]}}
+        pods.append(pod)
+        return pod
+
+    @staticmethod
+    def end_pod(pod, exit_code, message=""):
+        """The kubelet's last word on the pod: phase and the worker's terminated state with its message."""
+        pod["status"] = {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [
+            {"name": "worker", "state": {"terminated": {"exitCode": exit_code, "message": message}}}]}
+
+    def job_condition(self, job_name, kind, namespace="team"):
+        self.jobs_by_name[(namespace, job_name)].setdefault("status", {}).setdefault("conditions", []).append(
+            {"type": kind, "status": "True", "lastTransitionTime": "2026-01-01T00:01:00Z"})
+
+    def _drop_when_free(self, pod):
+        if pod["metadata"].get("deletionTimestamp") and not pod["metadata"].get("finalizers"):
+            for pods in self.pods_by_job.values():
+                pods[:] = [p for p in pods if p is not pod]
+
+    def delete_pod(self, pod):
+        """DELETE (an eviction does the same): a pod with finalizers stays, marked; one without is gone."""
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:02:00Z"
+        self._drop_when_free(pod)
+
+    def release_pod(self, namespace, name):
+        for pod in [p for pods in self.pods_by_job.values() for p in pods if p["metadata"]["name"] == name]:
+            pod["metadata"]["finalizers"] = [f for f in pod["metadata"]["finalizers"] if f != "mlopt.io/summary"]
+            self.released.append(name)
+            self._drop_when_free(pod)
+
+    def pod(self, name):
+        return next((p for pods in self.pods_by_job.values() for p in pods if p["metadata"]["name"] == name), None)
 
     def create_job(self, job):
         if self.refuse:
@@ -94,15 +138,22 @@ class InMemoryApi:
         return job
 
     def delete_job(self, namespace, name):
+        """Background propagation: the garbage collector deletes the Job's pods (here at once)."""
         self.jobs_by_name.pop((namespace, name), None)
         self.deleted.append(name)
+        for pod in list(self.pods_by_job.get(name, [])):
+            self.delete_pod(pod)
+
+    def delete_resource(self, name, namespace="team"):
+        """kubectl delete: the resource goes, the garbage collector deletes its Jobs and their pods."""
+        del self.store[(namespace, name)]
+        for job in list(self._labelled(namespace, name)):
+            self.delete_job(namespace, job["metadata"]["name"])
 
     def finish(self, job_name, summary: dict, namespace="team"):
         job = self.jobs_by_name[(namespace, job_name)]
         job["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "completionTime": "2026-01-01T00:01:00Z"}
-        self.pods_by_job[job_name] = [{"metadata": {"name": f"{job_name}-p", "creationTimestamp": "x"},
-                                       "status": {"phase": "Succeeded", "containerStatuses": [{"name": "worker", "state": {
-                                           "terminated": {"exitCode": 0, "message": json.dumps(summary)}}}]}}]
+        self.end_pod(self.make_pod(job_name, namespace), 0, json.dumps(summary))
 
 
 @pytest.fixture
@@ -165,6 +216,16 @@ def test_an_invalid_spec_fails_for_good_naming_the_field(api):
         run(api, "bad")
     assert (status(api, "bad")["phase"], status(api, "bad")["reason"]) == ("Failed", "InvalidSpec")
     assert "spec.benchmark.runs" in status(api, "bad")["message"] and api.created == []
+
+
+def test_a_path_out_of_its_claim_fails_as_an_invalid_spec_and_mounts_nothing(api):
+    """pvc://claim//etc/x would read the worker's own /etc/x: refused as `mlopt validate` refuses it."""
+    api.add("escape", model={"source": "pvc://models//etc/x.onnx", "inputs": [{"name": "x", "shape": [1]}]})
+    with pytest.raises(kopf.PermanentError):
+        run(api, "escape")
+    assert (status(api, "escape")["phase"], status(api, "escape")["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.model.source: the path inside the claim begins with '/'" in status(api, "escape")["message"]
+    assert api.created == []
 
 
 def test_a_refused_job_fails_and_a_forbidden_one_waits_with_the_reason(api):
@@ -238,12 +299,12 @@ def test_sync_ignores_other_generations_foreign_jobs_and_final_statuses(api):
 
 def test_job_and_pod_events_find_the_resource_by_its_annotation(api, monkeypatch):
     seen = []
-    monkeypatch.setattr(handlers, "_sync", lambda namespace, name, generation: seen.append((namespace, name, generation)))
+    monkeypatch.setattr(handlers, "_sync", lambda namespace, name, generation, pod=None: seen.append((namespace, name, generation)))
     meta = {"namespace": "team", "labels": {"mlopt.io/name": "short-abc123", "mlopt.io/generation": "3"},
             "annotations": {"mlopt.io/resource": "the-full-name"}}
     handlers.job_changed(meta=meta, type="MODIFIED")
-    handlers.pod_changed(meta={**meta, "annotations": {}}, type="ADDED")
-    handlers.pod_changed(meta=meta, type="DELETED")
+    handlers.pod_changed(body={"metadata": {"name": "p"}}, meta={**meta, "annotations": {}}, type="ADDED")
+    handlers.pod_changed(body={"metadata": {"name": "p"}}, meta=meta, type="DELETED")
     assert seen == [("team", "the-full-name", "3"), ("team", "short-abc123", "3")]
 
 
@@ -302,3 +363,190 @@ def test_a_running_job_is_adopted_even_when_the_policy_changed_since_it_started(
     api.policy_text = ""  # tightened back to the defaults while the Job runs
     run(api, "own-image")  # resumed (an operator restart): the running Job is adopted, not refused
     assert status(api, "own-image")["phase"] == "Pending" and api.created == ["own-image-g1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Nothing lost: a worker's summary outlives its pod until status has it (operator/finalizer.py)
+
+SUMMARY = json.dumps({"v": 1, "phase": "Succeeded", "message": "best onnx-fp32: 1.50x faster", "best": "onnx-fp32",
+                      "baseline": {"name": "pytorch-fp32", "recipe": "pytorch", "status": "ok", "speedup": 1.0},
+                      "variants": [{"name": "onnx-fp32", "recipe": "onnx-fp32", "status": "ok", "speedup": 1.5}]})
+
+
+def has_results(got):
+    return got.get("phase") == "Succeeded" and got.get("baseline") and got.get("variants") and got.get("exitCode") == 0
+
+
+def pod_event(api, pod, kind="MODIFIED"):
+    """The pod's watch event as kopf delivers it (kind None: the listing when the operator starts)."""
+    handlers.pod_changed(body=copy.deepcopy(pod), meta=copy.deepcopy(pod["metadata"]), type=kind)
+
+
+def job_event(api, job_name, kind="MODIFIED", namespace="team"):
+    job = copy.deepcopy(api.jobs_by_name[(namespace, job_name)])
+    handlers.job_changed(meta=job["metadata"], type=kind)
+
+
+def started(api, name):
+    api.add(name)
+    run(api, name)
+    pod = api.make_pod(f"{name}-g1")
+    pod_event(api, pod, "ADDED")
+    assert status(api, name)["phase"] == "Running"
+    return pod
+
+
+def test_a_worker_deleted_right_after_it_exits_0_still_gets_its_results_into_status(api):
+    """The chaos test's load-087: the worker exits 0, the Job counts it, and an eviction deletes the
+    finished pod before the operator has read its termination message."""
+    pod = started(api, "evicted-after")
+    api.end_pod(pod, 0, SUMMARY)
+    api.job_condition("evicted-after-g1", "SuccessCriteriaMet")
+    api.delete_pod(pod)  # the eviction, before any handler ran
+    assert api.pod(pod["metadata"]["name"]) is not None, "the deleted pod must stay until its summary is read"
+    pod_event(api, api.pod(pod["metadata"]["name"]))
+    assert has_results(status(api, "evicted-after")), status(api, "evicted-after")
+    assert api.pod(pod["metadata"]["name"]) is None and api.released == [pod["metadata"]["name"]]
+
+
+def test_an_operator_restarting_after_the_finished_pod_was_deleted_still_records_its_results(api):
+    """The operator is down while the worker exits 0, the Job completes and the pod is deleted; when it
+    starts again kopf resumes the resource and lists the Jobs and pods."""
+    pod = started(api, "restarted")
+    api.end_pod(pod, 0, SUMMARY)
+    api.job_condition("restarted-g1", "SuccessCriteriaMet")
+    api.job_condition("restarted-g1", "Complete")
+    api.delete_pod(pod)
+    run(api, "restarted")  # @kopf.on.resume: the Job is adopted, never made again
+    job_event(api, "restarted-g1", kind=None)
+    assert has_results(status(api, "restarted")), status(api, "restarted")
+    assert api.created == ["restarted-g1"] and api.pod(pod["metadata"]["name"]) is None
+
+
+def test_a_completed_job_is_never_recorded_without_the_summary_of_its_exit_0_pod(api):
+    """Completion, the read and the deletion in every order: whichever event comes first, status ends
+    with the results, and the pod goes only after that."""
+    orders = {"job event, then pod event": ("job", "pod"), "pod event, then job event": ("pod", "job")}
+    for index, (label, order) in enumerate(orders.items()):
+        name = f"order-{index}"
+        pod = started(api, name)
+        api.end_pod(pod, 0, SUMMARY)
+        api.delete_pod(pod)
+        pod_event(api, api.pod(pod["metadata"]["name"]))  # the Job has not decided yet: the pod is kept
+        assert status(api, name)["phase"] == "Running" and api.pod(pod["metadata"]["name"]) is not None, label
+        api.job_condition(f"{name}-g1", "SuccessCriteriaMet")
+        for event in order:
+            if event == "job":
+                job_event(api, f"{name}-g1")
+            elif api.pod(pod["metadata"]["name"]):
+                pod_event(api, api.pod(pod["metadata"]["name"]))
+        assert has_results(status(api, name)), (label, status(api, name))
+        assert api.pod(pod["metadata"]["name"]) is None, label
+
+
+def completed_while_failing(api, monkeypatch, name, call, error):
+    """The worker exits 0 and the Job meets its success criteria; handling that Job event fails in the
+    API call `call`, which raises `error`. Returns the pod."""
+    pod = started(api, name)
+    api.end_pod(pod, 0, SUMMARY)
+    api.job_condition(f"{name}-g1", "SuccessCriteriaMet")
+
+    def fails(*args):
+        raise error
+
+    with monkeypatch.context() as patched:
+        patched.setattr(api, call, fails)
+        with pytest.raises(type(error)):
+            job_event(api, f"{name}-g1")
+    return pod
+
+
+def test_a_pod_whose_outcome_was_recorded_just_before_the_operator_stopped_is_released_after_it(api, monkeypatch):
+    # status written, then the operator died before the release
+    pod = completed_while_failing(api, monkeypatch, "half-done", "release_pod", ConnectionResetError("SIGKILL"))
+    assert has_results(status(api, "half-done"))
+    api.delete_pod(api.pod(pod["metadata"]["name"]))  # e.g. evicted while no operator runs
+    pod_event(api, api.pod(pod["metadata"]["name"]), kind=None)  # the restarted operator lists the pods
+    assert api.pod(pod["metadata"]["name"]) is None and has_results(status(api, "half-done"))
+
+
+def test_a_failed_worker_deleted_before_its_summary_is_read_still_explains_the_failure(api):
+    pod = started(api, "broken")
+    api.end_pod(pod, 1, json.dumps({"v": 1, "phase": "Failed", "reason": "ModelLoadFailed",
+                                    "message": "model.source: not an ONNX model"}))
+    api.delete_pod(pod)
+    api.job_condition("broken-g1", "FailureTarget")
+    job_event(api, "broken-g1")
+    got = status(api, "broken")
+    assert (got["phase"], got["reason"]) == ("Failed", "ModelLoadFailed") and "model.source" in got["message"], got
+    assert api.pod(pod["metadata"]["name"]) is None
+
+
+def test_an_evicted_running_worker_is_released_at_once_and_its_replacement_reports(api):
+    first = started(api, "drained")
+    api.delete_pod(first)  # evicted while running: SIGTERM is on its way
+    pod_event(api, api.pod(first["metadata"]["name"]))
+    assert api.pod(first["metadata"]["name"]) is not None  # still running: it may yet exit 0
+    api.end_pod(first, 143, "Traceback ... SystemExit: 143")
+    pod_event(api, api.pod(first["metadata"]["name"]))
+    assert api.pod(first["metadata"]["name"]) is None  # a drain is not held up by an attempt the Job replaces
+    assert status(api, "drained")["phase"] == "Running"
+    second = api.make_pod("drained-g1")  # the Job's replacement
+    api.end_pod(second, 0, SUMMARY)
+    api.job_condition("drained-g1", "SuccessCriteriaMet")
+    job_event(api, "drained-g1")
+    assert has_results(status(api, "drained"))
+    assert api.released == [first["metadata"]["name"], second["metadata"]["name"]]
+    assert api.pod(second["metadata"]["name"])["metadata"]["finalizers"] == []  # a later delete is immediate
+
+
+def test_deleting_the_resource_or_superseding_its_generation_releases_the_pods(api):
+    running = started(api, "gone")
+    api.delete_resource("gone")
+    pod_event(api, api.pod(running["metadata"]["name"]))
+    assert api.pod(running["metadata"]["name"]) is None
+
+    old = started(api, "edited")
+    api.end_pod(old, 0, SUMMARY)  # finished, but generation 2 arrives before its summary is read
+    api.add("edited", generation=2)
+    run(api, "edited")  # supersedes generation 1: its Job is deleted, the garbage collector deletes the pod
+    assert api.pod(old["metadata"]["name"])["metadata"].get("deletionTimestamp")
+    pod_event(api, api.pod(old["metadata"]["name"]))
+    assert api.pod(old["metadata"]["name"]) is None
+    assert api.created[-1] == "edited-g2" and status(api, "edited")["observedGeneration"] == 2
+
+
+def test_a_pod_of_a_deleted_namesake_is_released_even_when_a_new_resource_has_its_name(api):
+    old = started(api, "reused")
+    api.end_pod(old, 0, SUMMARY)
+    api.delete_resource("reused")
+    api.add("reused")  # the same name again, a new uid; its Job will have the old one's name
+    api.store[("team", "reused")]["metadata"]["uid"] = "uid-reused-2"
+    pod_event(api, api.pod(old["metadata"]["name"]))
+    assert api.pod(old["metadata"]["name"]) is None
+
+
+def test_a_completion_whose_handling_failed_is_recorded_by_the_next_recheck(api, monkeypatch):
+    """kopf never delivers a watch event again whose handler raised (the API server away just then):
+    a Running resource is looked at again by the timer, so its results are not left unread."""
+    pod = completed_while_failing(api, monkeypatch, "missed", "patch_status",
+                                  ConnectionRefusedError("the API server restarts"))
+    assert status(api, "missed")["phase"] == "Running" and api.pod(pod["metadata"]["name"])["metadata"]["finalizers"]
+    assert handlers._running(status=status(api, "missed"))  # the timer's filter
+    handlers.recheck_running(meta=api.get_resource("team", "missed")["metadata"])
+    assert has_results(status(api, "missed"))
+
+
+def test_a_job_past_success_criteria_but_not_complete_still_holds_its_slot(api):
+    """SuccessCriteriaMet comes before Complete (and completionTime); until then Kubernetes counts the
+    Job as active, and so does the cap."""
+    for index in range(3):
+        api.add(f"s{index}", created=f"2026-01-01T00:00:0{index}Z")
+    run(api, "s0")
+    run(api, "s1")
+    api.job_condition("s0-g1", "SuccessCriteriaMet")
+    with pytest.raises(kopf.TemporaryError):
+        run(api, "s2")  # the cap is 2
+    api.job_condition("s0-g1", "Complete")
+    run(api, "s2")
+    assert api.created == ["s0-g1", "s1-g1", "s2-g1"]

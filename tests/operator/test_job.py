@@ -45,6 +45,13 @@ def test_one_job_per_generation_owned_and_labelled():
                      "uid": "u-1", "controller": True, "blockOwnerDeletion": True}
 
 
+def test_every_pod_keeps_its_summary_until_the_operator_releases_it():
+    """The Job controller copies the template's finalizers onto each pod (with its own job-tracking one)."""
+    template = build_job(resource(), SETTINGS)["spec"]["template"]["metadata"]
+    assert template["finalizers"] == ["mlopt.io/summary"]
+    assert template["annotations"]["mlopt.io/resource-uid"] == "u-1"  # a namesake's pods are told apart
+
+
 def test_worker_gets_the_spec_snapshot_of_this_generation():
     job = build_job(resource(benchmark={"runs": 5}), SETTINGS)
     assert worker(job)["command"] == ["mlopt", "worker"]

@@ -15,11 +15,13 @@ def resource(name, created, namespace="team", priority=None, status=None, queue=
             "spec": {"model": {"source": "zoo:digits"}, "job": job}, "status": status or {}}
 
 
-def running_job(namespace="team", done=False, kueue=False):
+def running_job(namespace="team", done=False, kueue=False, interim=None):
     labels = {"app.kubernetes.io/managed-by": "mlopt-operator"}
     if kueue:
         labels["kueue.x-k8s.io/queue-name"] = "q"
     conditions = [{"type": "Complete", "status": "True"}] if done else []
+    if interim:
+        conditions.insert(0, {"type": interim, "status": "True"})
     return {"metadata": {"namespace": namespace, "labels": labels}, "status": {"conditions": conditions}}
 
 
@@ -65,3 +67,13 @@ def test_no_cap_and_kueue_resources_never_wait():
     started = [resource("s", 0, status={"observedGeneration": 1, "phase": "Running", "jobName": "s-g1"})]
     place = admit(queue[0], [kueue, *started, queue[0]], [], Settings(max_running=1), priority)
     assert place.admitted  # neither the Kueue resource nor the running one is in the queue
+
+
+def test_a_job_holds_its_slot_until_kubernetes_ends_it():
+    """SuccessCriteriaMet and FailureTarget come first (after FailureTarget the pods are still being
+    stopped); Complete / Failed, with completionTime, only once no pod is left. Until then it counts."""
+    settings = Settings(max_running=1)
+    queue = [resource("next", 1)]
+    for interim in ("SuccessCriteriaMet", "FailureTarget"):
+        assert not admit(queue[0], queue, [running_job(interim=interim)], settings, priority).admitted, interim
+    assert admit(queue[0], queue, [running_job(interim="SuccessCriteriaMet", done=True)], settings, priority).admitted

@@ -83,6 +83,15 @@ def test_an_evicted_attempt_listed_beside_the_one_that_completed_never_hides_its
     assert status["phase"] == "Succeeded" and status["best"] == "ort-int8-static-dynamic" and status["variants"]
 
 
+def test_a_completed_job_whose_exit_0_pod_is_gone_never_takes_an_evicted_attempt_for_it():
+    """Only a pod without the operator's finalizer can be gone (an older Job, or released by hand): status
+    says the summary was lost, not that the worker ended without one, and not the evicted attempt's 143."""
+    evicted = pod(terminated(143, "Traceback ... SystemExit: 143"), phase="Failed")
+    status = status_from_job(job(("Complete", "", "")), [evicted])
+    assert (status["phase"], status["exitCode"]) == ("Succeeded", 0), status
+    assert "deleted before its summary was read" in status["message"]
+
+
 def test_status_fits_the_crd_status_model():
     from optimizer.api.crd import ModelOptimizationStatus
 

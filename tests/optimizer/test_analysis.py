@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from optimizer.measure.compute import compute_limits
 from optimizer.measure.tuning import candidates
 
 from .conftest import write_spec
@@ -50,25 +50,6 @@ def test_products_keep_each_layers_shapes_and_the_recurrence_step_by_step():
     assert macs_by_type(products)["LSTM"] == 3 * 10 * 2 * 64 * ((8 + 16) + (32 + 16))
 
 
-def test_recurrent_steps_cannot_reach_the_large_gemm_peak():
-    from optimizer.measure.compute import Product, gemm_peaks, shape_limits
-
-    steps = [Product("LSTM", 1, 256, 1024, 48)]  # one matrix-vector product per step, as batch-1 inference runs them
-    at_shapes = shape_limits(steps, threads=1, budget_s=0.2)
-    peaks = gemm_peaks(threads=1, budget_s=0.05)
-    at_peak_ms = steps[0].macs / peaks["int8MacsPerS"] * 1000.0
-    assert at_shapes["int8LimitMs"] > at_peak_ms and at_shapes["byType"]["LSTM"]["int8Ms"] == at_shapes["int8LimitMs"]
-    assert at_shapes["fp32LimitMs"] > 0 and at_shapes["shapes"] == 1
-
-
-def test_compute_limits_follow_the_cpu_flags():
-    vnni = compute_limits(64_000_000, ["avx2", "avx512f", "avx512_vnni"], 2.0)
-    assert vnni["fp32LimitMs"] == pytest.approx(2.0) and vnni["int8LimitMs"] == pytest.approx(0.5)
-    avx2 = compute_limits(64_000_000, ["avx2"], 2.0)
-    assert avx2["int8LimitMs"] == pytest.approx(1.0)
-    assert compute_limits(1, [], None)["fp32LimitMs"] is None
-
-
 def test_profile_and_scaling_explain_the_best(conv_lstm_run):
     results, output = conv_lstm_run
     analysis = results.analysis
@@ -109,13 +90,10 @@ def test_tune_records_what_was_chosen(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["analysis"]["tuning"]["chosen"]
 
 
-def test_measured_limits_and_layer_efficiency():
-    from optimizer.measure.compute import layer_efficiency, measured_limits
+def test_layer_efficiency_against_the_limits_of_a_precision():
+    from optimizer.measure.compute import layer_efficiency
 
-    peaks = {"gemm": "128x1024x512", "threads": 1, "fp32MacsPerS": 50e9, "int8MacsPerS": 200e9}
-    limits = measured_limits(100_000_000, peaks, 16)
-    assert limits["fp32LimitMs"] == pytest.approx(2.0) and limits["int8LimitMs"] == pytest.approx(0.5)
-    assert limits["impliedClockGHz"] == pytest.approx(50e9 / 16 / 1e9)
+    peaks = {"fp32MacsPerS": 50e9, "int8MacsPerS": 200e9}
     profile = [{"op": "QLinearConv", "ms": 1.0, "share": 0.5}, {"op": "DynamicQuantizeLSTM", "ms": 0.5, "share": 0.25},
                {"op": "MatMul", "ms": 0.25, "share": 0.125}, {"op": "Reshape", "ms": 0.25, "share": 0.125}]
     rows = {r["layer"]: r for r in layer_efficiency({"Conv": 100_000_000, "LSTM": 25_000_000, "Linear": 5_000_000,
@@ -128,26 +106,39 @@ def test_measured_limits_and_layer_efficiency():
     rows = {r["layer"]: r for r in layer_efficiency({"Conv": 100_000_000, "Linear": 5_000_000}, profile, peaks, at_shapes)}
     assert rows["Conv"]["shapeLimitMs"] == 0.8 and rows["Conv"]["fractionOfShapeLimit"] == pytest.approx(0.8)
     assert rows["Linear"]["shapeLimitMs"] == 0.2  # it ran in FP32: the FP32 kernels' time is its limit
+    # Against the best variant's precision, the rows add up to the headline limit of that precision.
+    rows = {r["layer"]: r for r in layer_efficiency({"Conv": 100_000_000, "Linear": 5_000_000}, profile, peaks,
+                                                     at_shapes, precision="int8")}
+    assert rows["Linear"]["shapeLimitMs"] == 0.1 and rows["Linear"]["fractionOfPeak"] == pytest.approx(0.1)
 
 
-def test_gemm_peaks_are_measured_for_both_precisions():
-    from optimizer.measure.compute import gemm_peaks
+def test_the_peak_gemms_run_in_both_precisions():
+    from optimizer.measure.kernels import gemm_macs, peak_gemms
 
-    peaks = gemm_peaks(threads=1, budget_s=0.01)
-    assert peaks["fp32MacsPerS"] > 0 and peaks["int8MacsPerS"] > 0 and peaks["threads"] == 1
+    calls = peak_gemms(threads=1)
+    assert set(calls) == {"fp32", "int8"} and gemm_macs() == 128 * 1024 * 512
+    assert [call()[0].shape for call in calls.values()] == [(128, 512), (128, 512)]
 
 
 def test_report_explains_the_limit_per_layer_type(conv_lstm_run):
     results, output = conv_lstm_run
     compute = results.analysis.compute
-    assert compute["measured"]["int8LimitMs"] > 0 and compute["nominal"]["macs"] == compute["macs"]
     report = (output / "report.md").read_text()
-    assert "this model cannot run faster than" in report and "At this model's own shapes" in report
+    assert "| physical |" in report and "| kernels' peak |" in report and "| at this model's shapes |" in report
     assert compute["atShapes"]["int8LimitMs"] > 0 and set(compute["atShapes"]["byType"]) == set(compute["byType"])
+    ort_variants = {v.name for v in results.variants if v.runtime == "onnxruntime" and v.latencyMs}
+    assert set(compute["atShapes"]["variants"]) == ort_variants  # every timed ONNX Runtime variant's own kernels
+    assert compute["measurement"]["rounds"] >= 1 and compute["physical"]["int8MacsPerCycle"]
     assert results.best and results.variant(results.best).runtime == "onnxruntime", results.best  # as above
     layers = {r["layer"] for r in compute["byLayer"]}
     assert {"Conv", "LSTM"} <= layers and "| everything else |" in report
     assert compute["best"]["variant"] == results.best
+    section = report.split("## Compute")[1].split("\n## ")[0]
+    assert not [share for share in re.findall(r"(\d+)%", section) if int(share) > 100], section
+    cells = [r for r in results.analysis.scaling if r["source"] == "benchmark"]  # one number for one thing
+    assert {r["variant"] for r in cells} == {"pytorch-fp32", results.best}
+    means = {v.name: v.latencyMs.mean for v in [results.baseline, *results.variants] if v.latencyMs}
+    assert all(r["latencyMs"] == means[r["variant"]] for r in cells)
 
 
 def test_agreement_is_shown_once_when_it_is_the_metric(conv_lstm_run):
@@ -185,3 +176,20 @@ def test_the_pods_qos_class_is_recorded_with_the_machine(monkeypatch):
     assert describe(1, "cpu").qosClass == "Guaranteed"  # the operator's Job sets it; numbers say how they were taken
     monkeypatch.delenv("MLOPT_QOS_CLASS")
     assert describe(1, "cpu").qosClass is None  # a local run: no pod
+
+
+def test_an_encoders_attention_is_counted_even_on_its_fused_inference_path():
+    import numpy as np
+    import torch
+
+    from optimizer.measure.compute import count_products, macs_by_type
+
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    feed = {"x": np.zeros((2, 10, 32), np.float32)}
+    tokens, embed, heads, ff = 2 * 10, 32, 4, 64
+    per_layer = (4 * tokens * embed * embed  # q, k, v and output projections
+                 + 2 * 2 * heads * 10 * 10 * (embed // heads)  # Q·Kᵀ and scores·V, per sample and head
+                 + 2 * tokens * embed * ff)  # the feed-forward pair
+    assert macs_by_type(count_products(encoder, feed, ["x"])) == {"Linear": 2 * per_layer}
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for everything else

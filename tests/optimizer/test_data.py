@@ -119,8 +119,8 @@ def test_unknown_zoo_dataset_lists_the_available_ones():
 
 
 def test_unknown_source_names_the_field_and_the_choices():
-    with pytest.raises(DataError, match=r"data.source 'images/'.*random.*\.npz"):
-        load_dataset("images/", 8, [IMAGE], Path("."))
+    with pytest.raises(DataError, match=r"data.source: is not a data source: use random.*\.npz.*got 'images.csv'"):
+        load_dataset("images.csv", 8, [IMAGE], Path("."))
 
 
 # --- .npz -------------------------------------------------------------------------------------------
@@ -226,3 +226,30 @@ def test_labelled_sources_keep_calibration_labels_for_qat(tmp_path):
     assert len(digits.calibration_labels) == len(digits.calibration)
     assert all(lab.shape == (item["image"].shape[0],) for lab, item in zip(digits.calibration_labels, digits.calibration))
     assert load_dataset("random", 8, [spec], tmp_path).calibration_labels is None
+
+
+def test_a_small_npz_that_decompresses_past_max_size_is_refused_before_loading(tmp_path):
+    """data.maxSizeMB bounded only the compressed file: a few KB of zeros could decompress into an OOM kill."""
+    from optimizer.api.spec import DataSpec
+
+    np.savez_compressed(tmp_path / "bomb.npz", image=np.zeros((20_000, 1, 8, 8), np.float32))  # 5 MB of zeros
+    assert (tmp_path / "bomb.npz").stat().st_size < 2**20 // 10
+    with pytest.raises(DataError, match=r"bomb.npz decompresses to 5 MB .*over data.maxSizeMB \(1\)"):
+        load_dataset("bomb.npz", 8, [IMAGE], tmp_path, DataSpec(source="bomb.npz", maxSizeMB=1))
+    assert load_dataset("bomb.npz", 8, [IMAGE], tmp_path, DataSpec(source="bomb.npz", maxSizeMB=8)).evaluation
+
+
+def test_an_array_header_that_claims_more_than_max_size_is_refused_before_numpy_allocates_it(tmp_path):
+    """numpy allocates the shape a .npy header declares before it reads a byte."""
+    import io
+    import zipfile
+
+    from optimizer.api.spec import DataSpec
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 1, 8, 8)})
+    member.write(b"\0" * 1024)  # 1 KB where the header promises 256 MB
+    with zipfile.ZipFile(tmp_path / "liar.npz", "w") as archive:
+        archive.writestr("image.npy", member.getvalue())
+    with pytest.raises(DataError, match=r"arrays in liar.npz declare 256 MB in their headers .*over data.maxSizeMB"):
+        load_dataset("liar.npz", 8, [IMAGE], tmp_path, DataSpec(source="liar.npz", maxSizeMB=1))

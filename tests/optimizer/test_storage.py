@@ -130,8 +130,8 @@ def test_s3_data_pin_and_output_must_be_a_prefix(tmp_path, s3_server, model_and_
     done = run_cli(tmp_path, spec, server=s3_server)
     assert done.returncode == 1 and "data.sha256 does not match" in done.stderr
     spec = _spec(tmp_path, s3_server, model, data, "s3://results/no-slash")
-    done = run_cli(tmp_path, spec, server=s3_server)
-    assert done.returncode == 1 and "spec.output: s3://results/no-slash must end with '/'" in done.stderr
+    done = run_cli(tmp_path, spec, server=s3_server)  # an invalid spec: refused before any work
+    assert done.returncode == 2 and "spec.output: must end with '/'" in done.stderr, done.stderr
 
 
 def test_pvc_uris_on_a_laptop_are_refused_or_mapped(tmp_path, s3_server, model_and_data, monkeypatch):
@@ -244,49 +244,184 @@ def test_a_rerun_into_a_folder_replaces_its_own_files_and_keeps_the_users(tmp_pa
     assert (tmp_path / "outside.txt").read_text() == "not mlopt's"
 
 
-def test_https_downloads_follow_https_redirects_but_never_to_plain_http(tmp_path, monkeypatch):
+@pytest.fixture
+def https(tmp_path, monkeypatch):
+    """A real https server on 127.0.0.1 (a throw-away CA, trusted through SSL_CERT_FILE as AWS_CA_BUNDLE
+    would be) serving the files under `https.root`; `https.routes[path]` answers a path itself, and
+    `https.requested` lists every path asked for (query strings included)."""
     import http.server
     import ssl
     import threading
+    from types import SimpleNamespace
 
-    from optimizer.artifacts.storage import StorageError, fetch
-    from tests.e2e.control_plane import free_port, make_pki
+    from tests.e2e.control_plane import make_pki
 
-    pki = make_pki(tmp_path)  # a throw-away CA and a serving certificate for 127.0.0.1
-    plain_port = free_port()
+    state = SimpleNamespace(root=tmp_path / "www", routes={}, requested=[])
+    state.root.mkdir()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            moves = {"/to-https": f"https://127.0.0.1:{self.server.server_port}/model.bin",
-                     "/to-http": f"http://127.0.0.1:{plain_port}/model.bin"}
-            if self.path in moves:
-                self.send_response(302)
-                self.send_header("Location", moves[self.path])
-                self.end_headers()
-                return
-            body = b"weights" * 100
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(state.root), **kwargs)
+
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            state.requested.append(self.path)
+            route = state.routes.get(self.path.split("?")[0])
+            return route(self) if route else super().do_GET()
 
         def log_message(self, *args):
             pass
 
+    pki = make_pki(tmp_path)  # a throw-away CA and a serving certificate for 127.0.0.1
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki.server_cert, pki.server_key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))  # trust the throw-away CA, as AWS_CA_BUNDLE would
-    base = f"https://127.0.0.1:{server.server_port}"
-    try:
-        got = fetch(f"{base}/to-https", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "a" / "model.bin")
-        assert got.read_bytes() == b"weights" * 100
-        with pytest.raises(StorageError, match="model.source: cannot download .*refused a redirect from https to http"):
-            fetch(f"{base}/to-http", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "b" / "model.bin")
-        with pytest.raises(StorageError, match="over maxSizeMB"):
-            fetch(f"{base}/model.bin", "model.source", tmp_path, max_bytes=100, into=tmp_path / "c" / "model.bin")
-        assert not (tmp_path / "b" / "model.bin").exists() and not (tmp_path / "c" / "model.bin").exists()
-    finally:
-        server.shutdown()
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_cert))
+    state.base = f"https://127.0.0.1:{server.server_port}"
+    yield state
+    server.shutdown()
+
+
+def _answer(handler, status: int, headers: dict, body: bytes = b"") -> None:
+    handler.send_response(status)
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def test_https_downloads_follow_https_redirects_but_never_to_plain_http(tmp_path, https):
+    from optimizer.artifacts.storage import StorageError, fetch
+    from tests.e2e.control_plane import free_port
+
+    (https.root / "model.bin").write_bytes(b"weights" * 100)
+    https.routes["/to-https"] = lambda h: _answer(h, 302, {"Location": f"{https.base}/model.bin"})
+    https.routes["/to-http"] = lambda h: _answer(h, 302, {"Location": f"http://127.0.0.1:{free_port()}/model.bin"})
+    got = fetch(f"{https.base}/to-https", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "a" / "model.bin")
+    assert got.read_bytes() == b"weights" * 100
+    with pytest.raises(StorageError, match="model.source: cannot download .*refused a redirect from https to http"):
+        fetch(f"{https.base}/to-http", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "b" / "model.bin")
+    with pytest.raises(StorageError, match="does not fit in maxSizeMB"):
+        fetch(f"{https.base}/model.bin", "model.source", tmp_path, max_bytes=100, into=tmp_path / "c" / "model.bin")
+    assert not (tmp_path / "b" / "model.bin").exists() and not (tmp_path / "c" / "model.bin").exists()
+
+
+def test_a_presigned_url_loads_as_the_model_its_path_names(tmp_path, https):
+    """The query string used to become part of the file name: model.onnx?X-Amz-Signature=… was not ONNX."""
+    import http.server
+
+    from optimizer.api.spec import ModelSpec
+    from optimizer.steps.load import load_model
+
+    (https.root / "models").mkdir()
+    _external_data_model(https.root / "models", tensors=1, floats=4, external=False)
+
+    def signed_only(handler):  # what a bucket does with a presigned URL: no signature, no object
+        if "X-Amz-Signature=" not in handler.path:
+            return _answer(handler, 403, {"Content-Length": "0"})
+        return http.server.SimpleHTTPRequestHandler.do_GET(handler)
+
+    https.routes["/models/m.onnx"] = signed_only
+    url = (f"{https.base}/models/m.onnx?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F2026%2Fs3"
+           "&X-Amz-Signature=0123abcd")
+    loaded = load_model(ModelSpec(source=url, inputs=[{"name": "x", "shape": [4]}]), tmp_path)
+    assert loaded.format == "onnx" and loaded.onnx_path.name == "m.onnx"
+
+
+def _external_data_model(directory, tensors: int, floats: int, external: bool = True):
+    """An ONNX model with `tensors` weights of `floats` float32 each, in files of their own beside it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = [f"w{i}" for i in range(tensors)]
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"s{i - 1}", name], [f"s{i}"]) for i, name in enumerate(names)]
+    graph = helper.make_graph(
+        nodes, "sum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [floats])],
+        [helper.make_tensor_value_info(f"s{tensors - 1}", TensorProto.FLOAT, [floats])],
+        [numpy_helper.from_array(np.full(floats, i, np.float32), name) for i, name in enumerate(names)])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(directory / "m.onnx"),
+                    save_as_external_data=external, all_tensors_to_one_file=False, size_threshold=0)
+    return names
+
+
+def test_external_data_files_share_one_budget_enforced_while_downloading(tmp_path, https):
+    """Three 0.6 MB data files under maxSizeMB 1: each fitted alone, so all three were downloaded and
+    the total refused only afterwards (N x the limit on the scratch volume). Now the second one stops
+    the download and the third is never asked for."""
+    from optimizer.api.spec import ModelSpec
+    from optimizer.steps.load import ModelLoadError, load_model
+
+    names = _external_data_model(https.root, tensors=3, floats=150_000)
+    spec = ModelSpec(source=f"{https.base}/m.onnx", maxSizeMB=1, inputs=[{"name": "x", "shape": [150_000]}])
+    with pytest.raises(ModelLoadError, match=r"model.source: .*/w1 does not fit in maxSizeMB \(1 MB\) \(after"):
+        load_model(spec, tmp_path)
+    assert [path for path in https.requested if path.lstrip("/") in names] == ["/w0", "/w1"]
+
+
+def test_a_malformed_content_length_is_a_clean_message(tmp_path, https):
+    from optimizer.artifacts.storage import StorageError, fetch
+
+    https.routes["/m.onnx"] = lambda h: _answer(h, 200, {"Content-Length": "12abc"}, b"0123456789ab")
+    with pytest.raises(StorageError, match=r"model.source: the server of .* sent a malformed Content-Length \('12abc'\)"):
+        fetch(f"{https.base}/m.onnx", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "m.onnx")
+
+
+def test_a_download_that_trickles_stops_at_the_deadline(tmp_path, https, monkeypatch):
+    """Each read got 60 s, the whole download none: one byte a minute held a run until the Job's deadline."""
+    import time
+
+    from optimizer.artifacts import storage
+
+    def trickle(handler):
+        _answer(handler, 200, {"Content-Length": "1000"})
+        try:
+            for _ in range(1000):
+                handler.wfile.write(b"x")
+                handler.wfile.flush()
+                time.sleep(0.02)
+        except OSError:  # the client gave up: what the test wants
+            pass
+
+    https.routes["/slow.onnx"] = trickle
+    monkeypatch.setattr(storage, "HTTPS_DEADLINE_SECONDS", 0.5)
+    with pytest.raises(storage.StorageError, match="model.source: downloading .* took longer than 0.5 s"):
+        storage.fetch(f"{https.base}/slow.onnx", "model.source", tmp_path, max_bytes=2**20, into=tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
+
+
+@pytest.mark.parametrize("case", ["missing-bucket", "wrong-secret"])
+def test_an_s3_output_that_cannot_be_written_fails_before_any_work(tmp_path, s3_server, case):
+    """It used to be found only after the whole run, at the upload."""
+    import subprocess
+
+    s3_server.bucket("results")
+    output, secret, words = {"missing-bucket": ("s3://no-such-bucket/run/", None, "does not exist"),
+                             "wrong-secret": ("s3://results/run/", "not-the-secret", "refused")}[case]
+    spec = write_spec(tmp_path, {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                                 "benchmark": QUICK, "output": output, "storage": {"endpoint": s3_server.endpoint}})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(s3_server.credentials(**({"secret": secret} if secret else {})))
+    done = subprocess.run([MLOPT, "optimize", str(spec)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 1 and "spec.output: " in done.stderr and words in done.stderr, done.stderr
+    assert "before the run" in done.stderr and "load…" not in done.stdout + done.stderr  # no step ran
+    assert "Traceback" not in done.stderr
+
+
+def test_the_output_probe_leaves_nothing_behind(tmp_path, s3_server, monkeypatch):
+    import obstore
+
+    from optimizer.artifacts import storage
+
+    for key, value in s3_server.credentials().items():
+        monkeypatch.setenv(key, value)
+    settings = type("Storage", (), {"endpoint": s3_server.endpoint, "region": None, "anonymous": False})()
+    bucket, prefix = s3_server.bucket("probed"), f"{tmp_path.name}/run/"
+    upload(s3_server, bucket, f"{tmp_path.name}/mine.txt", __file__)  # the user's object beside the prefix
+    before = s3_server.objects(bucket)
+    storage.check_output(f"s3://{bucket}/{prefix}", settings)
+    assert s3_server.objects(bucket) == before
+    listed = [meta["path"] for batch in obstore.list(storage._store(bucket, storage.S3Settings.of(settings)))
+              for meta in batch]
+    assert not [key for key in listed if storage.PROBE_PREFIX in key], listed
