@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue #26's check on a GPU machine, in one run of about 6 minutes (a time budget keeps it under 7):
+# Issue #26's check on a GPU machine, in one run of about 6 minutes (a budget keeps it near 7 at most):
 #   1. the machine: nvidia-smi, python, torch/CUDA/cuDNN/Triton/ONNX Runtime versions and providers;
-#   2. benchmarks/gpu_crnn.py: the note's GPU rows beside every default GPU variant of the CRNN;
+#   2. benchmarks/gpu_crnn.py: the note's GPU rows beside every default GPU variant of the CRNN (should that
+#      run out of time, torch.compile took it: again without the compile variants, and so step 3 too);
 #   3. mlopt optimize examples/crnn-gpu.yaml (device: cuda, the default GPU set): which variant it picks;
 #   4. tests/optimizer/test_gpu.py: the GPU tests (skipped on a CPU machine) for real;
 #   5. if time is left: torch-compile-max-autotune (minutes of autotuning) beside torch-cudagraphs-fp16;
@@ -17,10 +18,11 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-BUDGET=${GPU_CHECK_BUDGET:-390}  # seconds for the whole script; step 5 gets what is left
+BUDGET=${GPU_CHECK_BUDGET:-420}  # seconds for the whole script: no step runs past it, step 5 gets what is left
 RUNS=/tmp/gpu-check-runs
 rm -rf "$RUNS" && mkdir -p "$RUNS"
 step() { echo; echo "=== $1 (at ${SECONDS}s)"; }
+within() { local left=$((BUDGET - SECONDS)); echo $(( $1 < left ? $1 : (left > 1 ? left : 1) )); }  # a step's timeout
 
 main() {
 
@@ -45,19 +47,35 @@ if "CUDAExecutionProvider" not in ort.get_available_providers():
 EOF
 
 step "2. benchmarks/gpu_crnn.py: the note's GPU rows and the default GPU variants"
-timeout 240 python3 benchmarks/gpu_crnn.py --variants default --output "$RUNS/gpu-crnn" > "$OUT/gpu_crnn.md"
-echo "gpu_crnn.py exit: $?"
+SPEC=examples/crnn-gpu.yaml
+timeout "$(within 270)" python3 benchmarks/gpu_crnn.py --variants default --output "$RUNS/gpu-crnn" > "$OUT/gpu_crnn.md"
+CODE=$?
+echo "gpu_crnn.py exit: $CODE"
+if [ "$CODE" -eq 124 ]; then
+  # torch.compile is the one step that can take minutes: without it, the table and the pick still come out.
+  WITHOUT=$(python3 -c "from optimizer.api.spec import RECOMMENDED; print(','.join(r.value for r in RECOMMENDED['cuda'] if 'compile' not in r.value))")
+  echo "gpu_crnn.py ran out of time (torch.compile?): again without the compile variants: $WITHOUT"
+  timeout "$(within 150)" python3 benchmarks/gpu_crnn.py --variants "$WITHOUT" --output "$RUNS/gpu-crnn" > "$OUT/gpu_crnn.md"
+  echo "gpu_crnn.py exit: $?"
+  SPEC=$RUNS/crnn-gpu-without-compile.yaml
+  python3 - "$SPEC" "$WITHOUT" <<'EOF'
+import sys, yaml
+spec = yaml.safe_load(open("examples/crnn-gpu.yaml"))
+spec["spec"]["variants"] = [{"name": name, "recipe": name} for name in sys.argv[2].split(",")]
+yaml.safe_dump(spec, open(sys.argv[1], "w"), sort_keys=False)
+EOF
+fi
 cat "$OUT/gpu_crnn.md"
 cp "$RUNS/gpu-crnn/results.json" "$OUT/gpu_crnn-results.json" 2>/dev/null
 
-step "3. mlopt optimize examples/crnn-gpu.yaml"
-timeout 200 python3 -m optimizer.cli optimize examples/crnn-gpu.yaml --output "$RUNS/crnn-gpu" --debug
+step "3. mlopt optimize $SPEC"
+timeout "$(within 200)" python3 -m optimizer.cli optimize "$SPEC" --output "$RUNS/crnn-gpu" --debug
 echo "mlopt optimize exit: $?"
 cp "$RUNS/crnn-gpu/results.json" "$OUT/crnn-gpu-results.json" 2>/dev/null
 cp "$RUNS/crnn-gpu/report.md" "$OUT/crnn-gpu-report.md" 2>/dev/null
 
 step "4. the GPU tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/optimizer/test_gpu.py
+timeout "$(within 150)" python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/optimizer/test_gpu.py
 echo "pytest exit: $?"
 
 LEFT=$((BUDGET - SECONDS - 10))
@@ -73,7 +91,7 @@ fi
 step "6. the tables again"
 cat "$OUT/gpu_crnn.md"
 echo; echo "--- max-autotune run:"; cat "$OUT/gpu_crnn_autotune.md"
-echo; echo "--- mlopt optimize examples/crnn-gpu.yaml:"
+echo; echo "--- mlopt optimize $SPEC:"
 python3 - "$OUT/crnn-gpu-results.json" <<'EOF'
 import json, sys
 try:

@@ -131,8 +131,11 @@ class TorchRunner:
         return self  # PyTorch reads its thread count per call (torch_threads)
 
     def __call__(self, feed: Feed) -> list[np.ndarray]:
+        # Inputs made outside inference_mode, as bind() makes them: torch.compile guards on the difference and
+        # would compile a second time at the first timed run.
+        tensors = self.tensors(feed)
         with self.context():
-            return _as_numpy(self.module(*self.tensors(feed)))
+            return _as_numpy(self.module(*tensors))
 
     def bind(self, feed: Feed) -> Callable[[], object]:
         import torch

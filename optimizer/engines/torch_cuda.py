@@ -172,8 +172,9 @@ def ran_on(runner: TorchRunner, feed: dict) -> str:
     of them are CUDA (a program that ran on the CPU must never be timed as a GPU variant)."""
     import torch
 
+    tensors = runner.tensors(feed)
     with runner.context():
-        outputs = flat_tensors(runner.module(*runner.tensors(feed)))
+        outputs = flat_tensors(runner.module(*tensors))
     devices = sorted({str(t.device) for t in outputs if hasattr(t, "device")})
     if not devices or any(not device.startswith("cuda") for device in devices):
         raise RecipeFailure(f"the program's outputs came back on {', '.join(devices) or 'no device'}, not the GPU; "
@@ -223,7 +224,11 @@ def _build(ctx: BuildContext, variant: VariantSpec, plan: GpuPlan) -> Built:
     artifact = ctx.workdir / f"{variant.name}.pt2"
     shutil.copyfile(source, artifact)
     module = load_program(artifact)  # what is timed is what was saved
-    packed = pack_recurrent_weights(module)
+    try:
+        packed = pack_recurrent_weights(module)
+    except Exception as error:  # only a speed-up: without it cuDNN copies the weights on each call
+        notes.append(f"recurrent weights not packed for cuDNN ({root_cause(error)}): each call copies them")
+        packed = 0
     if packed:
         notes.append(f"packed the weights of {packed} recurrent op(s) into cuDNN's single buffer after loading "
                      "(as nn.LSTM.flatten_parameters does), so no call copies them")
