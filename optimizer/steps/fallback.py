@@ -29,6 +29,8 @@ def sensitivity_items(float_model: Path) -> int:
     from optimizer.artifacts import onnx_files
 
     return LARGE_MODEL_ITEMS if onnx_files.total_size(float_model) > LARGE_MODEL_BYTES else SENSITIVITY_ITEMS
+
+
 RANKING_KEPT = 20  # ranked nodes recorded in results.json
 SUFFIX = "+fallback"
 
