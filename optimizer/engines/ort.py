@@ -83,10 +83,13 @@ def preprocessed(ctx: BuildContext) -> Path:
         source, target = ort_source(ctx), ctx.workdir / "preprocessed.onnx"
         external = dict(save_as_external_data=ctx.external_data, all_tensors_to_one_file=True,
                         external_data_location=onnx_files.data_location(target))
-        try:
-            quant_pre_process(str(source), str(target), **external)
-        except Exception:  # symbolic shape inference gives up on some graphs; ONNX's own still helps
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=True, **external)
+        # Its symbolic shape inference writes temporary files (a 257 MB weights file for YOLOv4) into the
+        # working directory and leaves them there: run it inside the run's scratch folder.
+        with contextlib.chdir(ctx.workdir):
+            try:
+                quant_pre_process(str(source.resolve()), str(target.resolve()), **external)
+            except Exception:  # symbolic shape inference gives up on some graphs; ONNX's own still helps
+                quant_pre_process(str(source.resolve()), str(target.resolve()), skip_symbolic_shape=True, **external)
         ctx.cache["preprocessed"] = target
     return ctx.cache["preprocessed"]
 
