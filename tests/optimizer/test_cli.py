@@ -157,11 +157,13 @@ def test_worker_writes_summary_and_results(tmp_path):
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert summary["phase"] == "Succeeded" and summary["variants"][0]["name"] == "fp32"
     assert (tmp_path / "out" / "results.json").is_file()
+    # A zoo name that does not exist is refused with the spec (#23), before any work, naming the field.
     env["MLOPT_SPEC"] = json.dumps({**spec, "spec": {"model": {"source": "zoo:nope"}}})
     failed = subprocess.run([MLOPT, "worker"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert failed.returncode == 1
+    assert failed.returncode == 2
     summary = json.loads((tmp_path / "termination-log").read_text())
-    assert summary["phase"] == "Failed" and summary["reason"] == "ModelLoadFailed" and "nope" in summary["message"]
+    assert summary["phase"] == "Failed" and summary["reason"] == "InvalidSpec", summary
+    assert "model.source" in summary["message"] and "zoo:nope" in summary["message"], summary
 
 
 @pytest.mark.slow  # starts a real run
