@@ -564,11 +564,11 @@ class ControlPlane:
     def kubectl_json(self, *args: str) -> dict:
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 
-    def create_namespace(self, prefix: str = "test") -> str:
+    def create_namespace(self, prefix: str = "test", labels: dict[str, str] | None = None) -> str:
         """A fresh namespace whose `default` service account exists (pods can be admitted)."""
         name = f"{prefix}-{secrets.token_hex(3)}"
         self.api.request("POST", "/api/v1/namespaces",
-                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+                         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}})
         self._wait_default_service_account(name)
         return name
 
