@@ -202,6 +202,29 @@ def test_torchscript_transformer_exports_through_the_converter_at_its_declared_s
 
 
 @pytest.mark.slow
+def test_a_torchscript_transformer_with_dynamic_axes_runs_at_its_declared_shape_and_says_so(tmp_path):
+    """A trace records sizes as it saw them: neither route keeps batch and sequence dynamic. The run used to
+    end with exit 0 and no usable variant; now it is exported and optimized at the declared shape, with a note."""
+    _encoder_script(tmp_path, no_grad=False)
+    inputs = [{"name": "x", "shape": [1, 10, 8], "dynamicAxes": {0: "batch", 1: "sequence"}}]
+    spec = write_spec(tmp_path, {"model": {"source": "encoder.ts", "inputs": inputs},
+                                 "variants": [{"name": "onnx-fp32", "recipe": "onnx-fp32"},
+                                              {"name": "int8", "recipe": "ort-int8-dynamic"}],
+                                 "data": {"samples": 8}, "benchmark": QUICK})
+    done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [v["status"] for v in results["variants"]] == ["ok", "ok"], [v.get("error") for v in results["variants"]]
+    assert results["best"] in ("onnx-fp32", "int8")
+    assert results["model"]["inputs"][0]["shape"] == [1, 10, 8] and not results["model"]["inputs"][0]["dynamicAxes"]
+    attempts = results["model"]["exportAttempts"]
+    assert not attempts[0]["ok"] and attempts[-1]["ok"], attempts  # the dynamic try failed, the declared shape passed
+    note = " ".join(results["model"]["inputNotes"])
+    assert "dynamicAxes" in note and "declared shape only" in note
+    assert "dynamicAxes" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_torchscript_traced_under_no_grad_says_how_to_fix_it(tmp_path):
     _encoder_script(tmp_path, no_grad=True)
     spec = write_spec(tmp_path, {"model": {"source": "encoder.ts", "inputs": [{"name": "x", "shape": [1, 10, 8]}]},
