@@ -494,6 +494,8 @@ def write_report(results: Results, directory: Path) -> None:
 def _model_record(run: Run) -> dict:
     record = {"source": run.loaded.source, "format": run.loaded.format,
               "inputs": [spec.model_dump(mode="json") for spec in run.loaded.inputs]}
+    if run.loaded.carried_files:  # a server loads them beside the model it serves
+        record["carriedFiles"] = [f"models/{path.name}" for path in run.loaded.carried_files]
     if run.input_notes:
         record["inputNotes"] = run.input_notes
     if run.export:
