@@ -383,8 +383,9 @@ EVALUATION_CAP = 1024  # held-out items at most: each variant runs every one of 
 
 
 def argmax_decisions(output) -> int:
-    """The decisions agreement counts in one output: one per argmax over its last axis."""
-    return int(np.asarray(output).argmax(axis=-1).size)
+    """The decisions agreement counts in one output: one per argmax over its last axis (a scalar is one)."""
+    array = np.asarray(output)
+    return max(1, array.size // max(array.shape[-1], 1)) if array.ndim else 1
 
 
 def budget_decisions(acceptance) -> int:

@@ -270,3 +270,12 @@ def test_the_default_evaluation_split_is_sized_so_one_flip_is_a_quarter_of_the_b
     assert evaluation_items(AcceptanceSpec(**acceptance), per_item, samples) == items
     dataset = load_dataset("random", samples, [InputSpec(name="x", shape=[1, 4])], Path("."), evaluation=items)
     assert (len(dataset.calibration), len(dataset.evaluation)) == (samples // 2, items)
+
+
+def test_decisions_are_counted_per_argmax_of_the_first_output():
+    from optimizer.steps.data import argmax_decisions
+
+    assert argmax_decisions(np.zeros((1, 3))) == 1  # a classifier: one per sample
+    assert argmax_decisions(np.zeros((2, 32, 120))) == 64  # a language model: one per token
+    assert argmax_decisions(np.zeros((26, 1, 37))) == 26  # a CTC recognizer: one per time step
+    assert argmax_decisions(np.float32(0.5)) == 1  # a scalar output is one decision
