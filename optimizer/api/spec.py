@@ -179,7 +179,7 @@ class ModelSpec(_Strict):
     )
     format: ModelFormat = Field(
         ModelFormat.auto,
-        description="auto (from the file suffix; a local or pvc:// folder with config.json is huggingface), "
+        description="auto (from the file suffix; a local or pvc:// folder, or an s3:// prefix, with config.json is huggingface), "
         "torchscript, exported-program (.pt2), state-dict (.pt/.pth/.safetensors, needs entrypoint), onnx, or "
         "huggingface: a save_pretrained folder whose architecture transformers builds from config.json (never "
         "the folder's own code), weights from safetensors only; its inputs come from the model unless "
