@@ -210,7 +210,8 @@ def test_a_torchscript_transformer_with_dynamic_axes_runs_at_its_declared_shape_
     spec = write_spec(tmp_path, {"model": {"source": "encoder.ts", "inputs": inputs},
                                  "variants": [{"name": "onnx-fp32", "recipe": "onnx-fp32"},
                                               {"name": "int8", "recipe": "ort-int8-dynamic"}],
-                                 "data": {"samples": 8}, "benchmark": QUICK})
+                                 # 4 held-out items: a loose budget, so one flipped argmax does not reject INT8
+                                 "data": {"samples": 8}, "benchmark": QUICK, "acceptance": {"maxAccuracyDrop": 0.5}})
     done = mlopt("optimize", str(spec), "--output", str(tmp_path / "out"), "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())
