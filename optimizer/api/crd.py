@@ -122,9 +122,23 @@ _RULES: dict[str, list[dict[str, str]]] = {
             "set it to package.module:Class",
         },
         {
-            "rule": "self.source.startsWith('zoo:') || has(self.inputs)",
-            "message": "model.inputs is required for models outside the zoo, "
+            # spec.may_be_folder: a source without a file suffix may be a Hugging Face folder.
+            "rule": "self.source.startsWith('zoo:') || has(self.inputs) || "
+            "(has(self.format) && self.format == 'huggingface') || "
+            "(!self.source.startsWith('https://') && !self.source.matches('[.][A-Za-z0-9]+$'))",
+            "message": "model.inputs is required for models outside the zoo and Hugging Face folders, "
             "e.g. [{name: image, shape: [1, 3, 224, 224]}]",
+        },
+        {
+            "rule": "!has(self.format) || self.format != 'huggingface' || !has(self.entrypoint)",
+            "message": "format huggingface builds the architecture from the folder's config.json: "
+            "remove model.entrypoint",
+        },
+        {
+            "rule": "!has(self.format) || self.format != 'huggingface' || "
+            "(!self.source.startsWith('https://') && !self.source.matches('[.][A-Za-z0-9]+$'))",
+            "message": "format huggingface needs model.source to name a save_pretrained folder (a path, file://, "
+            "pvc:// or s3:// prefix without a trailing /), not a file in it",
         },
     ],
     "InputSpec": [

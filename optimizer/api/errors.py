@@ -15,6 +15,14 @@ class ModelLoadError(OptimizationError):
     reason = "ModelLoadFailed"
 
 
+class ModelRefusedError(ModelLoadError):
+    """model.source is a model mlopt will not load as it is (its own Python code, pickled weights, no
+    model in the folder): the user changes the spec or the model, so it exits 2 like an invalid spec."""
+
+    reason = "InvalidSpec"
+    exit_code = 2
+
+
 class DataLoadError(OptimizationError, ValueError):
     """The data source cannot be used; the message names data.source and the fix."""
 

@@ -118,6 +118,21 @@ class VariantResult(_Record):
     calibrationOf: str | None = None  # compareCalibration: the spec variant this one was expanded from
 
 
+class EvaluationSize(_Record):
+    """What the accuracy verdict rests on: how many decisions, and what one flipped decision weighs."""
+
+    items: int  # held-out evaluation items (model calls)
+    decisions: int  # argmax decisions of the first output over them: what agreement and top-1 count
+    oneDecision: float  # the accuracy one flipped decision moves (1 / decisions)
+    budget: float | None = None  # the tightest accuracy budget, absolute
+    sizedFromBudget: bool = False  # data.samples unset: the held-out split was sized so one flip <= budget / 4
+
+
+def baseline_label(baseline: VariantResult) -> str:
+    """The baseline as a person reads it: PyTorch FP32, or the user's own ONNX model in ONNX Runtime."""
+    return "PyTorch FP32" if baseline.recipe == BASELINE_NAME else "your ONNX model in ONNX Runtime (FP32)"
+
+
 class StepTiming(_Record):
     step: str
     seconds: float
@@ -169,6 +184,7 @@ class Results(_Record):
     accuracyMetric: str
     accuracyBudget: dict[str, float | None] | None = None  # {maxAccuracyDrop, maxRelativeAccuracyDrop}
     dataset: str
+    evaluation: EvaluationSize | None = None
     baseline: VariantResult
     variants: list[VariantResult]
     best: str | None

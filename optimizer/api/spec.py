@@ -39,6 +39,17 @@ class ModelFormat(str, Enum):
     exported_program = "exported-program"
     state_dict = "state-dict"
     onnx = "onnx"
+    huggingface = "huggingface"
+
+
+# A source whose name ends in a file suffix (.onnx, .pt, ...) is one model file; one without may be a
+# Hugging Face save_pretrained folder, which brings its own inputs. The CRD's CEL rule says the same.
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z0-9]+$")
+
+
+def may_be_folder(source: str) -> bool:
+    """Whether model.source may name a Hugging Face folder (its inputs then come from its config)."""
+    return not source.startswith(("zoo:", "https://")) and not _FILE_SUFFIX.search(source)
 
 
 class Recipe(str, Enum):
@@ -161,14 +172,18 @@ class ModelSpec(_Strict):
     source: str = Field(
         description="Where the model comes from: zoo:<name> (see `mlopt models`), s3://bucket/key, "
         "pvc://claim/path (cluster), https://..., file://... or a local path. One object (no trailing /); "
-        "an ONNX model's external data files are fetched from beside it.",
+        "an ONNX model's external data files are fetched from beside it. A Hugging Face save_pretrained "
+        "folder (config.json, model.safetensors, tokenizer files) is named without a trailing / too.",
         min_length=1,
         max_length=uris.MAX_URI_LENGTH,
     )
     format: ModelFormat = Field(
         ModelFormat.auto,
-        description="auto (from the file suffix), torchscript, exported-program (.pt2), "
-        "state-dict (.pt/.pth/.safetensors, needs entrypoint) or onnx.",
+        description="auto (from the file suffix; a local or pvc:// folder, or an s3:// prefix, with config.json is huggingface), "
+        "torchscript, exported-program (.pt2), state-dict (.pt/.pth/.safetensors, needs entrypoint), onnx, or "
+        "huggingface: a save_pretrained folder whose architecture transformers builds from config.json (never "
+        "the folder's own code), weights from safetensors only; its inputs come from the model unless "
+        "model.inputs is set, and its config and tokenizer files are saved with the optimized models.",
     )
     entrypoint: str | None = Field(
         None,
@@ -192,7 +207,8 @@ class ModelSpec(_Strict):
     )
     inputs: list[InputSpec] | None = Field(
         None,
-        description="The model's inputs. Optional for zoo models (they declare their own).",
+        description="The model's inputs. Optional for zoo models and Hugging Face folders (they declare "
+        "their own; a folder's come from its forward signature and config, with dynamic batch and sequence).",
         min_length=1,
     )
     detection: DetectionSpec | None = Field(
@@ -219,11 +235,19 @@ class ModelSpec(_Strict):
                 f"entrypoint {self.entrypoint!r} must look like package.module:Class, with one name after the "
                 "colon (the class or function defined in that module)"
             )
-        if not self.source.startswith("zoo:") and not self.inputs:
+        huggingface = self.format == ModelFormat.huggingface.value
+        if not (self.source.startswith("zoo:") or self.inputs or huggingface or may_be_folder(self.source)):
             raise ValueError(
-                "model.inputs is required for models outside the zoo, e.g. "
+                "model.inputs is required for models outside the zoo and Hugging Face folders, e.g. "
                 "[{name: image, shape: [1, 3, 224, 224]}]"
             )
+        if huggingface and self.entrypoint:
+            raise ValueError("format huggingface builds the architecture from the folder's config.json: remove "
+                             "model.entrypoint")
+        if huggingface and not may_be_folder(self.source):
+            raise ValueError(f"format huggingface needs model.source to name a save_pretrained folder (a path, "
+                             f"file://, pvc:// or s3:// prefix without a trailing /), not {self.source!r}: name the "
+                             "folder, not a file in it (https:// cannot list a folder)")
         return self
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from optimizer.api.results import Results, VariantResult
+from optimizer.api.results import Results, VariantResult, baseline_label
 from optimizer.api.units import format_size
 
 MAX_BYTES = 4096
@@ -73,7 +73,8 @@ def success_summary(results: Results, location: str, output: str | None = None) 
     """output: where the run was stored (None: nowhere durable, said in the message)."""
     best = results.variant(results.best) if results.best else None
     message = (
-        f"best {best.name}: {best.speedup:.2f}x faster, {format_size(best.sizeBytes)}"
+        f"best {best.name}: {best.speedup:.2f}x faster than {baseline_label(results.baseline)}, "
+        f"{format_size(best.sizeBytes)}"
         if best and best.speedup and best.sizeBytes
         else results.bestReason
     )

@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -255,6 +256,19 @@ def _fetch_https(uri: str, target: Path, field: str, budget: Budget) -> str:
     return sink.digest.hexdigest()
 
 
+def _local(location: Location, field: str, base_dir: Path) -> Path:
+    path = pvc_path(location, field) if location.scheme == "pvc" else Path(location.key).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def local_path(uri: str, field: str, base_dir: Path) -> Path:
+    """The path a local path, file:// or pvc:// URI names (a file or a folder; it may not exist)."""
+    location = parse(uri, field)
+    if location.scheme not in ("file", "pvc"):
+        raise StorageError(f"{field}: {uri} is not a local path, file:// or pvc:// URI")
+    return _local(location, field, base_dir)
+
+
 def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str | None = None,
           pin_field: str = "sha256", storage=None, into: Path | None = None, budget: Budget | None = None) -> Path:
     """The local file behind `uri`: a local or pvc:// path as it is, a remote object downloaded to
@@ -265,8 +279,7 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
     location = _checked(uris.one_object, uri, field)
     budget = budget or Budget(max_bytes, field)
     if location.scheme in ("file", "pvc"):
-        path = pvc_path(location, field) if location.scheme == "pvc" else Path(location.key).expanduser()
-        path = path if path.is_absolute() else base_dir / path
+        path = _local(location, field, base_dir)
         if not path.is_file():
             raise StorageError(f"{field}: no file at {path}")
         budget.take(path.stat().st_size, str(path))
@@ -289,6 +302,45 @@ def fetch(uri: str, field: str, base_dir: Path, *, max_bytes: int, sha256: str |
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def fetch_folder(uri: str, field: str, wanted, *, budget: Budget, storage=None,
+                 marker: str | None = None) -> tuple[Path, list[str]] | None:
+    """An s3:// prefix (`uri` plus '/') as a local folder: the objects directly under it whose names
+    `wanted(name)` accepts, downloaded into a folder of their own under $MLOPT_CACHE/downloads within
+    `budget`; with the names of every object listed there (for the caller's refusals). None, and nothing
+    downloaded, when the prefix holds no object, or not the `marker` object."""
+    import shutil
+
+    import obstore
+
+    from optimizer.artifacts.cache import cache_dir
+
+    location = _checked(uris.one_object, uri, field)
+    if location.scheme != "s3":
+        raise StorageError(f"{field}: {uri} is not an s3:// prefix")
+    prefix = location.key + "/"
+    try:
+        listed = [meta for chunk in obstore.list(_store(location.container, S3Settings.of(storage)), prefix)
+                  for meta in chunk]
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        raise _explain(error, field, uri) from None
+    # Only plain names directly under the prefix: a key's rest never becomes a path outside the folder.
+    names = sorted(name for meta in listed if _PLAIN_NAME.match(name := meta["path"][len(prefix):]))
+    if not names or (marker is not None and marker not in names):
+        return None
+    folder = cache_dir("downloads", hashlib.sha256(uri.encode()).hexdigest()[:24]) / location.name
+    shutil.rmtree(folder, ignore_errors=True)  # an object may have changed or gone since the last run
+    folder.mkdir(parents=True)
+    for name in filter(wanted, names):
+        fetch(f"s3://{location.container}/{prefix}{name}", field, folder, max_bytes=budget.max_bytes,
+              storage=storage, into=folder / name, budget=budget)
+    return folder, names
 
 
 def fetch_beside(uri: str, names: list[str], field: str, local: Path, *, budget: Budget, storage=None) -> None:

@@ -205,30 +205,25 @@ def ort_int8_static(ctx: BuildContext, variant: VariantSpec) -> Built:
         notes.append(f"{', '.join(left)} stay FP32 in static QDQ; ort-int8-static-dynamic quantizes them dynamically")
     built = Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=options,
                   notes=notes + _mish_notes(ctx))
-    ctx.cache[_static_key(variant)] = built  # ort-int8-static-dynamic reuses it on a model without LSTM/GRU
+    # ort-int8-static-dynamic with the same options is this very model when it has no LSTM/GRU
+    ctx.cache[_static_key(variant)] = (variant.name, not left)
     return built
 
 
-def _reused_static(ctx: BuildContext, variant: VariantSpec, target: Path) -> Built | None:
-    """On a model without LSTM/GRU, static-dynamic is the static model: copy an identical build
-    instead of calibrating again (minutes on a 257 MB detector)."""
-    import shutil
-
-    earlier = ctx.cache.get(_static_key(variant))
-    if earlier is None or ctx.external_data or not earlier.artifact.exists() \
-            or set(op_counts(earlier.artifact)) & set(RECURRENT_OPS):
-        return None
-    shutil.copyfile(earlier.artifact, target)
-    notes = ["the model has no LSTM/GRU, so this equals ort-int8-static: its model was copied, not calibrated again"]
-    return Built(_runner(ctx, variant.name, target), target, parent="onnx-fp32", options=dict(earlier.options), notes=notes)
+def same_as_static(ctx: BuildContext, variant: VariantSpec) -> None:
+    """On a model without LSTM/GRU, static-dynamic is the static model: skip it (NotApplicable) when an
+    ort-int8-static variant with the same options was built, instead of building, timing and falling
+    back on the same model twice."""
+    name, no_recurrent = ctx.cache.get(_static_key(variant), (None, False))
+    if name is not None and no_recurrent:
+        raise NotApplicable(f"the model has no LSTM/GRU, so this is the same model as {name} (static INT8 with the "
+                            "same options): not built twice")
 
 
 def ort_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     static_path = ctx.workdir / f"{variant.name}.static.onnx"
     target = ctx.workdir / f"{variant.name}.onnx"
-    reused = _reused_static(ctx, variant, target)
-    if reused is not None:
-        return reused
+    same_as_static(ctx, variant)
     options = _static(ctx, variant, static_path)
     recurrent = sorted(set(op_counts(static_path)) & set(RECURRENT_OPS))
     notes = []

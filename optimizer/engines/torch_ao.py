@@ -129,13 +129,27 @@ def torch_int8_static(ctx: BuildContext, variant: VariantSpec) -> Built:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = _static(ctx, module)
-    return _built(ctx, variant, quantized, {"mode": "fx", "qconfig": f"default {ENGINE}"})
+    built = _built(ctx, variant, quantized, {"mode": "fx", "qconfig": f"default {ENGINE}"})
+    ctx.cache[STATIC_BUILT] = variant.name  # torch-int8-static-dynamic is this model when there is no LSTM/GRU
+    return built
+
+
+STATIC_BUILT = "torch-int8-static built"
+
+
+def _recurrent(module) -> bool:
+    import torch
+
+    return any(isinstance(m, (torch.nn.LSTM, torch.nn.GRU)) for m in module.modules())
 
 
 def torch_int8_static_dynamic(ctx: BuildContext, variant: VariantSpec) -> Built:
     import torch
     from torch.ao.quantization import quantize_dynamic
 
+    if ctx.cache.get(STATIC_BUILT) and ctx.loaded.module is not None and not _recurrent(ctx.loaded.module):
+        raise NotApplicable(f"the model has no LSTM/GRU, so this is the same model as {ctx.cache[STATIC_BUILT]}: "
+                            "not built twice")
     module = _require_eager(ctx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

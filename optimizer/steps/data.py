@@ -3,7 +3,9 @@
 An item is one model call's inputs: input name → array with the InputSpec's shape, so a batch of
 shape[0] samples. Sources (`data.source`):
 - `random`: seeded values in each input's valueRange; `samples` items, half calibration, half
-  evaluation (different seeds); no labels.
+  evaluation (different seeds); no labels. When the spec leaves data.samples unset, the evaluation
+  half is sized from the accuracy budget instead (evaluation_items: one flip ≤ a quarter of it;
+  not for detectors or a zoo model that sets its own count).
 - `zoo:digits`: scikit-learn's bundled digits (8×8 grey images, 10 classes); calibration from the
   training split, evaluation on the whole test split so accuracy means something.
 - `zoo:textlines`: synthetic text lines ([batch, 1, 32, 100], optimizer/zoo/textlines.py) with
@@ -53,13 +55,15 @@ class Dataset:
     description: str
     calibration_labels: list[np.ndarray] | None = None  # per calibration item (QAT fine-tunes on them)
     boxes: list[np.ndarray] | None = None  # detectors: per evaluation item, [batch, max_boxes, 4]; `labels` are their classes
+    sized_from_budget: bool = False  # the evaluation split was sized from the accuracy budget (evaluation_items)
 
 
 def load_dataset(source: str, samples: int, inputs: Sequence[InputSpec], base_dir: Path, spec=None,
-                 storage=None) -> Dataset:
-    """spec: the DataSpec (size limit and sha256 pin for files); storage: spec.storage, for s3://."""
+                 storage=None, evaluation: int | None = None) -> Dataset:
+    """spec: the DataSpec (size limit and sha256 pin for files); storage: spec.storage, for s3://;
+    evaluation: the random source's held-out items, when sized from the accuracy budget."""
     if source == "random":
-        return _random(samples, inputs)
+        return _random(samples, inputs, evaluation)
     if source.startswith("zoo:"):
         return _zoo(source.removeprefix("zoo:"), samples, inputs)
     from optimizer.artifacts.storage import StorageError, fetch
@@ -87,9 +91,10 @@ def _random_items(count: int, inputs: Sequence[InputSpec], seed: int) -> list[di
     return [{spec.name: random_value(spec, rng) for spec in inputs} for _ in range(count)]
 
 
-def _random(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
+def _random(samples: int, inputs: Sequence[InputSpec], evaluation: int | None = None) -> Dataset:
+    """`evaluation`: items held out, when sized from the accuracy budget (evaluation_items); else half of samples."""
     calibration_count = max(1, samples // 2)
-    evaluation_count = max(1, samples - calibration_count)
+    evaluation_count = evaluation or max(1, samples - calibration_count)
     return Dataset(
         calibration=_random_items(calibration_count, inputs, RANDOM_SEEDS["calibration"]),
         evaluation=_random_items(evaluation_count, inputs, RANDOM_SEEDS["evaluation"]),
@@ -370,13 +375,70 @@ def _npz(path: Path, samples: int, inputs: Sequence[InputSpec], max_bytes: int) 
     )
 
 
+# One flipped decision (an argmax that changed) may cost at most this share of the accuracy budget, so a
+# sound variant is never rejected for one flip (a 32-item split made one flip 3.1 points against a 1-point
+# budget). The default budget (1 point) needs 400 decisions; a tighter one stops at the cap.
+FLIP_SHARE_OF_BUDGET = 0.25
+EVALUATION_CAP = 1024  # held-out items at most: each variant runs every one of them
+
+
+def argmax_decisions(output) -> int:
+    """The decisions agreement counts in one output: one per argmax over its last axis (a scalar is one)."""
+    array = np.asarray(output)
+    return max(1, array.size // max(array.shape[-1], 1)) if array.ndim else 1
+
+
+def budget_decisions(acceptance) -> int:
+    """Decisions the evaluation needs so one flip is at most FLIP_SHARE_OF_BUDGET of the tightest budget
+    (a relative budget taken as absolute: exact for agreement, whose FP32 value is 1)."""
+    budgets = [b for b in (acceptance.maxAccuracyDrop, acceptance.maxRelativeAccuracyDrop) if b is not None]
+    if not budgets or min(budgets) <= 0:
+        return EVALUATION_CAP
+    return math.ceil(1 / (FLIP_SHARE_OF_BUDGET * min(budgets)) - 1e-9)
+
+
+def evaluation_items(acceptance, per_item: int, samples: int) -> int:
+    """Held-out random items for the budget: enough decisions (`per_item` in each model call), at least
+    the half of `samples` it always was, at most EVALUATION_CAP."""
+    needed = math.ceil(budget_decisions(acceptance) / max(per_item, 1))
+    return max(samples - max(1, samples // 2), min(EVALUATION_CAP, needed))
+
+
+def _decisions_per_item(run: Run) -> int:
+    """Argmax decisions in one model call at the declared shapes: a classifier's batch, a sequence model's
+    batch x length (one FP32 call of the model as loaded)."""
+    from optimizer.engines.feeds import random_feed
+    from optimizer.engines.runners import TorchRunner
+    from optimizer.steps.export import onnx_source_runner
+
+    loaded = run.loaded
+    if loaded.onnx_path is not None:  # an ONNX Runtime that cannot run it is a load error, as in the export step
+        runner = onnx_source_runner(loaded.onnx_path, run.spec.spec.benchmark.threads, "cpu")
+    else:
+        runner = TorchRunner(loaded.module, [spec.name for spec in loaded.inputs])
+    return argmax_decisions(runner(random_feed(loaded.inputs))[0])
+
+
+def _sized_evaluation(run: Run, source: str, chosen: bool, samples: int) -> int | None:
+    """The random split's held-out items sized from the budget, or None to keep half of `samples`: the
+    user's data.samples is theirs to choose (the report says what it rests on), a zoo model's own count is
+    chosen for its cost, and a detector's verdict is box mAP, not argmaxes."""
+    if chosen or source != "random" or run.loaded.default_samples or run.loaded.detection is not None:
+        return None
+    return evaluation_items(run.spec.spec.acceptance, _decisions_per_item(run), samples)
+
+
 def data_step(run: Run) -> None:
     from optimizer.steps.select import resolve_metric
 
     data = run.spec.spec.data
     source = data.source if "source" in data.model_fields_set else run.loaded.default_data
-    samples = data.samples if "samples" in data.model_fields_set else (run.loaded.default_samples or data.samples)
-    run.dataset = load_dataset(source, samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage)
+    chosen = "samples" in data.model_fields_set
+    samples = data.samples if chosen else (run.loaded.default_samples or data.samples)
+    evaluation = _sized_evaluation(run, source, chosen, samples)
+    run.dataset = load_dataset(source, samples, run.loaded.inputs, run.base_dir, data, run.spec.spec.storage,
+                               evaluation)
+    run.dataset.sized_from_budget = evaluation is not None
     run.data_source = source
     run.reporter.log(f"data: {run.dataset.description}")
     labels = run.dataset.labels

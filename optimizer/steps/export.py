@@ -275,7 +275,7 @@ def _hint(error: BaseException, route: str, inputs: list[InputSpec]) -> str:
     return ""
 
 
-def _onnx_source_runner(path: Path, threads: int, device: str):
+def onnx_source_runner(path: Path, threads: int, device: str):
     """The user's ONNX model in ONNX Runtime. onnx's checker passes graphs this ONNX Runtime still
     cannot run (an opset or IR version newer than it knows, an op it lacks): say so as a load error."""
     import onnxruntime as ort
@@ -292,21 +292,59 @@ def _onnx_source_runner(path: Path, threads: int, device: str):
                              "export it at an opset this version supports (or use a newer onnxruntime)") from None
 
 
+def _static_retry(module, inputs: list[InputSpec]) -> list[InputSpec] | None:
+    """A TorchScript trace with declared dynamicAxes: the inputs at the declared shape only, to export again
+    when no route kept the axes dynamic (a trace records sizes as it saw them, so the converter cannot make
+    an axis dynamic and the legacy export fails the parity check at the second shape); None otherwise."""
+    import torch
+
+    if not isinstance(module, torch.jit.ScriptModule) or not any(spec.dynamicAxes for spec in inputs):
+        return None
+    return [spec.model_copy(update={"dynamicAxes": {}}) for spec in inputs]
+
+
+def _static_note(inputs: list[InputSpec]) -> str:
+    axes = "; ".join(f"{spec.name} {dict(spec.dynamicAxes)}" for spec in inputs if spec.dynamicAxes)
+    shapes = ", ".join(f"{spec.name}={list(spec.shape)}" for spec in inputs)
+    return (f"the TorchScript trace could not be exported with the declared dynamicAxes ({axes}), so it was exported, "
+            f"verified and timed at the declared shape only ({shapes}): the ONNX variants accept that shape alone. "
+            "To keep the axes dynamic, give the state_dict with model.entrypoint or a .pt2 exported with a dynamic Dim")
+
+
 def export_step(run: Run) -> None:
     """The PyTorch baseline's runner, and its ONNX export checked for parity (an ONNX source is its own baseline)."""
     from optimizer.engines.runners import TorchRunner
 
     threads = run.spec.spec.benchmark.threads
     if run.loaded.onnx_path is not None:
-        run.baseline_runner = _onnx_source_runner(run.loaded.onnx_path, threads, run.spec.spec.benchmark.device)
+        run.baseline_runner = onnx_source_runner(run.loaded.onnx_path, threads, run.spec.spec.benchmark.device)
         return
     names = [spec.name for spec in run.loaded.inputs]
     run.baseline_runner = TorchRunner(run.loaded.module, names, device=run.spec.spec.benchmark.device)
     cpu_reference = TorchRunner(run.loaded.module, names)
+    detection = run.loaded.detection
+
+    def export(inputs: list[InputSpec]) -> ExportResult:
+        return export_onnx(cpu_reference, inputs, run.spec.spec.export, run.scratch, threads,
+                           scaled=(detection.boxesOutput,) if detection else (), log=run.reporter.log)
+
     try:
-        detection = run.loaded.detection
-        run.export = export_onnx(cpu_reference, run.loaded.inputs, run.spec.spec.export, run.scratch, threads,
-                                 scaled=(detection.boxesOutput,) if detection else (), log=run.reporter.log)
+        try:
+            run.export = export(run.loaded.inputs)
+        except ExportError as error:
+            static = _static_retry(run.loaded.module, run.loaded.inputs)
+            if static is None:
+                raise
+            run.reporter.log(f"ONNX export with dynamic axes failed ({error}); exporting at the declared shape …")
+            try:
+                run.export = export(static)
+            except ExportError as second:
+                raise ExportError(f"{error} | at the declared shape: {second}", error.attempts + second.attempts) from None
+            note = _static_note(run.loaded.inputs)
+            run.export.attempts = error.attempts + run.export.attempts
+            run.export.notes.append(note)
+            run.input_notes.append(note)
+            run.loaded.inputs = static  # every later step (variants, benchmark, scaling) sees the shape that was exported
         run.export_attempts = run.export.attempts
         run.reporter.log(f"exported with {ROUTES[run.export.exporter]}; parity checked at "
                          + " and ".join(str(s) for s in run.export.checked_shapes))

@@ -6,10 +6,10 @@ import importlib
 import inspect
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from optimizer.api.errors import ModelLoadError, OptimizationError
+from optimizer.api.errors import InputMismatchError, ModelLoadError, ModelRefusedError, OptimizationError
 from optimizer.api.spec import DetectionSpec, InputSpec, ModelSpec
 from optimizer.steps.run import Run
 
@@ -17,7 +17,7 @@ from optimizer.steps.run import Run
 @dataclass
 class LoadedModel:
     source: str
-    format: str  # zoo | torchscript | exported-program | state-dict | onnx
+    format: str  # zoo | torchscript | exported-program | state-dict | onnx | huggingface
     inputs: list[InputSpec]
     module: object | None = None  # torch.nn.Module (or ScriptModule); None for ONNX sources
     onnx_path: Path | None = None  # set for ONNX sources
@@ -26,11 +26,12 @@ class LoadedModel:
     metric: str = "agreement"
     detection: DetectionSpec | None = None  # model.detection, or the zoo detector's own
     default_samples: int | None = None  # the zoo model's data.samples when the spec sets none
+    carried_files: list[Path] = field(default_factory=list)  # a Hugging Face folder's config and tokenizer files
 
     @property
     def is_eager(self) -> bool:
         """PyTorch quantization recipes need the model's Python class (an eager nn.Module)."""
-        return self.format in ("zoo", "state-dict")
+        return self.format in ("zoo", "state-dict", "huggingface")
 
 
 def resolve_source(spec: ModelSpec, base_dir: Path, storage=None, budget=None) -> Path:
@@ -151,13 +152,79 @@ def _build_entrypoint(entrypoint: str, arguments: dict, base_dir: Path):
         raise ModelLoadError(f"model.arguments do not fit {entrypoint}: {error}") from None
 
 
+def _huggingface_folder(spec: ModelSpec, base_dir: Path, storage, budget) -> tuple[Path, list[str] | None] | None:
+    """The save_pretrained folder model.source names (a local or pvc:// folder, or an s3:// prefix fetched
+    into the cache), with the names an s3:// prefix listed; None for a single model file."""
+    from optimizer.api.spec import may_be_folder
+    from optimizer.artifacts import huggingface
+    from optimizer.artifacts.storage import StorageError, fetch_folder, local_path
+
+    declared = spec.format == "huggingface"
+    if spec.format not in ("auto", "huggingface") or not (declared or may_be_folder(spec.source)):
+        return None
+    try:
+        if spec.source.startswith("s3://"):
+            fetched = fetch_folder(spec.source, "model.source", huggingface.wanted, budget=budget, storage=storage,
+                                   marker=None if declared else huggingface.CONFIG)
+            if fetched is not None:
+                return fetched
+            if declared:
+                raise ModelRefusedError(f"model.source: no object under {spec.source}/, so it is no save_pretrained "
+                                        "folder; upload the folder's files there (config.json, model.safetensors)")
+            return None
+        path = local_path(spec.source, "model.source", base_dir)
+    except StorageError as error:
+        raise ModelLoadError(str(error)) from None
+    return (path, None) if declared or huggingface.is_folder(path) else None
+
+
+def _pin(spec: ModelSpec, weights: Path) -> None:
+    """model.sha256 against a folder's model.safetensors."""
+    from optimizer.artifacts.storage import StorageError, fetch
+
+    try:
+        fetch(str(weights), "model.source", weights.parent, max_bytes=spec.maxSizeMB * 1024 * 1024,
+              sha256=spec.sha256, pin_field="model.sha256")
+    except StorageError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def _load_huggingface(spec: ModelSpec, folder: Path, names: list[str] | None, budget) -> LoadedModel:
+    """A save_pretrained folder: refused before transformers runs when it needs remote code or holds only
+    pickles; then built from config.json with its safetensors weights. `names`: an s3:// prefix's listing
+    (its wanted files were fetched within `budget`)."""
+    from optimizer.artifacts import huggingface
+
+    config = huggingface.read_config(folder, names)
+    weights, carried = huggingface.weight_files(folder), huggingface.carried_files(folder)
+    if names is None:  # a local folder: counted here; a fetched one was counted on the way in
+        for path in [*weights, *carried]:
+            budget.take(path.stat().st_size, str(path))
+    if spec.sha256:
+        if len(weights) != 1:
+            raise ModelRefusedError(f"model.sha256 pins one file, but {folder} keeps its weights in {len(weights)} "
+                                    "shards; remove model.sha256")
+        _pin(spec, weights[0])
+    model = huggingface.load_model(folder, config)
+    inputs = list(spec.inputs or huggingface.derived_inputs(model))
+    return LoadedModel(source=spec.source, format="huggingface", inputs=inputs, detection=spec.detection,
+                       module=huggingface.forward_module(model, inputs), carried_files=carried)
+
+
 def _load_file(spec: ModelSpec, base_dir: Path, storage=None) -> LoadedModel:
     import torch
 
     from optimizer.artifacts.storage import Budget
 
     budget = Budget(spec.maxSizeMB * 1024 * 1024, "model.source")  # the model and its external data together
+    folder = _huggingface_folder(spec, base_dir, storage, budget)
+    if folder is not None:
+        return _load_huggingface(spec, *folder, budget)
     path = resolve_source(spec, base_dir, storage, budget)
+    if not spec.inputs:  # the spec let it through as a possible folder (spec.may_be_folder)
+        raise InputMismatchError(
+            f"spec.model.inputs: {spec.source} is one model file, not a Hugging Face folder, so mlopt cannot tell "
+            "its inputs: set model.inputs, e.g. [{name: image, shape: [1, 3, 224, 224]}]")
     fmt = spec.format if spec.format != "auto" else detect_format(path)
     loaded = LoadedModel(source=spec.source, format=fmt, inputs=list(spec.inputs or []), detection=spec.detection)
     if fmt == "onnx":

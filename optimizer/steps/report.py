@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from optimizer.api.results import Results, VariantResult
+from optimizer.api.results import EvaluationSize, Results, VariantResult, baseline_label
+from optimizer.api.spec import DETECTION_METRICS
 from optimizer.api.units import box_cells, detection_columns, format_size, metric_label
+from optimizer.steps.data import FLIP_SHARE_OF_BUDGET, argmax_decisions
 from optimizer.steps.run import Run
 
 # The research note's two tables: conversion, then one column per quantization method.
@@ -43,14 +46,15 @@ def by_recipe(results: Results) -> dict[str, VariantResult]:
     return found
 
 
-def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResult], device: str) -> list[str]:
+def _columns_table(columns: list[tuple[str, str]], found: dict[str, VariantResult], device: str,
+                   baseline: str = "PyTorch FP32") -> list[str]:
     cells = [found.get(recipe) for _, recipe in columns]
     return [
         "| | " + " | ".join(title for title, _ in columns) + " |",
         "|---|" + "---:|" * len(columns),
         "| model file | " + " | ".join(size_mb(c) for c in cells) + " |",
         f"| {device.upper()} inference | " + " | ".join(mean_std(c) for c in cells) + " |",
-        "| speedup vs PyTorch FP32 | " + " | ".join("—" if c is None or c.speedup is None else f"{c.speedup:.2f}x" for c in cells) + " |",
+        f"| speedup vs {baseline} | " + " | ".join("—" if c is None or c.speedup is None else f"{c.speedup:.2f}x" for c in cells) + " |",
     ]
 
 
@@ -99,7 +103,30 @@ def _budget(results: Results) -> str:
         parts.append(f"at most {budget['maxRelativeAccuracyDrop']:.2%} of FP32's accuracy lost")
     fp32 = _fmt(results.baseline.accuracy, "{:.2%}")
     return (f"FP32 {metric_label(results.accuracyMetric)}: {fp32}; budget: "
-            + (" and ".join(parts) or "none") + ".")
+            + (" and ".join(parts) or "none") + "." + _decisions(results))
+
+
+def _decisions(results: Results) -> str:
+    """How sure the verdict is: the decisions it rests on, and what one flip weighs against the budget."""
+    size = results.evaluation
+    if size is None:
+        return ""
+    text = (f" The verdict rests on {size.decisions:,} decisions (the argmax of the first output over "
+            f"{size.items:,} held-out items): one flipped decision moves the accuracy by {size.oneDecision * 100:.2f} "
+            "points")
+    if size.budget:
+        text += f", {size.oneDecision / size.budget:.0%} of the budget"
+    if size.sizedFromBudget:
+        text += " (the split was sized from the budget)"
+    if size.budget and size.decisions:  # the normal approximation of a binomial proportion at the budget's drop
+        margin = 1.96 * math.sqrt(size.budget * (1 - size.budget) / size.decisions)
+        text += (f"; a drop measured at the budget is known to ±{margin * 100:.2f} points (95% interval), so "
+                 "a variant this close to the limit is a judgement call")
+    if size.budget is not None and size.oneDecision > FLIP_SHARE_OF_BUDGET * size.budget:
+        text += (f". **One flip is more than {FLIP_SHARE_OF_BUDGET:.0%} of the budget, so a sound variant can be "
+                 "rejected (or a poor one kept) on a single decision**: give more evaluation data (data.samples, or "
+                 "leave it unset to size the split from the budget)")
+    return text + "."
 
 
 def fallback_section(results: Results) -> list[str]:
@@ -366,13 +393,14 @@ def markdown(results: Results) -> str:
         "",
         "## ONNX conversion",
         "",
-        *_columns_table(CONVERSION, found, device),
+        *_columns_table(CONVERSION, found, device, baseline_label(results.baseline)),
         "",
     ]
     for runtime, columns in QUANTIZATION.items():
         if runtime in OPTIONAL_TABLES and not any(recipe in found for _, recipe in columns):
             continue
-        out += [f"## Quantization with {runtime}", "", *_columns_table(columns, found, device), ""]
+        out += [f"## Quantization with {runtime}", "",
+                *_columns_table(columns, found, device, baseline_label(results.baseline)), ""]
     out += [
         "## All variants",
         "",
@@ -444,7 +472,7 @@ def charts(results: Results, directory: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
         bars = ax.bar(names, values, yerr=errors, color=colors, capsize=3)
         ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], padding=2, fontsize=8)
-        ax.axhline(values[0], color="#e63946", linestyle="--", linewidth=1, label="PyTorch FP32 baseline")
+        ax.axhline(values[0], color="#e63946", linestyle="--", linewidth=1, label=f"baseline: {baseline_label(results.baseline)}")
         ax.set_title(f"{results.name}: {title}")
         ax.set_ylabel(unit)
         ax.legend(loc="upper right", fontsize=8)
@@ -466,6 +494,8 @@ def write_report(results: Results, directory: Path) -> None:
 def _model_record(run: Run) -> dict:
     record = {"source": run.loaded.source, "format": run.loaded.format,
               "inputs": [spec.model_dump(mode="json") for spec in run.loaded.inputs]}
+    if run.loaded.carried_files:  # a server loads them beside the model it serves
+        record["carriedFiles"] = [f"models/{path.name}" for path in run.loaded.carried_files]
     if run.input_notes:
         record["inputNotes"] = run.input_notes
     if run.export:
@@ -478,6 +508,17 @@ def _model_record(run: Run) -> dict:
     return record
 
 
+def evaluation_size(run: Run) -> EvaluationSize | None:
+    """How many argmax decisions of the FP32 reference's first output the accuracy verdict rests on."""
+    if not run.reference or run.metric in DETECTION_METRICS:  # a detector's verdict is box mAP, not argmaxes
+        return None
+    decisions = sum(argmax_decisions(outputs[0]) for outputs in run.reference if outputs)
+    acceptance = run.spec.spec.acceptance
+    budgets = [b for b in (acceptance.maxAccuracyDrop, acceptance.maxRelativeAccuracyDrop) if b is not None]
+    return EvaluationSize(items=len(run.reference), decisions=decisions, oneDecision=1 / max(decisions, 1),
+                          budget=min(budgets) if budgets else None, sizedFromBudget=run.dataset.sized_from_budget)
+
+
 def report_step(run: Run) -> None:
     """Assemble results.json's record from the run, and write report.md and the charts beside it."""
     spec = run.spec
@@ -485,7 +526,7 @@ def report_step(run: Run) -> None:
         name=spec.metadata.name, model=_model_record(run), accuracyMetric=run.metric,
         accuracyBudget={"maxAccuracyDrop": spec.spec.acceptance.maxAccuracyDrop,
                         "maxRelativeAccuracyDrop": spec.spec.acceptance.maxRelativeAccuracyDrop},
-        dataset=run.dataset.description,
+        dataset=run.dataset.description, evaluation=evaluation_size(run),
         baseline=run.baseline, variants=list(run.results.values()), best=run.best, bestReason=run.best_reason,
         environment=run.env, analysis=run.analysis, steps=run.steps, warnings=run.warnings.lines(),
     )

@@ -6,7 +6,7 @@ A variant slower than the baseline is never picked, and its notes say why we thi
 from __future__ import annotations
 
 from optimizer.api.errors import DataLoadError
-from optimizer.api.results import VariantResult, VariantStatus
+from optimizer.api.results import VariantResult, VariantStatus, baseline_label
 from optimizer.api.spec import BOX_LABEL_METRICS, DETECTION_METRICS, LABELLED_METRICS, SEQUENCE_METRICS
 from optimizer.api.units import format_size
 from optimizer.measure.hardware import VNNI_FLAGS
@@ -146,10 +146,10 @@ def pick_best(variants: list[VariantResult], baseline: VariantResult) -> tuple[s
     if not faster:
         if not qualified:
             return None, "no variant was built and within the accuracy budget; every measured variant is kept in the results"
-        return None, "no variant within the accuracy budget is faster than the PyTorch FP32 baseline"
+        return None, f"no variant within the accuracy budget is faster than the baseline ({baseline_label(baseline)})"
     best = min(faster, key=lambda v: v.latencyMs.mean)
     return best.name, (f"fastest variant within the accuracy budget: {best.speedup:.2f}x faster than "
-                       f"PyTorch FP32 at {format_size(best.sizeBytes)}")
+                       f"{baseline_label(baseline)} at {format_size(best.sizeBytes)}")
 
 
 def select_step(run: Run) -> None:

@@ -118,6 +118,8 @@ def variants_step(run: Run) -> None:
     run.context, recipes = build_context(run), registry()
     models_dir = run.staging / "models"
     models_dir.mkdir()
+    for path in run.loaded.carried_files:  # a Hugging Face folder's config and tokenizer, beside every variant
+        shutil.copyfile(path, models_dir / path.name)
     variants = planned_variants(run)
     for index, variant in enumerate(variants, 1):
         run.reporter.log(f"[{index}/{len(variants)}] building {variant.name} ({variant.recipe})")

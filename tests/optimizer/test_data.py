@@ -253,3 +253,29 @@ def test_an_array_header_that_claims_more_than_max_size_is_refused_before_numpy_
         archive.writestr("image.npy", member.getvalue())
     with pytest.raises(DataError, match=r"arrays in liar.npz declare 256 MB in their headers .*over data.maxSizeMB"):
         load_dataset("liar.npz", 8, [IMAGE], tmp_path, DataSpec(source="liar.npz", maxSizeMB=1))
+
+
+@pytest.mark.parametrize(("acceptance", "per_item", "samples", "items"), [
+    ({}, 1, 64, 400),  # the default 1-point budget: one flip is 0.25 points
+    ({}, 8, 64, 50),  # 8 decisions per call (a batch of 8, or a sequence of 8 tokens)
+    ({}, 32, 64, 32),  # a sequence model has its 400 decisions in the half of samples it always had
+    ({"maxAccuracyDrop": 0.2}, 1, 64, 32),  # a loose budget keeps the half of samples it always had
+    ({"maxAccuracyDrop": 0.01, "maxRelativeAccuracyDrop": 0.005}, 1, 64, 800),  # the tighter budget decides
+    ({"maxAccuracyDrop": 0.0}, 1, 64, 1024),  # no loss allowed at all: the cap
+])
+def test_the_default_evaluation_split_is_sized_so_one_flip_is_a_quarter_of_the_budget(acceptance, per_item, samples, items):
+    from optimizer.api.spec import AcceptanceSpec
+    from optimizer.steps.data import evaluation_items
+
+    assert evaluation_items(AcceptanceSpec(**acceptance), per_item, samples) == items
+    dataset = load_dataset("random", samples, [InputSpec(name="x", shape=[1, 4])], Path("."), evaluation=items)
+    assert (len(dataset.calibration), len(dataset.evaluation)) == (samples // 2, items)
+
+
+def test_decisions_are_counted_per_argmax_of_the_first_output():
+    from optimizer.steps.data import argmax_decisions
+
+    assert argmax_decisions(np.zeros((1, 3))) == 1  # a classifier: one per sample
+    assert argmax_decisions(np.zeros((2, 32, 120))) == 64  # a language model: one per token
+    assert argmax_decisions(np.zeros((26, 1, 37))) == 26  # a CTC recognizer: one per time step
+    assert argmax_decisions(np.float32(0.5)) == 1  # a scalar output is one decision

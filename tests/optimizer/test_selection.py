@@ -40,7 +40,15 @@ def test_variant_slower_than_baseline_is_never_best_and_is_explained():
     assert any("ConvInteger ×7" in n for n in dyn.notes)
     assert any(n.startswith("SLOWER") for n in fp32.notes)
     best, reason = pick_best(variants, baseline)
-    assert best is None and "faster than the PyTorch FP32 baseline" in reason
+    assert best is None and "faster than the baseline (PyTorch FP32)" in reason
+
+
+def test_the_reason_names_the_real_baseline_a_users_onnx_in_onnx_runtime():
+    source = variant("onnx-source-fp32", "onnx-source", 10.0)
+    fp32 = variant("onnx-fp32", "onnx-fp32", 5.0)
+    best, reason = pick_best(with_speedups(source, [fp32]), source)
+    assert best == "onnx-fp32" and "2.00x faster than your ONNX model in ONNX Runtime (FP32)" in reason
+    assert "PyTorch" not in reason
 
 
 def test_missing_vnni_is_named_as_the_reason():

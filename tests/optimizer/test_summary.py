@@ -26,6 +26,15 @@ def test_summary_carries_best_and_numbers(conv_lstm_run):
     assert {v["name"] for v in parsed["variants"]} == {v.name for v in results.variants}
 
 
+def test_the_message_names_the_real_baseline(conv_lstm_run):
+    results, output = conv_lstm_run
+    assert "faster than PyTorch FP32" in parse_summary(success_summary(results, str(output / "results.json")))["message"]
+    from_onnx = results.model_copy(deep=True)  # the user gave ONNX: it is its own baseline, in ONNX Runtime
+    from_onnx.baseline = results.baseline.model_copy(update={"name": "onnx-source-fp32", "recipe": "onnx-source"})
+    message = parse_summary(success_summary(from_onnx, str(output / "results.json")))["message"]
+    assert "faster than your ONNX model in ONNX Runtime (FP32)" in message and "PyTorch" not in message
+
+
 def test_failure_summary_and_non_summaries():
     parsed = parse_summary(failure_summary("ModelLoadFailed", "no file at /x.pt"))
     assert parsed == {"v": 1, "phase": "Failed", "reason": "ModelLoadFailed", "message": "no file at /x.pt"}
