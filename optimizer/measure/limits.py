@@ -294,6 +294,8 @@ def measure_limits(macs: int, by_type: dict[str, int], candidates: list[Candidat
     measured = fastest_until_stable(plan.calls, plan.totals, plan.drop, (OVERHEAD,), **stability)
     record = _record(plan, measured, macs, by_type, isa, threads, setup_s, 1, stability)
     if _beaten(record):
+        if openvino:
+            openvino.restart()  # its means cover the second attempt alone, as the other calls' fastest times do
         measured = _merge(measured, fastest_until_stable(plan.calls, plan.totals, plan.drop, (OVERHEAD,), **stability))
         record = _record(plan, measured, macs, by_type, isa, threads, setup_s, 2, stability)
     if best:

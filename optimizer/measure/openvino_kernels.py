@@ -30,8 +30,9 @@ INT8 = frozenset({"i8", "u8"})
 HALF = frozenset({"bf16", "f16"})
 
 
-BURST_SECONDS = 0.02  # back-to-back inferences per round: about this long, as the benchmark runs them
-MAX_BURST = 10
+BURST_SECONDS = 0.05  # back-to-back inferences per round: about this long, as the benchmark runs them; the
+# first of a burst, after the other calls of the round, runs from colder caches
+MAX_BURST = 20
 
 
 @dataclass
@@ -44,6 +45,7 @@ class OpenVinoKernels:
     exec_type: dict[str, str]  # node name -> the kernel that ran it
     precision: str  # int8 | bf16 | fp32, from the precisions the compute nodes ran at
     burst: int  # inferences per call
+    restart: Callable[[], None] = field(repr=False, default=lambda: None)  # the next call starts the means anew
 
 
 def precision_of(runtime_precisions) -> str:
@@ -99,7 +101,8 @@ def openvino_kernels(variant: str, runner, feed: dict, mean_ms: float) -> OpenVi
                       for name, mean in means.items()})
 
     return OpenVinoKernels(variant, run, {name: layer for name, (layer, _) in nodes.items()},
-                           {name: kernel for name, (_, kernel) in nodes.items()}, runtime_precision(compiled), burst)
+                           {name: kernel for name, (_, kernel) in nodes.items()}, runtime_precision(compiled), burst,
+                           lambda: state.update(start=None))
 
 
 def exec_types(kernels: OpenVinoKernels) -> dict[str, int]:

@@ -251,8 +251,8 @@ def _limits_table(c: dict) -> list[str]:
             f"{kernel} ×{n}" for kernel, n in row["execTypes"].items()) + ")" for layer, row in own["byType"].items())
         rows.append((f"at this model's shapes, OpenVINO's kernels ({own['variant']})", ms if own["precision"] != "int8" else "—",
                      ms if own["precision"] == "int8" else "—",
-                     f"{own['variant']}'s own compute nodes inside its inference, each at its fastest, timed by "
-                     f"OpenVINO's performance counters: {kernels}"))
+                     f"{own['variant']}'s own compute nodes inside its inferences, each node's mean over the rounds "
+                     f"(OpenVINO's performance counters keep only a mean), back-to-back bursts of {own['burst']}: {kernels}"))
     return ["| limit | FP32 | INT8 | what it is |", "|---|---:|---:|---|",
             *[f"| {name} | {fp32} | {int8} | {what} |" for name, fp32, int8, what in rows]]
 
