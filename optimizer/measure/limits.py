@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "int8")
 CLOCK = ("clock",)
 OVERHEAD = ("overhead",)  # one session.run of a graph that does nothing: subtracted from every kernel graph's time
 BEST = ("best",)
-OPENVINO = ("openvino",)  # one profiled inference of the best variant's OpenVINO model; its parts are its nodes
+OPENVINO = ("openvino",)  # a burst of profiled inferences of the best variant's OpenVINO model; its parts are its nodes
 LINES = ("atShapes", "peak", "physical")
 
 
@@ -179,7 +179,8 @@ def _at_shapes(plan: _Plan, measured: Fastest, threads: int) -> dict:
 
 
 def _openvino(plan: _Plan, measured: Fastest, threads: int) -> dict:
-    """The best variant's OpenVINO compute nodes at their fastest, per node type, and what ran them."""
+    """The best variant's OpenVINO compute nodes, each at its lowest mean over the rounds, per node
+    type, what ran them, and the profiled inference's own time per inference (fastest burst, mean)."""
     kernels, by_type = plan.openvino, {}
     walls = [seconds for seconds in measured.samples[OPENVINO] if seconds is not None]
     for node, seconds in plan.openvino_nodes(measured.fastest).items():
