@@ -275,8 +275,8 @@ def _measurement(c: dict) -> str:
 def _openvino_spread(own: dict | None) -> str:
     if not own or not own.get("spreadMs"):
         return ""
-    return (f" {own['variant']}'s OpenVINO compute nodes took {own['spreadMs'][0]:.2f}–{own['spreadMs'][1]:.2f} ms "
-            f"in one round (median {own['medianRoundMs']:.2f}).")
+    return (f" The sum of {own['variant']}'s OpenVINO compute nodes' means so far moved between "
+            f"{own['spreadMs'][0]:.2f} and {own['spreadMs'][1]:.2f} ms over the rounds (median {own['medianRoundMs']:.2f}).")
 
 
 def _best_against_limits(best: dict) -> str:
