@@ -22,6 +22,12 @@ MAX_ROUNDS = 400
 MAX_SECONDS = 30.0
 
 
+class Parts(dict):
+    """What a call that times its own parts returns: part -> seconds, from the runtime's own counters
+    (OpenVINO's per-node profiling). Each part is then recorded as a call of its own, keyed
+    (call's key, part), beside the call's wall time."""
+
+
 @dataclass
 class Fastest:
     """Per call: its fastest time (s), and every round's time (None once dropped); per watched
@@ -73,7 +79,8 @@ def fastest_until_stable(
     from the fastest times so far) has improved by at most `tolerance` over the last `patience`
     rounds, after at least `min_rounds`; `drop` may name calls that need no more timing (slower
     than another call that does the same work). A round's own totals use the fastest time so far of
-    the `shared` calls (a fixed cost the totals subtract), not that round's. `timer` is the clock."""
+    the `shared` calls (a fixed cost the totals subtract), not that round's. A call that returns
+    `Parts` has each part recorded too, keyed (its key, part). `timer` is the clock."""
     for call in calls.values():
         call()  # warm-up: first-run allocations, caches
     result = Fastest(fastest={key: float("inf") for key in calls}, samples={key: [] for key in calls},
@@ -81,15 +88,17 @@ def fastest_until_stable(
     active = list(calls)
     started = timer()
     while True:
-        for key in list(calls):
-            if key not in active:
-                result.samples[key].append(None)
-                continue
+        times: dict[Hashable, float] = {}
+        for key in active:
             start = timer()
-            calls[key]()
-            elapsed = timer() - start
-            result.samples[key].append(elapsed)
-            result.fastest[key] = min(result.fastest[key], elapsed)
+            value = calls[key]()
+            times[key] = timer() - start
+            if isinstance(value, Parts):
+                times.update({(key, part): seconds for part, seconds in value.items()})
+        for key, elapsed in times.items():
+            result.fastest[key] = min(result.fastest.get(key, float("inf")), elapsed)
+        for key in {**result.samples, **times}:  # a part first seen now has no time in earlier rounds
+            result.samples.setdefault(key, [None] * result.rounds).append(times.get(key))
         result.rounds += 1
         for name, value in totals(result.fastest).items():
             result.totals.setdefault(name, []).append(value)

@@ -4,6 +4,10 @@
   kernels of one precision, each run alone at the shapes and with the prepacked weights it has in
   the variant (kernels.py). A variant runs its kernels and more, so this is below every ONNX
   Runtime variant of that precision (a layer type one variant does not run as such counts 0).
+- at the model's shapes, OpenVINO's kernels (when the best variant runs on OpenVINO): its own
+  compiled model's compute nodes, timed by OpenVINO's performance counters inside profiled
+  inferences of it, each node's mean over the rounds (all the counters keep) summed
+  (openvino_kernels.py): below that variant's mean.
 - the kernels' peak: the MACs at the fastest rate ONNX Runtime's kernels of one precision reached
   here, on a large GEMM with constant weights or on any layer type at its own shapes, whichever is
   faster; so it is at or below the line above.
@@ -18,6 +22,7 @@ attempts kept; if it is still beaten, the record says so and no fraction is give
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -29,12 +34,14 @@ from optimizer.measure.compute import physical_limits
 from optimizer.measure.fastest import PATIENCE, TOLERANCE, Fastest, fastest_until_stable
 from optimizer.measure.kernels import (GEMM_SHAPE, KernelGraph, empty_run, gemm_macs, kernel_graphs, peak_gemms,
                                       precision_of)
+from optimizer.measure.openvino_kernels import OpenVinoKernels, exec_types
 
 DROP_SLOWER = 1.25  # a variant's kernels this much slower than another's for the same layer type stop being timed
 PRECISIONS = ("fp32", "int8")
 CLOCK = ("clock",)
 OVERHEAD = ("overhead",)  # one session.run of a graph that does nothing: subtracted from every kernel graph's time
 BEST = ("best",)
+OPENVINO = ("openvino",)  # a burst of profiled inferences of the best variant's OpenVINO model; its parts are its nodes
 LINES = ("atShapes", "peak", "physical")
 
 
@@ -61,7 +68,8 @@ class Best:
 class _Plan:
     """The calls of one measurement and how their fastest times make the limits."""
 
-    def __init__(self, graphs: list[KernelGraph], best: Best | None, threads: int):
+    def __init__(self, graphs: list[KernelGraph], best: Best | None, threads: int,
+                 openvino: OpenVinoKernels | None = None):
         self.graphs = {("kernels", g.variant, g.layer): g for g in graphs}
         ops: dict[str, list[str]] = {}
         for graph in graphs:
@@ -79,6 +87,13 @@ class _Plan:
             self.calls[CLOCK] = chain
         if best and best.call:
             self.calls[BEST] = best.call
+        self.openvino = openvino
+        if openvino:
+            self.calls[OPENVINO] = openvino.run
+
+    def openvino_nodes(self, times: dict) -> dict[str, float]:
+        """Each of the OpenVINO model's compute nodes timed in `times`: node -> seconds."""
+        return {node: times[(OPENVINO, node)] for node in self.openvino.layer_of if (OPENVINO, node) in times}
 
     @staticmethod
     def net(times: dict, key) -> float:
@@ -117,6 +132,8 @@ class _Plan:
         out.update({f"gemm.{p}": self.net(times, ("gemm", p)) for p in PRECISIONS if ("gemm", p) in times})
         if CLOCK in times:
             out["clock"] = times[CLOCK]
+        if self.openvino and self.openvino_nodes(times):
+            out["openvino"] = sum(self.openvino_nodes(times).values())
         return out
 
     def drop(self, fastest: dict) -> set:
@@ -128,8 +145,11 @@ class _Plan:
 
 def _merge(first: Fastest, second: Fastest) -> Fastest:
     """Two attempts as one: the fastest time of each call over both, every round of both."""
-    return Fastest(fastest={key: min(first.fastest[key], second.fastest[key]) for key in first.fastest},
-                   samples={key: first.samples[key] + second.samples[key] for key in first.samples},
+    never = float("inf")
+    return Fastest(fastest={key: min(first.fastest.get(key, never), second.fastest.get(key, never))
+                            for key in {**first.fastest, **second.fastest}},
+                   samples={key: first.samples.get(key, [None] * first.rounds) + second.samples.get(key, [None] * second.rounds)
+                            for key in {**first.samples, **second.samples}},
                    totals_of=first.totals_of, shared=first.shared,
                    totals={name: first.totals[name] + second.totals[name] for name in first.totals},
                    rounds=first.rounds + second.rounds, seconds=first.seconds + second.seconds, stable=second.stable)
@@ -158,6 +178,26 @@ def _at_shapes(plan: _Plan, measured: Fastest, threads: int) -> dict:
     return record
 
 
+def _openvino(plan: _Plan, measured: Fastest, threads: int) -> dict:
+    """The best variant's OpenVINO compute nodes, each at its lowest mean over the rounds, per node
+    type, what ran them, and the profiled inference's own time per inference (fastest burst, mean)."""
+    kernels, by_type = plan.openvino, {}
+    walls = [seconds for seconds in measured.samples[OPENVINO] if seconds is not None]
+    for node, seconds in plan.openvino_nodes(measured.fastest).items():
+        row = by_type.setdefault(kernels.layer_of[node], {"ms": 0.0, "nodes": 0, "execTypes": Counter()})
+        row["ms"] += seconds * 1000.0
+        row["nodes"] += 1
+        row["execTypes"][kernels.exec_type[node]] += 1
+    for row in by_type.values():
+        row["execTypes"] = dict(row["execTypes"].most_common())
+    return {"variant": kernels.variant, "kernels": "OpenVINO's", "precision": kernels.precision, "threads": threads,
+            "limitMs": sum(row["ms"] for row in by_type.values()), "byType": by_type, "execTypes": exec_types(kernels),
+            "spreadMs": [value * 1000.0 for value in measured.spread("openvino")] if by_type else None,
+            "medianRoundMs": measured.median("openvino") * 1000.0 if by_type else None,
+            "burst": kernels.burst, "profiledFastestMs": measured.fastest[OPENVINO] / kernels.burst * 1000.0,
+            "profiledMeanMs": statistics.mean(walls) / kernels.burst * 1000.0}
+
+
 def _peak(plan: _Plan, measured: Fastest, macs: int, by_type: dict[str, int], at_shapes: dict, threads: int) -> dict:
     m, k, n = GEMM_SHAPE
     record = {"gemm": f"{m}x{k}x{n}", "threads": threads}
@@ -180,6 +220,20 @@ def _peak(plan: _Plan, measured: Fastest, macs: int, by_type: dict[str, int], at
     return record
 
 
+def _limit_for(best: Best, line: str, lines: dict[str, dict]) -> tuple[float | None, str | None]:
+    """The limit of `line` that speaks for the best variant, and whose kernels it times (None for
+    the physical line, which is no runtime's)."""
+    own = lines.get("openvinoAtShapes")
+    if line == "atShapes" and own and own["variant"] == best.name:
+        return own["limitMs"] if own["byType"] else None, own["kernels"]
+    if line != "physical" and not best.onnxruntime:
+        return None, None  # ONNX Runtime's kernels say nothing about another runtime's
+    # A bf16/fp16 variant (OpenVINO's default precision on AMX or AVX-512 BF16) is bounded by the
+    # INT8 rate: in every ISA class it is at least the 16-bit one (AMX 1024 vs 512 MACs per cycle).
+    precision = "int8" if best.precision in ("bf16", "fp16") else best.precision
+    return lines[line].get(f"{precision}LimitMs"), None if line == "physical" else "ONNX Runtime's"
+
+
 def _best(best: Best, lines: dict[str, dict], measured: Fastest) -> dict:
     """The best variant against each limit line of its precision that speaks for it."""
     record = {"variant": best.name, "precision": best.precision, "onnxruntime": best.onnxruntime,
@@ -187,16 +241,12 @@ def _best(best: Best, lines: dict[str, dict], measured: Fastest) -> dict:
     if BEST in measured.fastest:
         record["fastestInRoundsMs"] = measured.fastest[BEST] * 1000.0
     for line in LINES:
-        if line != "physical" and not best.onnxruntime:
-            continue  # ONNX Runtime's kernels say nothing about another runtime's
-        # A bf16/fp16 variant (OpenVINO's default precision on AMX or AVX-512 BF16) is bounded by the
-        # INT8 rate: in every ISA class it is at least the 16-bit one (AMX 1024 vs 512 MACs per cycle).
-        precision = "int8" if best.precision in ("bf16", "fp16") else best.precision
-        limit = lines[line].get(f"{precision}LimitMs")
+        limit, kernels = _limit_for(best, line, lines)
         if limit is None:
             continue
         beaten = limit > best.mean_ms
-        record["lines"][line] = {"limitMs": limit, "beaten": beaten, "fraction": None if beaten else limit / best.mean_ms}
+        record["lines"][line] = {"limitMs": limit, "kernels": kernels, "beaten": beaten,
+                                 "fraction": None if beaten else limit / best.mean_ms}
     return record
 
 
@@ -207,6 +257,8 @@ def _record(plan: _Plan, measured: Fastest, macs: int, by_type: dict[str, int], 
     lines = {"atShapes": at_shapes, "peak": _peak(plan, measured, macs, by_type, at_shapes, threads),
              "physical": physical_limits(macs, isa, ghz, threads)}
     lines["physical"].update(clockMethod="dependent-add chain" if ghz else None, reportedClockGHz=clock.reported_ghz())
+    if plan.openvino:
+        lines["openvinoAtShapes"] = _openvino(plan, measured, threads)
     if ghz:
         lines["physical"]["clockSpreadGHz"] = sorted(clock.ghz_from_seconds(s) for s in measured.spread("clock"))
     record = {**lines, "measurement": {
@@ -228,8 +280,9 @@ def _beaten(record: dict) -> bool:
 
 
 def measure_limits(macs: int, by_type: dict[str, int], candidates: list[Candidate], feed: dict, threads: int,
-                   isa: str, best: Best | None = None, **stability) -> dict:
-    """Every limit line, measured in the same rounds; re-measured once if the best variant beats one."""
+                   isa: str, best: Best | None = None, openvino: OpenVinoKernels | None = None, **stability) -> dict:
+    """Every limit line, measured in the same rounds; re-measured once if the best variant beats one.
+    `openvino`: the best variant's own OpenVINO compute nodes, when it runs on OpenVINO."""
     started = time.perf_counter()
     graphs, skipped = [], []
     for candidate in candidates:
@@ -237,11 +290,13 @@ def measure_limits(macs: int, by_type: dict[str, int], candidates: list[Candidat
             graphs += kernel_graphs(candidate.name, candidate.optimized, feed, threads)
         except Exception as error:  # a graph whose nodes cannot run alone: its kernels are not timed
             skipped.append(f"{candidate.name}: {type(error).__name__}: {str(error).strip()[:200]}")
-    plan = _Plan(graphs, best, threads)
+    plan = _Plan(graphs, best, threads, openvino)
     setup_s = time.perf_counter() - started
     measured = fastest_until_stable(plan.calls, plan.totals, plan.drop, (OVERHEAD,), **stability)
     record = _record(plan, measured, macs, by_type, isa, threads, setup_s, 1, stability)
     if _beaten(record):
+        if openvino:
+            openvino.restart()  # its means cover the second attempt alone, as the other calls' fastest times do
         measured = _merge(measured, fastest_until_stable(plan.calls, plan.totals, plan.drop, (OVERHEAD,), **stability))
         record = _record(plan, measured, macs, by_type, isa, threads, setup_s, 2, stability)
     if best:

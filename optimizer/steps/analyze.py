@@ -4,20 +4,23 @@ variant's time goes by op type, a scaling table by batch and threads, and option
 from __future__ import annotations
 
 from optimizer.api.results import BASELINE_NAME, Analysis, VariantResult
-from optimizer.engines.runners import OrtRunner
+from optimizer.engines.runners import OpenVinoRunner, OrtRunner
 from optimizer.engines.feeds import random_feed
 from optimizer.measure.limits import Best, Candidate
+from optimizer.measure.openvino_kernels import OpenVinoKernels, openvino_kernels, runtime_precision
 from optimizer.steps.run import Run
 
 
 def _best(run: Run, best: VariantResult | None) -> Best | None:
-    """The best variant as the limits see it (its precision is read from its kernels when it runs
-    on ONNX Runtime; otherwise from its recipe)."""
+    """The best variant as the limits see it: its precision is read from what it runs (ONNX Runtime's
+    kernels in limits.py; OpenVINO's executed graph here), otherwise from its recipe."""
     if best is None or best.latencyMs is None:
         return None
     built = run.built.get(best.name)
     provider = best.provider or ""
     precision = "int8" if "int8" in best.recipe else "bf16" if "bf16" in provider or "f16" in provider else "fp32"
+    if built and isinstance(built.runner, OpenVinoRunner):
+        precision = runtime_precision(built.runner.compiled)  # openvino-ort-qdq runs INT8 whatever its name
     call = built.runner.bind(random_feed(run.loaded.inputs)) if built else None
     return Best(best.name, precision, best.runtime == "onnxruntime", best.latencyMs.mean, call)
 
@@ -32,6 +35,18 @@ def _candidates(run: Run) -> list[Candidate]:
     return found
 
 
+def _openvino(run: Run, best: Best | None, notes: list[str]) -> OpenVinoKernels | None:
+    """The best variant's own OpenVINO compute nodes, profiled, when it runs on OpenVINO."""
+    built = run.built.get(best.name) if best else None
+    if not (built and isinstance(built.runner, OpenVinoRunner)):
+        return None
+    try:
+        return openvino_kernels(best.name, built.runner, random_feed(run.loaded.inputs), best.mean_ms)
+    except Exception as error:  # e.g. a plugin without performance counters: no OpenVINO at-shape line
+        notes.append(f"OpenVINO's kernels not timed for {best.name}: {type(error).__name__}: {str(error).strip()[:200]}")
+        return None
+
+
 def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | None:
     from optimizer.measure.compute import count_products, macs_by_type
     from optimizer.measure.hardware import isa_class
@@ -44,9 +59,12 @@ def _compute(run: Run, best: VariantResult | None, flags: list[str]) -> dict | N
         return None
     by_type = macs_by_type(products)
     macs = sum(by_type.values())
+    limit_best, notes = _best(run, best), []
     with run.reporter.task("measuring the limits (kernels alone, peak, clock) until stable", 1):
         limits = measure_limits(macs, by_type, _candidates(run), random_feed(run.loaded.inputs),
-                                run.spec.spec.benchmark.threads, isa_class(flags), _best(run, best))
+                                run.spec.spec.benchmark.threads, isa_class(flags), limit_best,
+                                _openvino(run, limit_best, notes))
+    limits["notes"] += notes
     return {"macs": macs, "byType": by_type, **limits}
 
 

@@ -271,6 +271,15 @@ def _limits_table(c: dict) -> list[str]:
          f"own cost ({at_shapes.get('runOverheadMs', 0.0) * 1000:.0f} µs, timed on an empty graph): FP32 "
          f"{_kernel_sources(at_shapes, 'fp32')}; INT8 {_kernel_sources(at_shapes, 'int8')}"),
     ]
+    own = c.get("openvinoAtShapes")
+    if own and own["byType"]:
+        ms = f"{own['limitMs']:.2f} ({own['precision'].upper()})"
+        kernels = "; ".join(f"{layer} ×{row['nodes']} {row['ms']:.2f} ms (" + ", ".join(
+            f"{kernel} ×{n}" for kernel, n in row["execTypes"].items()) + ")" for layer, row in own["byType"].items())
+        rows.append((f"at this model's shapes, OpenVINO's kernels ({own['variant']})", ms if own["precision"] != "int8" else "—",
+                     ms if own["precision"] == "int8" else "—",
+                     f"{own['variant']}'s own compute nodes inside its inferences, each node's mean over the rounds "
+                     f"(OpenVINO's performance counters keep only a mean), back-to-back bursts of {own['burst']}: {kernels}"))
     return ["| limit | FP32 | INT8 | what it is |", "|---|---:|---:|---|",
             *[f"| {name} | {fp32} | {int8} | {what} |" for name, fp32, int8, what in rows]]
 
@@ -286,7 +295,15 @@ def _measurement(c: dict) -> str:
     return (f"The limits were measured right after the benchmark, in {m['rounds']} interleaved rounds "
             f"({m['seconds']:.1f} s, plus {m['setupSeconds']:.1f} s to set up), {settled}{again}. Each is the fastest "
             "time seen of each kernel (noise only slows a run)"
-            + (f"; one round's kernels at the model's shapes took {' and '.join(spreads)}." if spreads else "."))
+            + (f"; one round's kernels at the model's shapes took {' and '.join(spreads)}." if spreads else ".")
+            + _openvino_spread(c.get("openvinoAtShapes")))
+
+
+def _openvino_spread(own: dict | None) -> str:
+    if not own or not own.get("spreadMs"):
+        return ""
+    return (f" The sum of {own['variant']}'s OpenVINO compute nodes' means so far moved between "
+            f"{own['spreadMs'][0]:.2f} and {own['spreadMs'][1]:.2f} ms over the rounds (median {own['medianRoundMs']:.2f}).")
 
 
 def _best_against_limits(best: dict) -> str:
@@ -295,6 +312,8 @@ def _best_against_limits(best: dict) -> str:
                 else f"the {precision} physical limit")
     names = {"atShapes": f"the {precision} limit at the model's shapes", "peak": f"the {precision} kernels' peak limit",
              "physical": physical}
+    if best["lines"].get("atShapes", {}).get("kernels") == "OpenVINO's":
+        names["atShapes"] = f"the {precision} limit at the model's shapes (its own OpenVINO kernels)"
     fastest = (f"; {_ms(best['fastestInRoundsMs'])} fastest in the same rounds"
                if best.get("fastestInRoundsMs") is not None else "")
     parts, beaten = [], []
@@ -308,8 +327,8 @@ def _best_against_limits(best: dict) -> str:
         text += (f" It ran faster than {' and '.join(beaten)}, measured twice: the machine was disturbed while that "
                  "limit was measured, so no share of it is given.")
     if not best["onnxruntime"]:
-        text += (" It does not run on ONNX Runtime: the at-shape and peak lines are ONNX Runtime's kernels and bound "
-                 "only ONNX Runtime variants.")
+        text += (" It does not run on ONNX Runtime: ONNX Runtime's at-shape and peak lines bound only ONNX Runtime "
+                 "variants" + (", so its at-shape line is its own OpenVINO kernels." if "atShapes" in best["lines"] else "."))
     return text
 
 
@@ -320,7 +339,9 @@ def _compute_section(c: dict) -> list[str]:
     out = ["## Compute", "",
            f"- {c['macs'] / 1e6:.1f} M multiply-accumulates per inference ({by_type}).", "",
            "The fastest this model can run here, three ways; each is a lower bound on latency, the physical one for "
-           "every runtime, the other two for ONNX Runtime's variants:", "",
+           "every runtime, the other two for ONNX Runtime's variants"
+           + (" (and OpenVINO's kernels for the best variant, which runs on OpenVINO)" if c.get("openvinoAtShapes") else "")
+           + ":", "",
            *_limits_table(c), "", _measurement(c), ""]
     if c.get("best"):
         out.append(_best_against_limits(c["best"]))

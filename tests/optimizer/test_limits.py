@@ -138,26 +138,34 @@ def test_the_report_never_prints_a_share_above_100_percent():
     assert "86% of the INT8 limit at the model's shapes" in quiet and "disturbed" not in quiet.split("How close")[0]
 
 
-def _conv_gemm_model(directory):
-    """An FP32 ONNX model (Conv → Relu → Flatten → Gemm) and its static INT8 QDQ twin."""
+def _conv_gemm_onnx(path, channels: tuple[int, int] = (4, 8), size: int = 8, classes: int = 10):
+    """An FP32 ONNX model, Conv (3×3) → Relu → Flatten → Gemm, saved at `path`."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     rng = np.random.default_rng(0)
+    (inputs, outputs), flat = channels, channels[1] * size * size
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
          helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "g", "h"], ["y"], transB=1)],
-        "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
-        [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3), dtype=np.float32), "w"),
-         numpy_helper.from_array(rng.standard_normal(8, dtype=np.float32), "b"),
-         numpy_helper.from_array(rng.standard_normal((10, 512), dtype=np.float32), "g"),
-         numpy_helper.from_array(rng.standard_normal(10, dtype=np.float32), "h")])
+        "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, classes])],
+        [numpy_helper.from_array(rng.standard_normal((outputs, inputs, 3, 3), dtype=np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(outputs, dtype=np.float32), "b"),
+         numpy_helper.from_array(rng.standard_normal((classes, flat), dtype=np.float32) * 0.01, "g"),
+         numpy_helper.from_array(rng.standard_normal(classes, dtype=np.float32), "h")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    fp32, int8 = directory / "fp32.onnx", directory / "int8.onnx"
-    onnx.save(model, fp32)
+    onnx.save(model, path)
+    return path
+
+
+def _conv_gemm_model(directory):
+    """An FP32 ONNX model (Conv → Relu → Flatten → Gemm) and its static INT8 QDQ twin."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(0)
+    fp32, int8 = _conv_gemm_onnx(directory / "fp32.onnx"), directory / "int8.onnx"
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -232,3 +240,102 @@ def test_a_bf16_variant_is_held_to_the_int8_physical_line():
     # AMX: BF16 tiles do 512 MACs a cycle, so the FP32 line (32) would be beaten; the INT8 one (1024) is not.
     assert list(record["lines"]) == ["physical"] and record["lines"]["physical"]["limitMs"] == pytest.approx(0.03125)
     assert "INT8 physical limit (the INT8 rate bounds BF16 too)" in _best_against_limits(record)
+
+
+def test_a_call_that_times_its_own_parts_has_each_part_recorded():
+    from optimizer.measure.fastest import Parts
+
+    parts = iter([Parts(conv=0.001, fc=0.001), Parts(conv=0.003, fc=0.003), *[Parts(conv=0.005, fc=0.002)] * 50])
+    result = fastest_until_stable({"model": lambda: next(parts)},
+                                  lambda times: {"nodes": times.get(("model", "conv"), 0) + times.get(("model", "fc"), 0)},
+                                  min_rounds=3, max_rounds=6)
+    # The first (warm-up) call's parts are not recorded; then each part's fastest over the rounds.
+    assert result.fastest[("model", "conv")] == pytest.approx(0.003) and result.fastest[("model", "fc")] == pytest.approx(0.002)
+    assert result.spread("nodes") == pytest.approx([0.006, 0.007])  # per round: 0.003+0.003, then 0.005+0.002
+
+
+def _openvino_conv_model(directory):
+    """Conv (16→32 channels, 3×3 over 32×32) → Relu → Flatten → Gemm as OpenVINO IR: big enough that
+    each node takes microseconds (OpenVINO's counters count whole microseconds), small enough to be quick."""
+    import openvino as ov
+
+    onnx_path = _conv_gemm_onnx(directory / "conv.onnx", channels=(16, 32), size=32, classes=64)
+    ov.save_model(ov.convert_model(str(onnx_path)), str(directory / "conv.xml"), compress_to_fp16=False)
+    rng = np.random.default_rng(1)
+    return directory / "conv.xml", {"x": rng.random((1, 16, 32, 32), dtype=np.float32)}
+
+
+def test_an_openvino_best_is_held_to_its_own_kernels_at_its_shapes(tmp_path):
+    import time
+
+    pytest.importorskip("openvino")
+    from optimizer.engines.runners import OpenVinoRunner
+    from optimizer.measure.limits import Best, measure_limits
+    from optimizer.measure.openvino_kernels import openvino_kernels
+
+    path, feed = _openvino_conv_model(tmp_path)
+    runner = OpenVinoRunner(path, threads=1, precision=None)  # openvino-default: bf16 where the CPU has it
+    call = runner.bind(feed)
+    for _ in range(5):
+        call()
+    started = time.perf_counter()
+    for _ in range(50):
+        call()
+    mean_ms = (time.perf_counter() - started) / 50 * 1000.0
+    kernels = openvino_kernels("openvino-default", runner, feed, mean_ms)
+    assert set(kernels.layer_of.values()) >= {"Convolution", "FullyConnected"} and all(kernels.exec_type.values())
+    record = measure_limits(32 * 32 * 32 * 16 * 9 + 32 * 32 * 32 * 64, {"Conv": 4_718_592, "Linear": 2_097_152}, [],
+                            feed, 1, "avx2", Best("openvino-default", kernels.precision, False, mean_ms, call), kernels,
+                            max_rounds=20)
+    own = record["openvinoAtShapes"]
+    assert own["variant"] == "openvino-default" and own["kernels"] == "OpenVINO's"
+    assert sum(own["execTypes"].values()) == len(kernels.layer_of)  # which kernels ran, recorded per node
+    assert 0 < own["limitMs"] <= own["profiledMeanMs"]  # its nodes are part of the same inferences
+    assert own["limitMs"] <= own["spreadMs"][0] <= own["spreadMs"][1]
+    line = record["best"]["lines"]["atShapes"]
+    assert line["kernels"] == "OpenVINO's" and line["limitMs"] == own["limitMs"]
+    assert not line["beaten"] and 0 < line["fraction"] <= 1.0, (own, mean_ms)
+    assert "peak" not in record["best"]["lines"]  # ONNX Runtime's peak says nothing about OpenVINO
+    text = "\n".join(_compute_section({"macs": 1, "byType": {"Conv": 1}, **record}))
+    assert "OpenVINO's kernels (openvino-default)" in text and "its own OpenVINO kernels" in text
+    assert not [share for share in re.findall(r"(\d+)%", text) if int(share) > 100], text
+    # A best that beats its own kernels' line (here a made-up 1 µs mean) had it measured at a disturbed moment:
+    # measured again, never given a share.
+    again = measure_limits(1, {"Conv": 1}, [], feed, 1, "avx2", Best("openvino-default", kernels.precision, False, 0.001),
+                           kernels, max_rounds=8)
+    assert again["measurement"]["attempts"] == 2 and again["best"]["disturbed"]
+    assert again["best"]["lines"]["atShapes"]["beaten"] and again["best"]["lines"]["atShapes"]["fraction"] is None
+
+
+def test_an_openvino_variant_s_precision_is_what_it_runs_not_its_name(tmp_path):
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from optimizer.engines.runners import OpenVinoRunner
+    from optimizer.measure.openvino_kernels import runtime_precision
+
+    fp32, int8 = _conv_gemm_model(tmp_path)
+    for onnx_path in (fp32, int8):  # as openvino-ort-qdq builds it: ORT's QDQ model, IR, FP32 pinned
+        ov.save_model(ov.convert_model(str(onnx_path)), str(tmp_path / f"{onnx_path.stem}.xml"), compress_to_fp16=False)
+    assert runtime_precision(OpenVinoRunner(tmp_path / "int8.xml", precision="f32").compiled) == "int8"
+    assert runtime_precision(OpenVinoRunner(tmp_path / "fp32.xml", precision="f32").compiled) == "fp32"
+    default = OpenVinoRunner(tmp_path / "fp32.xml", precision=None)
+    assert runtime_precision(default.compiled) == ("bf16" if "bf16" in default.provider else "fp32")
+
+
+def test_an_openvino_line_the_best_beats_is_never_given_a_share():
+    from optimizer.measure.fastest import Fastest
+    from optimizer.measure.limits import Best, _best
+
+    own = {"variant": "openvino-ort-qdq", "kernels": "OpenVINO's", "precision": "int8", "limitMs": 3.0,
+           "byType": {"Convolution": {"ms": 3.0, "nodes": 7, "execTypes": {"brgconv_avx512_amx_I8": 7}}}}
+    lines = {"atShapes": {"int8LimitMs": 9.0}, "peak": {"int8LimitMs": 8.0},
+             "physical": physical_limits(640_000_000, "amx", 3.5, 1), "openvinoAtShapes": own}
+    measured = Fastest(fastest={}, samples={}, totals_of=lambda times: {})
+    record = _best(Best("openvino-ort-qdq", "int8", False, 2.8), lines, measured)
+    # Its own kernels' line, not ONNX Runtime's 9 ms; INT8's physical line (0.18 ms), not FP32's (5.7 ms).
+    assert record["lines"]["atShapes"] == {"limitMs": 3.0, "kernels": "OpenVINO's", "beaten": True, "fraction": None}
+    assert record["lines"]["physical"]["limitMs"] == pytest.approx(640e6 / (1024 * 3.5e9) * 1000)
+    assert "peak" not in record["lines"]
+    text = _best_against_limits(record)
+    assert "disturbed" in text and not [s for s in re.findall(r"(\d+)%", text) if int(s) > 100], text
