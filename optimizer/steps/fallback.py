@@ -1,9 +1,9 @@
 """The accuracy fallback: a static INT8 variant that misses the budget is rebuilt with its most
 sensitive nodes kept in FP32, 1, 2, 4, 8 … ranked nodes at a time, until one meets the budget or
 `acceptance.fallbackSeconds` is spent. The second try keeps every noise-adding node in FP32: when
-even that misses the budget, nothing smaller can meet it and the search stops. Every try is recorded; the smallest exclusion that meets
-the budget becomes a variant of its own (`<name>+fallback`), so the rejected original stays in
-the results beside it.
+even that misses the budget, nothing smaller can meet it and the search stops. Every try is
+recorded; the smallest exclusion that meets the budget becomes a variant of its own
+(`<name>+fallback`), so the rejected original stays in the results beside it.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def recover(variant: VariantSpec, quantized: Path, float_model: Path, items: lis
         record.tries.append(entry)
         if probe:
             if entry.accuracy is not None and not entry.withinBudget:
-                record.reason = (f"even with all {len(candidates)} noise-adding node(s) in FP32 it scores "
-                                 f"{entry.accuracy:.4f}, outside the budget: keeping fewer in FP32 cannot meet it, "
-                                 "so the search stopped there")
+                record.reason = (f"even with all {len(candidates)} noise-adding node(s) in FP32 ({len(nodes)} with "
+                                 f"their feeders) it scores {entry.accuracy:.4f}, outside the budget: keeping fewer in "
+                                 "FP32 cannot meet it, so the search stopped there")
                 break
             continue
         if entry.withinBudget:

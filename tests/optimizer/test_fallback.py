@@ -91,7 +91,8 @@ def _mlp(directory, layers: int = 8):
     rng = np.random.default_rng(0)
     nodes, weights, name = [], [], "x"
     for index in range(layers):
-        nodes += [helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"g{index}"], transB=1, name=f"gemm{index}"),
+        nodes += [helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"g{index}"], transB=1,
+                                   name=f"gemm{index}"),
                   helper.make_node("Relu", [f"g{index}"], [f"r{index}"], name=f"relu{index}")]
         weights += [numpy_helper.from_array(rng.standard_normal((16, 16), dtype=np.float32) / 4, f"w{index}"),
                     numpy_helper.from_array(rng.standard_normal(16, dtype=np.float32), f"b{index}")]
@@ -153,7 +154,8 @@ def test_the_search_stops_when_even_every_noise_adding_node_in_fp32_misses_the_b
     assert recovered is None and not record.recovered
     assert len(record.tries) == len(builds) == 2
     assert set(noisy) <= set(builds[1]) and len(builds[0]) < len(builds[1])
-    assert record.reason.startswith(f"even with all {len(noisy)} noise-adding node(s) in FP32 it scores 0.5000")
+    assert record.reason.startswith(f"even with all {len(noisy)} noise-adding node(s) in FP32 ({len(builds[1])} with "
+                                    "their feeders) it scores 0.5000, outside the budget")
 
 
 def test_when_the_ceiling_meets_the_budget_the_search_goes_on_for_fewer_nodes(tmp_path):
