@@ -82,3 +82,92 @@ def test_without_fallback_every_variant_is_kept_with_the_reason(tmp_path):
 def test_a_labelled_metric_without_labels_stops_the_run(tmp_path):
     with pytest.raises(DataLoadError, match="acceptance.metric top1 needs labels, but data.source random has none"):
         _run(tmp_path, {"metric": "top1"})
+
+
+def _mlp(directory, layers: int = 8):
+    """An FP32 ONNX chain of `layers` Gemm + Relu (each Gemm adds quantization noise) and its static
+    INT8 QDQ twin, with the feeds that calibrated it."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(0)
+    nodes, weights, name = [], [], "x"
+    for index in range(layers):
+        nodes += [helper.make_node("Gemm", [name, f"w{index}", f"b{index}"], [f"g{index}"], transB=1,
+                                   name=f"gemm{index}"),
+                  helper.make_node("Relu", [f"g{index}"], [f"r{index}"], name=f"relu{index}")]
+        weights += [numpy_helper.from_array(rng.standard_normal((16, 16), dtype=np.float32) / 4, f"w{index}"),
+                    numpy_helper.from_array(rng.standard_normal(16, dtype=np.float32), f"b{index}")]
+        name = f"r{index}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 16])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fp32 = directory / "fp32.onnx"
+    onnx.save(model, fp32)
+    items = [{"x": rng.standard_normal((1, 16), dtype=np.float32)} for _ in range(4)]
+
+    def quantize(target, excluded):
+        class Reader:
+            def __init__(self):
+                self.items = iter(items)
+
+            def get_next(self):
+                return next(self.items, None)
+
+        quantize_static(str(fp32), str(target), Reader(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(excluded))
+        return target
+
+    return fp32, quantize(directory / "int8.onnx", []), items, quantize
+
+
+
+def _probe(tmp_path, accuracy):
+    """recover() on _mlp's INT8 model with a real build per try; accuracy(excluded nodes, try number)
+    stands in for the score, and 1.0 is within the budget."""
+    from optimizer.api.results import VariantResult
+    from optimizer.api.spec import VariantSpec
+    from optimizer.engines import Built
+    from optimizer.engines.runners import OrtRunner
+    from optimizer.steps.fallback import Attempt, recover
+
+    fp32, int8, items, quantize = _mlp(tmp_path)
+    builds: list[list[str]] = []
+
+    def build(spec):
+        builds.append(list(spec.excludeNodes))
+        path = quantize(tmp_path / f"try{len(builds)}.onnx", spec.excludeNodes)
+        return VariantResult(name=spec.name, recipe=spec.recipe, status="ok"), Built(OrtRunner(path), path, "fp32")
+
+    attempt = Attempt(build=build, accuracy=lambda built: accuracy(builds[-1], len(builds)),
+                      budget_failure=lambda value: None if value >= 1.0 else "1 point below FP32")
+    record, recovered, built = recover(VariantSpec(name="static", recipe="ort-int8-static"), int8, fp32, items,
+                                       tmp_path / "work", seconds=600, attempt=attempt)
+    noisy = [entry["node"] for entry in record.ranking if entry["addedNoise"] > 0]
+    assert len(noisy) >= 3, record.ranking  # 1, 2, 4 … all: three tries or more without the probe
+    return record, recovered, builds, noisy
+
+
+def test_the_search_stops_when_even_every_noise_adding_node_in_fp32_misses_the_budget(tmp_path):
+    """Keeping 2, 4, 8 … nodes in FP32 cannot help once keeping all of them misses the budget (zoo:yolov4
+    spent 3 minutes on such tries): the second try is that ceiling, and the search stops after it."""
+    record, recovered, builds, noisy = _probe(tmp_path, lambda excluded, count: 0.5)
+    assert recovered is None and not record.recovered
+    assert len(record.tries) == len(builds) == 2
+    assert set(noisy) <= set(builds[1]) and len(builds[0]) < len(builds[1])
+    assert record.reason.startswith(f"even with all {len(noisy)} noise-adding node(s) in FP32 ({len(builds[1])} with "
+                                    "their feeders) it scores 0.5000, outside the budget")
+
+
+def test_when_the_ceiling_meets_the_budget_the_search_goes_on_for_fewer_nodes(tmp_path):
+    """The ceiling is a probe: the smallest exclusion that meets the budget is kept, and the ceiling is
+    built again last, to be kept, only when nothing smaller meets it."""
+    record, recovered, builds, noisy = _probe(tmp_path, lambda excluded, count: float(count >= 2))
+    assert record.recovered and len(builds) == 3 and record.excludedNodes == builds[2]
+    assert len(builds[2]) < len(builds[1]) and recovered is not None
+
+    record, recovered, builds, noisy = _probe(tmp_path, lambda excluded, count: float(set(noisy) <= set(excluded)))
+    assert record.recovered and record.tries[1].withinBudget and record.tries[-1].withinBudget
+    assert builds[-1] == builds[1] == record.excludedNodes and len(builds) >= 4
