@@ -155,13 +155,13 @@ class Cluster:
             if error.status != 404:
                 raise
 
-    def create_job(self, job: dict[str, Any]) -> dict[str, Any] | None:
+    def create_job(self, job: dict[str, Any], timeout: float = 30) -> dict[str, Any] | None:
         """The created Job, or None when a Job of that name exists already. JobRefused when the API
         server says no: `permanent` for an invalid Job (400/422: retrying sends the same Job), not for
         403 (a quota or an admission policy may change)."""
         namespace = job["metadata"]["namespace"]
         try:
-            return self.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=job)
+            return self.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=job, timeout=timeout)
         except ApiException as error:
             if error.status == 409:
                 return None

@@ -20,7 +20,7 @@ from optimizer.api.spec import ModelOptimization
 from optimizer.api.spec_loader import SpecError, parse_spec
 
 from .cluster import Cluster, JobRefused
-from . import metrics
+from . import leader, metrics
 from .finalizer import release_reason
 from .job import ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, build_job
 from .policy import CONFIGMAP, PolicySource, PolicyUnreadable, violations
@@ -175,6 +175,23 @@ def _check_policy(cluster: Cluster, resource: dict[str, Any], spec: ModelOptimiz
         raise kopf.PermanentError(message)
 
 
+# A Job is created only while no standby can take the lease for at least this long: the status write and
+# the create that follow the admission must land while this replica is still the only one counting Jobs.
+FENCE_SECONDS = 2 * leader.REQUEST_TIMEOUT + 1
+
+
+def _still_leading(what: str) -> float:
+    """The request timeout for `what` (seconds this replica may still act alone, less a second); asks
+    again shortly when the lease was not renewed recently enough (the API server was away)."""
+    left = leader.time_to_act()
+    if left is None:
+        return 30.0
+    if left < FENCE_SECONDS:
+        raise metrics.AskAgain(f"not {what}: the lease was last renewed {leader.DURATION - left:.0f} s ago, "
+                               "so a standby may soon take over", delay=leader.RETRY)
+    return left - 1
+
+
 def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], generation: int, logger: Any) -> None:
     """Create the generation's Job if the queue admits it; else Queued with the position, asked again soon."""
     settings: Settings = _state["settings"]
@@ -190,11 +207,12 @@ def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], gene
             _write(cluster, resource, {**fresh, "phase": "Queued", "reason": "OverCap", "message": message,
                                        "queuePosition": place.position}, generation)
             raise metrics.AskAgain(message, delay=QUEUE_RETRY_SECONDS)
+    _still_leading("creating a Job")  # what admit() counted holds only while no other replica admits
     pending = {**fresh, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
                "queuePosition": None, "message": f"Job {job['metadata']['name']} runs generation {generation}"}
     _write(cluster, resource, pending, generation)
     try:
-        created = cluster.create_job(job)
+        created = cluster.create_job(job, timeout=_still_leading("creating a Job"))
     except JobRefused as refused:
         raise _job_refused(cluster, resource, job["metadata"]["name"], refused, generation) from None
     if created is not None:

@@ -10,6 +10,10 @@ client-go: each Lease request times out after REQUEST_TIMEOUT (a stalled API ser
 leader acting past the point where it must step down), and a standby judges staleness by its own
 monotonic clock, from when it last saw the lease change, never by comparing renewTime, written by
 another node's clock, with its own (clock skew would hand over a live lease).
+A holder cut off from the API server exits only when its renewal loop notices (a request timing
+out can make that a little later than DURATION - RENEW), so the one step two replicas must never do
+at once, creating a Job within the cap, is fenced as well: it runs only while `time_to_act()` says
+no standby can have taken the lease yet, with a request timeout inside that time.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 DURATION, RENEW, RETRY = 15, 5, 2  # seconds, as kube-controller-manager's defaults scaled down
 REQUEST_TIMEOUT = 3  # per Lease request: a GET and a PUT fit in the time a holder has left to step down
 LOG = logging.getLogger("mlopt.leader")
+_held: "Lease | None" = None  # the lease this process leads by, once keep() renews it
 
 
 def _now() -> datetime.datetime:
@@ -51,6 +56,7 @@ class Lease:
         self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         self.namespace, self.name = namespace, name
         self._seen, self._seen_at = None, time.monotonic()  # the lease's last (holder, renewTime), and when
+        self.renewed_at: float | None = None  # when a renewal that succeeded was sent (monotonic)
 
     def _spec(self, transitions: int, acquired: str | None) -> dict[str, Any]:
         now = _micro(_now())
@@ -60,6 +66,7 @@ class Lease:
     def try_acquire(self) -> bool:
         """Take the lease if it is free, stale or already ours (optimistic: a conflict means someone
         else was faster, and this try fails)."""
+        sent = time.monotonic()
         try:
             current = self.request("GET", f"{self.path}/{self.name}")
         except ApiException as error:
@@ -69,6 +76,7 @@ class Lease:
                     "metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec(0, None)}
             try:
                 self.request("POST", self.path, body=body)
+                self.renewed_at = sent
                 return True
             except ApiException as conflict:
                 if conflict.status == 409:
@@ -87,11 +95,17 @@ class Lease:
         current["spec"] = self._spec(transitions, spec.get("acquireTime") if ours else None)
         try:
             self.request("PUT", f"{self.path}/{self.name}", body=current)  # resourceVersion guards the race
+            self.renewed_at = sent
             return True
         except ApiException as conflict:
             if conflict.status == 409:
                 return False
             raise
+
+    def safe_for(self) -> float:
+        """Seconds before a standby may take the lease: none can until DURATION after it saw our last
+        renewal, which the API server applied after we sent it."""
+        return 0.0 if self.renewed_at is None else self.renewed_at + DURATION - time.monotonic()
 
     def release(self) -> None:
         """On a clean stop: mark the lease free, so a standby takes over at once rather than after DURATION."""
@@ -135,6 +149,8 @@ def keep(lease: Lease, on_lost: Callable[[], None]) -> threading.Thread:
     """Renew the lease every RENEW seconds in a daemon thread; call on_lost when it could not be
     renewed for DURATION - RENEW seconds (before a standby may take it: DURATION after it last saw
     a renewal)."""
+    global _held
+    _held = lease
 
     def renew() -> None:
         last = time.monotonic()
@@ -157,3 +173,11 @@ def keep(lease: Lease, on_lost: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=renew, name="lease-renewal", daemon=True)
     thread.start()
     return thread
+
+
+def time_to_act() -> float | None:
+    """Seconds this process may still act as the only leader; None when it runs without a lease (one
+    replica run by hand). A step that must not be done by two leaders at once (creating a Job within
+    the cap) checks it first: a leader cut off from the API server steps down only when its renewal
+    loop notices, and by then a standby may have taken over and admitted Jobs of its own."""
+    return None if _held is None else _held.safe_for()

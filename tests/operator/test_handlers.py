@@ -30,6 +30,7 @@ class InMemoryApi:
         self.events_by_job: dict[str, list[dict]] = {}
         self.refuse: JobRefused | None = None
         self.created: list[str] = []
+        self.create_timeouts: list[float] = []
         self.deleted: list[str] = []
         self.released: list[str] = []  # pods whose mlopt.io/summary finalizer the operator removed
         self.policy_text: str | None = None  # the mlopt-policy ConfigMap's policy.yaml; None: no ConfigMap
@@ -125,7 +126,8 @@ class InMemoryApi:
     def pod(self, name):
         return next((p for pods in self.pods_by_job.values() for p in pods if p["metadata"]["name"] == name), None)
 
-    def create_job(self, job):
+    def create_job(self, job, timeout=30):
+        self.create_timeouts.append(timeout)
         if self.refuse:
             raise self.refuse
         key = (job["metadata"]["namespace"], job["metadata"]["name"])
@@ -261,6 +263,30 @@ def test_over_the_cap_the_resource_is_queued_with_its_position_until_a_slot_free
     run(api, "r2")
     assert api.created[-1] == "r2-g1" and status(api, "r2")["phase"] == "Pending"
     assert "queuePosition" not in status(api, "r2")
+
+
+def test_a_leader_whose_lease_may_have_lapsed_creates_no_job_and_asks_again(api, monkeypatch):
+    """#29's cap breach around an API server restart: a leader cut off from the API server exits only
+    when its renewal loop notices, while a standby may take the lease DURATION after it last saw it
+    renewed. A Job created in between would be counted by neither replica's admission: it is
+    created only while no standby can take over, and its create may not outlive that."""
+    from mlopt_operator import leader
+
+    clock = [1000.0]
+    monkeypatch.setattr(leader.time, "monotonic", lambda: clock[0])
+    lease = leader.Lease(lambda *args, **kwargs: {"spec": {"holderIdentity": "me"}, "metadata": {}}, "ns", "l", "me")
+    monkeypatch.setattr(leader, "_held", lease)
+    assert lease.try_acquire() and lease.safe_for() == leader.DURATION
+    api.add("cut-off")
+    clock[0] += leader.DURATION - handlers.FENCE_SECONDS + 0.5  # renewals failed since (the API server was away)
+    with pytest.raises(kopf.TemporaryError, match="a standby may soon take over"):
+        run(api, "cut-off")
+    assert api.created == [] and status(api, "cut-off").get("phase") != "Pending"
+    clock[0] = 1000.0  # renewed again
+    assert lease.try_acquire()
+    clock[0] += 2
+    run(api, "cut-off")
+    assert api.created == ["cut-off-g1"] and api.create_timeouts[-1] == pytest.approx(leader.DURATION - 2 - 1)
 
 
 def test_sync_maps_the_job_and_deletes_one_that_can_never_start(api):
