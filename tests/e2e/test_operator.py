@@ -843,6 +843,7 @@ def test_kueue_holds_the_second_resource_while_the_quota_is_full_then_runs_it(op
         apply(control_plane, namespace, digits(name, job={"queueName": queue}))
     most_running, waited_while_other_ran, started = 0, set(), time.monotonic()
     pending_messages: set[str] = set()  # the waiting Workload's QuotaReserved=False message, from Kueue
+    waiting_messages: set[str] = set()  # the waiting resource's status.message
 
     def all_done():
         nonlocal most_running
@@ -854,6 +855,7 @@ def test_kueue_holds_the_second_resource_while_the_quota_is_full_then_runs_it(op
             if status.get("reason") == "WaitingForKueue" and others_running:
                 assert status["phase"] == "Queued" and queue in status["message"], status
                 waited_while_other_ran.add(name)
+                waiting_messages.add(status["message"])
                 workload = workloads(control_plane, namespace).get(f"{name}-g1", {})
                 if condition(workload, "QuotaReserved").get("status") == "False":
                     pending_messages.add(condition(workload, "QuotaReserved")["message"])
@@ -871,6 +873,8 @@ def test_kueue_holds_the_second_resource_while_the_quota_is_full_then_runs_it(op
     assert spans[0][1] <= spans[1][0], f"the two admissions overlapped: {spans}"
     # Kueue itself held it for quota: its Workload said so while it waited.
     assert any("insufficient unused quota for cpu" in m for m in pending_messages), pending_messages
+    # ... and the resource's status passed Kueue's reason on.
+    assert any("insufficient unused quota for cpu" in m for m in waiting_messages), waiting_messages
 
 
 def _job_created_events(cp, namespace: str, name: str) -> int:
