@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from optimizer.api.crd import CRD_NAME, GROUP, PLURAL, VERSION
 
-from .job import FINALIZER, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, name_label
+from .job import FINALIZER, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, kueue_workload_names, name_label
 
 
 class JobRefused(Exception):
@@ -114,6 +114,15 @@ class Cluster:
         selector = f"involvedObject.kind=Job,involvedObject.name={job_name}"
         return self.request("GET", f"/api/v1/namespaces/{namespace}/events",
                              query=[("fieldSelector", selector)])["items"]
+
+    def workload_events(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events of the Kueue Workload that Kueue made for `job` (its "Pending" event says why it is
+        not admitted). Read as events, which the operator may list already: no access to Kueue's API."""
+        meta = job["metadata"]
+        names = kueue_workload_names(meta["name"], meta.get("uid", ""))
+        found = self.request("GET", f"/api/v1/namespaces/{meta['namespace']}/events",
+                             query=[("fieldSelector", "involvedObject.kind=Workload")])["items"]
+        return [e for e in found if e.get("involvedObject", {}).get("name") in names]
 
     def priority(self, class_name: str | None) -> int:
         """A PriorityClass's value (0 for none or an unknown class), cached: classes rarely change."""

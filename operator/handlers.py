@@ -22,7 +22,7 @@ from optimizer.api.spec_loader import SpecError, parse_spec
 from .cluster import Cluster, JobRefused
 from . import leader, metrics
 from .finalizer import release_reason
-from .job import ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, MANAGED_BY, build_job
+from .job import ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, LABEL_QUEUE, MANAGED_BY, build_job
 from .policy import CONFIGMAP, PolicySource, PolicyUnreadable, violations
 from .queue import admit
 from .settings import Settings
@@ -265,6 +265,8 @@ def _record(cluster: Cluster, resource: dict[str, Any], generation: str) -> list
         return []  # final; pods vanishing later must not change the recorded outcome
     pods = cluster.pods(namespace, job["metadata"]["name"])
     events = [] if pods else cluster.job_events(namespace, job["metadata"]["name"])  # FailedCreate
+    if not pods and job["spec"].get("suspend") and LABEL_QUEUE in (job["metadata"].get("labels") or {}):
+        events += cluster.workload_events(job)  # why Kueue has not admitted it (e.g. insufficient quota)
     status = status_from_job(job, pods, events, waits=_state["settings"].waits)
     resource["status"] = _write(cluster, resource, status, int(generation))
     if status["phase"] == "Failed" and not job_finished(job):

@@ -44,6 +44,14 @@ def _fit(name: str, suffix: str = "") -> str:
     return f"{name[: 63 - len(suffix) - 7].rstrip('-.')}-{digest}{suffix}"
 
 
+def kueue_workload_names(job: str, uid: str) -> set[str]:
+    """The name Kueue gives the Workload of a batch/v1 Job (jobframework.GetWorkloadNameForOwnerWithGVK
+    in sigs.k8s.io/kueue): "job-<name>" cut to fit 63 characters (Kueue's ShortWorkloadNames feature)
+    or 253, "-", and the first 5 hex digits of sha1("Job\nbatch\n<name>\n<uid>")."""
+    digest = hashlib.sha1(f"Job\nbatch\n{job}\n{uid}".encode()).hexdigest()[:5]
+    return {f"{f'job-{job}'[:limit - 6]}-{digest}" for limit in (63, 253)}
+
+
 def job_name(name: str, generation: int) -> str:
     """`<name>-g<generation>`, shortened with a hash when over the 63 characters a Job may have."""
     return _fit(name, f"-g{generation}")

@@ -59,6 +59,15 @@ def _failed_create(events: list[dict[str, Any]]) -> str | None:
     return newest.get("message") or "the Job controller could not create the worker pod"
 
 
+def _kueue_pending(events: list[dict[str, Any]]) -> str | None:
+    """The newest reason Kueue gives for not admitting the Job's Workload (its "Pending" event), e.g.
+    "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor …"."""
+    pending = [e for e in events if e.get("involvedObject", {}).get("kind") == "Workload" and e.get("reason") == "Pending"]
+    if not pending:
+        return None
+    return max(pending, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "").get("message") or None
+
+
 def _waited_too_long(status: dict[str, Any], job: dict[str, Any], pods: list[dict[str, Any]], waits: Waits,
                      now: datetime.datetime) -> dict[str, Any]:
     """A Pending status whose problem has lasted past its limit becomes Failed, saying how long it waited.
@@ -289,8 +298,10 @@ def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[s
         return {**status, "phase": "Running", "reason": "WorkerRunning", "message": "the worker is optimizing the model"}
     if pod is None and job.get("spec", {}).get("suspend"):
         queue = job["metadata"].get("labels", {}).get(LABEL_QUEUE, "")
-        return {**status, "phase": "Queued", "reason": "WaitingForKueue",
-                "message": f"the Job is suspended until Kueue admits it (queue {queue})"}
+        message = f"the Job is suspended until Kueue admits it (queue {queue})"
+        if why := _kueue_pending(events):
+            message += f": {why}"
+        return {**status, "phase": "Queued", "reason": "WaitingForKueue", "message": message}
     if pod is None and (why := _failed_create(events)):
         return {**status, "phase": "Pending", "reason": "FailedCreate",
                 "message": f"the Job controller cannot create the worker pod: {why}"}

@@ -3,6 +3,8 @@
 - `control_plane` (session): a started ControlPlane with `.kubeconfig`, `.server`, `.bin_dir`,
   `.kubectl(*args, input=None, check=True)`, `.create_namespace()`, `.container_log(...)`.
 - `namespace` (function): a fresh namespace with its `default` service account; deleted afterwards.
+- `kueue` (session): Kueue's CRDs and controller manager (tests/e2e/kueue.py), started on first use,
+  with a ClusterQueue that has room for one worker Job; `kueue.local_queue(namespace, name)`.
 - `s3_server` (session): versitygw on the node's address (pods cannot reach 127.0.0.1 of the host).
 
 If the binaries cannot be built (no Go toolchain, no module proxy) the tests FAIL with the reason;
@@ -83,6 +85,20 @@ def s3_server(control_plane, tmp_path_factory):
         pytest.fail(f"cannot start the S3 test server: {err}", pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane):
+    """The real Kueue in the cluster; only the tests that ask for it start it."""
+    error = None
+    try:
+        started = control_plane.start_kueue()
+        started.ensure_cluster_queue()
+    except ControlPlaneError as err:
+        error = err
+    if error:
+        pytest.fail(f"cannot start Kueue: {error}", pytrace=False)
+    return started
 
 
 @pytest.fixture

@@ -363,6 +363,7 @@ class ControlPlane:
         self.start_timeout = start_timeout
         self.components: list[Component] = []
         self.node: Node | None = None
+        self.kueue = None  # tests/e2e/kueue.py's Kueue, once start_kueue() ran
         self.left_behind: list[str] = []  # what the last stop() could not remove (see Node.leftovers)
         self.server = ""
         self.pki: Pki | None = None
@@ -411,8 +412,28 @@ class ControlPlane:
             raise
         return self
 
+    def start_kueue(self):
+        """Kueue's CRDs and controller manager (tests/e2e/kueue.py), started once, on first use; stop()
+        ends it first."""
+        if self.kueue is None:
+            from .kueue import Kueue
+
+            kueue = Kueue(self, self.workdir / "kueue", self.start_timeout)
+            try:
+                kueue.start()
+            except BaseException:
+                kueue.stop()
+                raise
+            self.kueue = kueue
+        return self.kueue
+
     def stop(self) -> None:
-        """The node first (its pods, then its processes and what they left), then the control plane."""
+        """Kueue, then the node (its pods, then its processes and what they left), then the control plane."""
+        if self.kueue is not None:  # before the node: nothing may admit a Job while the pods go
+            self.kueue.stop()
+            kueue_left, self.kueue = self.kueue.leftovers(), None
+        else:
+            kueue_left = []
         if self.node is not None:
             # No controller may replace the pods the node is about to delete (a Deployment's would).
             for comp in self.components:
@@ -423,6 +444,7 @@ class ControlPlane:
                 self.left_behind = self.node.leftovers()
             finally:
                 self.node = None
+        self.left_behind += kueue_left
         for comp in reversed(self.components):
             comp.stop()
         self.components.clear()
@@ -584,6 +606,8 @@ class ControlPlane:
 
     def log_tails(self, lines: int = 40) -> str:
         components = self.components + (self.node.components if self.node else [])
+        if self.kueue is not None and self.kueue.component is not None:
+            components.append(self.kueue.component)
         return "\n".join(f"----- {c.name} ({c.log}) -----\n{tail(c.log, lines)}" for c in components)
 
     def container_log(self, namespace: str, pod: str, container: str) -> str:

@@ -25,9 +25,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlopt_operator.job import kueue_workload_names
 from mlopt_operator.policy import CACHE_SECONDS
 
 from .control_plane import BASE_IMAGE, WORKER_IMAGE, free_port
+from .kueue import FLAVOR
 
 pytestmark = pytest.mark.e2e
 
@@ -806,21 +808,86 @@ def test_over_the_cap_resources_queue_and_run_one_at_a_time(operator, control_pl
         operator.wait_ready()
 
 
-def test_a_kueue_queue_name_leaves_admission_to_kueue(operator, control_plane, namespace):
-    """spec.job.queueName: the Job is created suspended with Kueue's label and the resource says it waits
-    for Kueue; unsuspending it (what Kueue does on admission; Kueue itself is not installed here) runs it."""
+def workloads(cp, namespace: str) -> dict[str, dict]:
+    """Kueue's Workloads in the namespace, by the name of the Job that owns each."""
+    found = cp.kubectl_json("get", "workloads.kueue.x-k8s.io", "-n", namespace)["items"]
+    return {ref["name"]: w for w in found for ref in w["metadata"].get("ownerReferences") or [] if ref["kind"] == "Job"}
+
+
+def condition(obj: dict, kind: str) -> dict:
+    return next((c for c in obj.get("status", {}).get("conditions") or [] if c["type"] == kind), {})
+
+
+def running_jobs(cp, namespace: str) -> list[str]:
+    """The operator's Jobs that Kueue has unsuspended and Kubernetes has not ended."""
+    found = cp.kubectl_json("get", "jobs", "-n", namespace, "-l", "app.kubernetes.io/managed-by=mlopt-operator")["items"]
+    return [j["metadata"]["name"] for j in found if not j["spec"].get("suspend")
+            and not any(c["status"] == "True" and c["type"] in ("Complete", "Failed") for c in j.get("status", {}).get("conditions") or [])]
+
+
+def test_kueue_itself_admits_a_resource_with_a_queue_name_and_it_succeeds(operator, control_plane, namespace, kueue):
+    """spec.job.queueName: the Job is created suspended with Kueue's label; the real Kueue makes a
+    Workload for it, admits it into the ClusterQueue's flavor and unsuspends it; the run succeeds."""
+    queue = kueue.local_queue(namespace, "team-queue")
     name = "kueued"
-    apply(control_plane, namespace, digits(name, job={"queueName": "team-queue"}))
-    status = wait_status(control_plane, operator, namespace, name, lambda s: s.get("reason") == "WaitingForKueue",
-                         timeout=60)["status"]
-    assert status["phase"] == "Queued" and "team-queue" in status["message"], status
-    (job,) = jobs(control_plane, namespace, name)
-    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
-    assert not pods(control_plane, namespace, name)
-    control_plane.kubectl("patch", "job", job["metadata"]["name"], "-n", namespace, "--type=merge",
-                          "-p", '{"spec":{"suspend":false}}')
-    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"), timeout=180)
+    apply(control_plane, namespace, digits(name, job={"queueName": queue}))
+    status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"), timeout=300)
     assert status["status"]["phase"] == "Succeeded", status["status"]
+    (job,) = jobs(control_plane, namespace, name)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue and job["spec"]["suspend"] is False
+    workload = workloads(control_plane, namespace)[job["metadata"]["name"]]
+    # The operator finds Kueue's reasons by this name (events on the Workload).
+    assert workload["metadata"]["name"] in kueue_workload_names(job["metadata"]["name"], job["metadata"]["uid"])
+    admission = workload["status"]["admission"]
+    assert admission["clusterQueue"] == kueue.ensure_cluster_queue(), admission
+    assert admission["podSetAssignments"][0]["flavors"]["cpu"] == FLAVOR, admission
+    assert condition(workload, "Admitted")["status"] == "True", workload["status"]
+    assert condition(workload, "Finished")["status"] == "True", workload["status"]
+
+
+def test_kueue_holds_the_second_resource_while_the_quota_is_full_then_runs_it(operator, control_plane, namespace,
+                                                                               kueue, figure):
+    """The ClusterQueue has CPU for one worker: of two resources in its queue, one runs while the
+    other's Job stays suspended and its status says it waits for Kueue; when the first ends the
+    quota frees and Kueue admits the second. Both succeed; their admissions never overlap."""
+    queue = kueue.local_queue(namespace, "team-queue")
+    names = ["kueued-a", "kueued-b"]
+    for name in names:
+        apply(control_plane, namespace, digits(name, job={"queueName": queue}))
+    most_running, waited_while_other_ran, started = 0, set(), time.monotonic()
+    pending_messages: set[str] = set()  # the waiting Workload's QuotaReserved=False message, from Kueue
+    waiting_messages: set[str] = set()  # the waiting resource's status.message
+
+    def all_done():
+        nonlocal most_running
+        running = running_jobs(control_plane, namespace)
+        most_running = max(most_running, len(running))
+        statuses = {name: get_mo(control_plane, namespace, name).get("status") or {} for name in names}
+        for name, status in statuses.items():
+            others_running = [j for j in running if not j.startswith(f"{name}-")]
+            if status.get("reason") == "WaitingForKueue" and others_running:
+                assert status["phase"] == "Queued" and queue in status["message"], status
+                waited_while_other_ran.add(name)
+                waiting_messages.add(status["message"])
+                workload = workloads(control_plane, namespace).get(f"{name}-g1", {})
+                if condition(workload, "QuotaReserved").get("status") == "False":
+                    pending_messages.add(condition(workload, "QuotaReserved")["message"])
+        return all(s.get("phase") in ("Succeeded", "Failed") for s in statuses.values())
+
+    wait_for("both queued resources to finish", all_done, 480, operator.tail, interval=0.5)
+    figure(f"kueue: 2 resources through a one-worker ClusterQueue in {time.monotonic() - started:.0f} s, "
+           f"at most {most_running} Job(s) unsuspended at once")
+    for name in names:
+        assert get_mo(control_plane, namespace, name)["status"]["phase"] == "Succeeded"
+    assert most_running == 1 and len(waited_while_other_ran) == 1, (most_running, waited_while_other_ran)
+    found = workloads(control_plane, namespace)
+    spans = sorted((condition(w, "QuotaReserved")["lastTransitionTime"], condition(w, "Finished")["lastTransitionTime"])
+                   for w in (found[f"{name}-g1"] for name in names))
+    assert spans[0][1] <= spans[1][0], f"the two admissions overlapped: {spans}"
+    # Kueue itself held it for quota: its Workload said so while it waited.
+    assert any("insufficient unused quota for cpu" in m for m in pending_messages), pending_messages
+    # ... and the resource's status passed Kueue's reason on.
+    assert any("insufficient unused quota for cpu" in m for m in waiting_messages), waiting_messages
 
 
 def _job_created_events(cp, namespace: str, name: str) -> int:

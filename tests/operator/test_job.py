@@ -254,3 +254,14 @@ def test_counts_and_sizes_have_upper_bounds():
                          ("data", {"samples": 10_000_000}), ("job", {"activeDeadlineSeconds": 10**9})):
         with pytest.raises(SpecError, match=f"spec.{field}"):
             build_job(resource(**{field: value}), SETTINGS)
+
+
+def test_kueue_workload_names_follow_kueues_scheme_and_fit_a_label():
+    from mlopt_operator.job import kueue_workload_names
+
+    (short,) = kueue_workload_names("kueued-g1", "0b6f3f4e-1111-2222-3333-444455556666")  # no cut: one name
+    assert short.startswith("job-kueued-g1-") and len(short) == len("job-kueued-g1-") + 5
+    name = "n" * 60 + "-g1"  # a Job name of 63 characters
+    names = kueue_workload_names(name, "uid")
+    assert sorted(len(n) for n in names) == [63, len(f"job-{name}") + 6]
+    assert len({n[-5:] for n in names}) == 1  # the same hash, whichever length Kueue cuts to

@@ -265,3 +265,21 @@ def test_a_job_suspended_for_kueue_is_queued():
     suspended["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "team-queue"
     status = status_from_job(suspended, [], now=_at(100_000))
     assert (status["phase"], status["reason"]) == ("Queued", "WaitingForKueue") and "team-queue" in status["message"]
+
+
+def test_a_job_kueue_cannot_admit_yet_says_why_from_its_workloads_pending_event():
+    suspended = _created(job())
+    suspended["spec"]["suspend"] = True
+    suspended["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] = "team-queue"
+    pending = [
+        {"involvedObject": {"kind": "Workload", "name": "job-x-g1-abcde"}, "reason": "Pending",
+         "lastTimestamp": "2026-01-01T00:00:01Z", "message": "couldn't assign flavors to pod set main: old"},
+        {"involvedObject": {"kind": "Workload", "name": "job-x-g1-abcde"}, "reason": "Pending",
+         "lastTimestamp": "2026-01-01T00:00:09Z",
+         "message": "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor f, 1 more needed"},
+        {"involvedObject": {"kind": "Job", "name": "x-g1"}, "reason": "Suspended", "message": "Kueue suspended it"},
+    ]
+    status = status_from_job(suspended, [], pending, now=_at(100))
+    assert (status["phase"], status["reason"]) == ("Queued", "WaitingForKueue")
+    assert status["message"] == ("the Job is suspended until Kueue admits it (queue team-queue): couldn't assign flavors "
+                                 "to pod set main: insufficient unused quota for cpu in flavor f, 1 more needed")
