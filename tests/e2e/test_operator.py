@@ -992,9 +992,15 @@ def test_a_worker_evicted_right_after_it_exits_0_still_reports_its_results(opera
     name = "evicted-after-exit"
     deployment = ("deployment/mlopt-operator", "-n", OPERATOR_NS)
     replicas = control_plane.kubectl_json("get", *deployment)["spec"]["replicas"]
-    apply(control_plane, namespace, digits(name))
+    # Three recipes (two calibrate) keep the worker busy for seconds after its Job appears: time for the
+    # operator to be gone before the worker exits, so nothing reads its message first.
+    variants = [{"name": r, "recipe": r} for r in ("onnx-fp32", "ort-int8-dynamic", "ort-int8-static")]
+    apply(control_plane, namespace, digits(name, variants=variants))
     wait_for("the Job", lambda: jobs(control_plane, namespace, name), 120, operator.tail)
     control_plane.kubectl("scale", *deployment, "--replicas=0")
+    # Gone at once, not after a graceful stop in which it could still record the worker's exit.
+    control_plane.kubectl("delete", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=mlopt-operator",
+                          "--grace-period=0", "--force", "--wait=false", check=False)
     try:
         wait_for("the operator's pods to go", lambda: not control_plane.kubectl_json(
             "get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=mlopt-operator")["items"], 120)
