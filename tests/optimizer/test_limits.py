@@ -290,8 +290,12 @@ def test_an_openvino_best_is_held_to_its_own_kernels_at_its_shapes(tmp_path):
     own = record["openvinoAtShapes"]
     assert own["variant"] == "openvino-default" and own["kernels"] == "OpenVINO's"
     assert sum(own["execTypes"].values()) == len(kernels.layer_of)  # which kernels ran, recorded per node
-    assert 0 < own["limitMs"] <= own["profiledMeanMs"]  # its nodes are part of the same inferences
-    assert own["limitMs"] <= own["spreadMs"][0] <= own["spreadMs"][1]
+    # The limit sums each node's fastest time and a round's total sums one round's: the first is never
+    # more, but the two sums add the same microseconds in different orders, so allow float rounding
+    # (CI once saw 0.17210000000000003 against 0.1721).
+    rounding = 1 + 1e-9
+    assert 0 < own["limitMs"] <= own["profiledMeanMs"] * rounding  # its nodes are part of the same inferences
+    assert own["limitMs"] <= own["spreadMs"][0] * rounding and own["spreadMs"][0] <= own["spreadMs"][1]
     line = record["best"]["lines"]["atShapes"]
     assert line["kernels"] == "OpenVINO's" and line["limitMs"] == own["limitMs"]
     assert not line["beaten"] and 0 < line["fraction"] <= 1.0, (own, mean_ms)
