@@ -177,6 +177,65 @@ class Analysis(_Record):
     notes: list[str] = Field(default_factory=list)
 
 
+class ServingPoint(_Record):
+    """One point of the serving sweep: this many requests in flight, each stream with these threads."""
+
+    concurrency: int  # requests in flight (one per stream / session call in parallel)
+    threadsPerStream: int
+    batch: int = 1  # requests merged per model call (dynamic batching), where the model allows
+    requestsPerSecond: float
+    meanMs: float
+    p50Ms: float
+    p90Ms: float
+    p99Ms: float
+    requests: int  # completed during the point
+
+
+class ServingCurve(_Record):
+    """One variant's sweep: throughput against p99, and the best point within the SLO."""
+
+    variant: str
+    points: list[ServingPoint] = Field(default_factory=list)
+    atSLO: ServingPoint | None = None  # the highest requests/s whose p99 <= latencySLOMs
+    reason: str | None = None  # why no point met the SLO ("cannot meet: …")
+
+
+class Serving(_Record):
+    """benchmark.serving: what this pod sustains within the latency SLO."""
+
+    latencySLOMs: float
+    cpus: int  # CPUs the pod (this process) may run on
+    curves: list[ServingCurve] = Field(default_factory=list)
+    variant: str | None = None  # the variant with the most requests/s at the SLO
+    requestsPerSecond: float | None = None
+    p99Ms: float | None = None
+    reason: str | None = None  # why none met the SLO
+
+
+class ServingOffer(_Record):
+    """One (target, variant): what it sustains within the SLO and, with a price, what it costs."""
+
+    target: str
+    variant: str | None
+    requestsPerSecond: float | None  # per pod, at the SLO; None: cannot meet it
+    p99Ms: float | None = None
+    pricePerHour: float | None = None  # of one pod of the target's shape
+    costPerMillion: float | None = None  # pricePerHour / (requestsPerSecond * 3600) * 1e6
+    replicas: int | None = None  # ceil(demand / requestsPerSecond)
+    costPerHour: float | None = None  # replicas * pricePerHour
+    lost: str | None = None  # why it is not the recommendation; None on the recommended one
+
+
+class Recommendation(_Record):
+    """The (target, variant) to serve, what decided it, and every offer with why it lost."""
+
+    target: str
+    variant: str
+    basis: str  # "cost per hour at the demand" | "cost per million inferences" | "requests/s per pod"
+    demand: float | None = None
+    offers: list[ServingOffer] = Field(default_factory=list)
+
+
 class Results(_Record):
     schemaVersion: int = SCHEMA_VERSION
     name: str
@@ -194,6 +253,9 @@ class Results(_Record):
     steps: list[StepTiming] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)  # from the libraries (exporters, quantizers), with counts
     outputs: list[dict[str, Any]] = Field(default_factory=list)  # [{path, sizeBytes, sha256}]: every other file
+    target: str | None = None  # spec.targets' name this run measured (a target's Job); None: wherever it ran
+    serving: Serving | None = None  # benchmark.serving: throughput within the latency SLO on this pod
+    recommendation: Recommendation | None = None  # from this run's serving figures (one target)
 
     def variant(self, name: str) -> VariantResult:
         for variant in self.variants:

@@ -19,6 +19,13 @@ API_VERSION = "mlopt.io/v1alpha1"
 KIND = "ModelOptimization"
 
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def dns_label(name: str, example: str) -> str:
+    """`name` if Kubernetes accepts it as a DNS-1123 label (it names objects), else the rule."""
+    if not _DNS1123.match(name):
+        raise ValueError(f"use lower-case letters, digits and '-', e.g. {example}")
+    return name
 # package.module:Name, exactly one attribute after the colon: the loader imports the module and
 # takes that one name, which must be a class or function defined there (never a chain of getattrs
 # that ends in some other module's function, such as acme.models:torch.load).
@@ -310,6 +317,28 @@ class DataSpec(_Strict):
         return source
 
 
+class ServingSpec(_Strict):
+    """The serving sweep: how many requests per second a pod sustains within a p99 latency bound."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Measure serving throughput for the best few variants: a concurrency sweep on the pod's "
+        "CPUs that finds the highest requests/s whose p99 stays within latencySLOMs. Unset: on when "
+        "spec.targets is given, off otherwise (the default local run stays as fast as before).",
+    )
+    latencySLOMs: float = Field(
+        100.0, gt=0, le=600_000, description="The p99 latency bound of one request, in milliseconds (MLPerf's "
+        "server scenario, perf_analyzer's --latency-threshold)."
+    )
+    variants: int = Field(3, ge=1, le=16, description="How many of the fastest accepted variants are swept.")
+    maxConcurrency: int | None = Field(
+        None, ge=1, le=256, description="Most requests in flight in the sweep; unset: twice the CPUs the pod sees."
+    )
+    secondsPerPoint: float = Field(
+        2.0, gt=0, le=600, description="Seconds of load per point of the sweep (after a short warm-up)."
+    )
+
+
 class BenchmarkSpec(_Strict):
     device: Device = Field(Device.cpu, description="cpu or cuda.")
     threads: int = Field(1, description="Intra-op threads for every runtime.", ge=1, le=256)
@@ -361,6 +390,9 @@ class BenchmarkSpec(_Strict):
         description="CPU class to quantize for: auto (this machine's) or the class of the nodes that will "
         "serve the model (avx2 and avx512 get 7-bit INT8 weights, the VNNI/AMX classes full 8-bit). "
         "Timings are always of the machine that runs mlopt.",
+    )
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Serving throughput within a latency SLO (see spec.targets)."
     )
 
 
@@ -578,6 +610,32 @@ class StorageSpec(_Strict):
     )
 
 
+class TargetSpec(_Strict):
+    """A node pool to measure on: what places a pod there and, optionally, what such a pod costs."""
+
+    name: str = Field(
+        description="The target's name, e.g. the node pool's (DNS-1123 label, at most 20 characters: it is "
+        "part of the Job's name).", min_length=1, max_length=20,
+    )
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector of this target.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations of this target.")
+    resources: Resources = Field(
+        default_factory=Resources, description="Pod resources on this target (else spec.job.resources)."
+    )
+    device: Device = Field(Device.cpu, description="cpu, or cuda for a GPU pool (requests nvidia.com/gpu).")
+    pricePerHour: float | None = Field(
+        None, gt=0, le=1_000_000,
+        description="What one pod of this shape costs per hour (any currency, the same for every target). For a "
+        "node's price, divide it by how many such pods fit on the node. With it, mlopt reports the cost per "
+        "million inferences and, given spec.demand, the replicas and cost per hour.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        return dns_label(name, "c7i-large")
+
+
 class ModelOptimizationSpec(_Strict):
     model: ModelSpec = Field(description="The model to optimize.")
     variants: list[VariantSpec] | None = Field(
@@ -601,6 +659,28 @@ class ModelOptimizationSpec(_Strict):
     )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store access.")
     job: JobSpec = Field(default_factory=JobSpec, description="Cluster Job settings.")
+    targets: list[TargetSpec] | None = Field(
+        None,
+        description="Node pools to measure on: one Job per target, each timing the variants on its own nodes, "
+        "and a recommended (target, variant). Omitted: one Job wherever the scheduler puts it.",
+        max_length=16,
+    )
+    demand: float | None = Field(
+        None, gt=0, le=10_000_000,
+        description="Requests per second to serve: with it, each target's replicas (and cost per hour, with "
+        "pricePerHour) for the recommended variant.",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _some_unique_targets(cls, targets: list[TargetSpec] | None) -> list[TargetSpec] | None:
+        if targets is not None and not targets:
+            raise ValueError("give at least one target, or leave targets out to measure where the Job runs")
+        names = [t.name for t in targets or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique; repeated: {', '.join(dupes)}")
+        return targets
 
     @field_validator("output")
     @classmethod
@@ -627,9 +707,7 @@ class Metadata(BaseModel):
     @field_validator("name")
     @classmethod
     def _dns_label(cls, name: str) -> str:
-        if not _DNS1123.match(name):
-            raise ValueError("use lower-case letters, digits and '-', e.g. crnn-int8")
-        return name
+        return dns_label(name, "crnn-int8")
 
 
 class ModelOptimization(_Strict):
@@ -638,6 +716,18 @@ class ModelOptimization(_Strict):
     metadata: Metadata
     spec: ModelOptimizationSpec
     status: dict[str, Any] | None = Field(None, description="Written by the operator; ignored.")
+
+    def serving_enabled(self) -> bool:
+        """benchmark.serving.enabled, or, unset, whether targets are given."""
+        enabled = self.spec.benchmark.serving.enabled
+        return bool(self.spec.targets) if enabled is None else enabled
+
+    def target(self, name: str) -> TargetSpec:
+        for target in self.spec.targets or []:
+            if target.name == name:
+                return target
+        known = ", ".join(t.name for t in self.spec.targets or []) or "none"
+        raise KeyError(f"no target named {name!r} in spec.targets (known: {known})")
 
     def variants(self) -> list[VariantSpec]:
         """The spec's variants, or the recommended set for its device."""

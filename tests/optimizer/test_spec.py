@@ -53,6 +53,17 @@ def test_dynamic_axes_keys_arrive_as_strings_from_kubernetes():
      "spec.variants[0].name", "pattern"),
     ({"model": {"source": "zoo:crnn"}, "variants": [{"name": "resnet/int8", "recipe": "onnx-fp32"}]},
      "spec.variants[0].name", "pattern"),
+    # where to serve (spec.targets): each mistake named before any Job exists
+    ({"model": {"source": "zoo:crnn"}, "targets": []}, "spec.targets", "leave targets out"),
+    ({"model": {"source": "zoo:crnn"}, "targets": [{"name": "avx2"}, {"name": "avx2"}]}, "spec.targets", "repeated: avx2"),
+    ({"model": {"source": "zoo:crnn"}, "targets": [{"name": "amx", "pricePerHour": 0}]},
+     "spec.targets[0].pricePerHour", "greater than 0"),
+    ({"model": {"source": "zoo:crnn"}, "targets": [{"name": "amx", "pricePerHour": -1.5}]},
+     "spec.targets[0].pricePerHour", "greater than 0"),
+    ({"model": {"source": "zoo:crnn"}, "targets": [{"name": "Pool_A"}]}, "spec.targets[0].name", "lower-case"),
+    ({"model": {"source": "zoo:crnn"}, "demand": 0}, "spec.demand", "greater than 0"),
+    ({"model": {"source": "zoo:crnn"}, "benchmark": {"serving": {"latencySLOMs": 0}}},
+     "spec.benchmark.serving.latencySLOMs", "greater than 0"),
 ])
 def test_invalid_specs_name_the_field_and_the_fix(spec, field, words):
     with pytest.raises(SpecError) as caught:
@@ -103,3 +114,13 @@ def test_a_limit_below_the_default_request_lowers_the_request():
     assert resources.requests.memory == "48Mi" and resources.requests.cpu == "500m"
     resources = parse_spec(document(job={"resources": {"limits": {"memory": "16Gi"}}})).spec.job.resources
     assert resources.requests.memory == "2Gi"  # the default request stays when it fits
+
+
+def test_the_serving_sweep_is_on_with_targets_and_off_for_the_default_local_run():
+    assert not parse_spec(document()).serving_enabled()
+    with_targets = parse_spec(document(targets=[{"name": "avx2", "nodeSelector": {"pool": "avx2"}, "pricePerHour": 0.1}]))
+    assert with_targets.serving_enabled() and with_targets.target("avx2").pricePerHour == 0.1
+    assert not parse_spec(document(targets=[{"name": "a"}], benchmark={"serving": {"enabled": False}})).serving_enabled()
+    assert parse_spec(document(benchmark={"serving": {"enabled": True}})).serving_enabled()
+    with pytest.raises(KeyError, match="known: avx2"):
+        with_targets.target("amx")
