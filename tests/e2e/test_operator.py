@@ -27,6 +27,7 @@ import yaml
 
 from mlopt_operator.job import kueue_workload_names
 from mlopt_operator.policy import CACHE_SECONDS
+from optimizer.artifacts.storage import PROBE_PREFIX
 
 from .control_plane import BASE_IMAGE, WORKER_IMAGE, free_port
 from .kueue import FLAVOR
@@ -671,7 +672,10 @@ def test_worker_killed_during_upload_leaves_no_results_json_and_fails(operator, 
     spec, output = _s3_setup(control_plane, namespace, s3_server, tmp_path, name, hidden=16384)
     prefix = output.removeprefix("s3://results/")
     apply(control_plane, namespace, spec)
-    uploaded = lambda: [k for k in s3_server.objects("results") if k.startswith(prefix)]  # noqa: E731
+    # Not the write probe the worker puts and deletes before any work (spec.output is checked first):
+    # killing the worker then would test nothing about the upload, and leave no object behind.
+    uploaded = lambda: [k for k in s3_server.objects("results")  # noqa: E731
+                        if k.startswith(prefix) and PROBE_PREFIX not in k]
     wait_for("the first uploaded object", uploaded, 240, operator.tail, interval=0.01)
     marker = f'"name":"{name}","namespace":"{namespace}"'
     for pid in worker_pids(marker):
