@@ -133,7 +133,9 @@ def serving_line(results: Results) -> str:
     line = (f"{serving.requestsPerSecond:.1f} req/s within p99 ≤ {serving.latencySLOMs:g} ms with {serving.variant} "
             f"(p99 {serving.p99Ms:.2f} ms) on {results.target or 'this machine'}")
     offer = next((o for o in rec.offers if o.lost is None), None) if rec else None
-    if offer and offer.replicas is not None:
-        line += f"; {offer.replicas} replica(s) for {rec.demand:g} req/s"
-        line += f" at {offer.costPerHour:.4g}/h" if offer.costPerHour is not None else ""
+    if offer:
+        line += f"; recommended: {offer.variant} on {offer.target}"
+        if offer.replicas is not None:
+            line += f", {offer.replicas} replica(s) for {rec.demand:g} req/s"
+            line += f" at {offer.costPerHour:.4g}/h" if offer.costPerHour is not None else ""
     return line + " (report.md: Serving within the SLO)"

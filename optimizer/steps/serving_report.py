@@ -63,8 +63,18 @@ def serving_section(results: Results) -> list[str]:
     ]
 
 
+def _frontier(curve: ServingCurve) -> list:
+    best, frontier = -1.0, []
+    for point in sorted(curve.points, key=lambda p: p.p99Ms):
+        if point.requestsPerSecond > best:
+            best = point.requestsPerSecond
+            frontier.append(point)
+    return frontier
+
+
 def serving_chart(results: Results, directory: Path) -> Path | None:
-    """Throughput against p99 per swept variant, the SLO as a vertical line."""
+    """Throughput against p99 per swept variant (every point, and the best at each p99 as a step line),
+    the SLO as a vertical line, the point at the SLO circled."""
     serving = results.serving
     if serving is None or not any(c.points for c in serving.curves):
         return None
@@ -77,14 +87,19 @@ def serving_chart(results: Results, directory: Path) -> Path | None:
     for curve in serving.curves:
         if not curve.points:
             continue
-        ordered = sorted(curve.points, key=lambda p: p.p99Ms)
-        ax.plot([p.p99Ms for p in ordered], [p.requestsPerSecond for p in ordered], marker="o", label=curve.variant)
+        dots = ax.scatter([p.p99Ms for p in curve.points], [p.requestsPerSecond for p in curve.points], s=18,
+                          alpha=0.6, label=curve.variant)
+        frontier = _frontier(curve)  # the most requests/s at each p99 or less: what the SLO picks from
+        ax.plot([p.p99Ms for p in frontier], [p.requestsPerSecond for p in frontier], color=dots.get_facecolor()[0],
+                drawstyle="steps-post", alpha=0.9)
         if curve.atSLO:
             ax.scatter([curve.atSLO.p99Ms], [curve.atSLO.requestsPerSecond], s=140, facecolors="none",
                        edgecolors="#2a9d8f", linewidths=2)
     ax.axvline(serving.latencySLOMs, color="#e63946", linestyle="--", linewidth=1,
                label=f"SLO: p99 ≤ {serving.latencySLOMs:g} ms")
     ax.set_xlabel("p99 latency per request (ms)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("requests/s")
     ax.set_title(f"{results.name}: serving throughput vs p99 ({results.target or 'this machine'}, {serving.cpus} CPU)")
     ax.legend(fontsize=8)

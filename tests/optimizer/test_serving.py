@@ -114,7 +114,7 @@ def test_a_price_and_a_demand_give_replicas_and_cost_per_hour_recomputable_from_
                       targets=[{"name": "local-pool", "pricePerHour": 0.2}], demand=250)
     done = mlopt("optimize", str(spec), "--target", "local-pool", "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "serving:" in done.stdout and "replica(s) for 250 req/s" in done.stdout
+    assert "serving:" in done.stdout and "recommended: onnx-fp32 on local-pool, " in done.stdout
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["targets"]  # one target's run never overwrites another's
     folder = tmp_path / "out" / "targets" / "local-pool"
     results = json.loads((folder / "results.json").read_text())
