@@ -53,7 +53,8 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     if not args.quiet:
         print_results(console, results)
         where = results_uri.removesuffix("results.json")
-        console.print(f"wrote {where}: results.json, report.md, run.log, size.png, latency.png and models/")
+        charts = "size.png, latency.png" + (", charts/serving.png" if results.serving else "")
+        console.print(f"wrote {where}: results.json, report.md, run.log, {charts} and models/")
     return 0
 
 

@@ -189,6 +189,7 @@ class ServingPoint(_Record):
     p90Ms: float
     p99Ms: float
     requests: int  # completed during the point
+    stable: bool = True  # its last 3 windows agreed within 10% (perf_analyzer's rule); False: taken as they were
 
 
 class ServingCurve(_Record):

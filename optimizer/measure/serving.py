@@ -2,8 +2,9 @@
 
 perf_analyzer's concurrency mode, in process: `c` streams, each a Python thread with its own
 session (ONNX Runtime and OpenVINO release the GIL while they run), send requests back to back
-for `seconds` after a short warm-up. A request counts when it completes inside the window, so the
-window's edges bias nothing; its latency is its call's time. Per concurrency, the threads per
+for `secondsPerPoint` after a short warm-up, in three windows that must agree within 10% (else up
+to three more, perf_analyzer's stability rule). A request counts in the window it completes in, so
+the windows' edges bias nothing; its latency is its call's time. Per concurrency, the threads per
 stream are chosen by measurement (1, 2, 4, … while streams × threads fit the CPUs), then, where
 the model has a dynamic batch axis, batches of 2/4/8 requests per call are tried at those threads
 (a server's dynamic batcher; every request in a call waits the whole call). The sweep stops when
@@ -25,6 +26,9 @@ from optimizer.engines.feeds import random_feed
 from optimizer.engines.runners import Runner, torch_threads
 
 DYNAMIC_BATCHES = (2, 4, 8)
+# perf_analyzer's stability rule: the last 3 windows' rates and mean latencies within 10% of each other.
+WINDOWS, STABILITY = 3, 0.10
+MAX_WINDOWS = 2 * WINDOWS  # then the last 3 are taken as they are, and the point says it was unstable
 RISE = 1.02  # a concurrency that adds less than 2% requests/s is noise on a shared machine, not a gain
 # Runtimes whose one model object cannot serve concurrent streams: a captured CUDA graph replays into
 # the same static tensors, so two streams would overwrite each other's inputs.
@@ -71,40 +75,69 @@ class SweepPlan:
                    for c in range(1, self.max_concurrency + 1))
 
 
-def run_load(calls: list[Callable[[], object]], seconds: float, warmup: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each call in its own thread, back to back, for `warmup` then `seconds`. Returns the latencies
-    (ms) of the calls that completed inside the timed window, and of every call (for a point whose
-    calls are longer than the window)."""
+@dataclass
+class Load:
+    latencies: np.ndarray  # ms, of the calls completed in the last WINDOWS windows
+    seconds: float  # how long those windows lasted together
+    stable: bool  # whether their rates and mean latencies agreed within STABILITY
+    every: np.ndarray  # ms, of every call (for a point whose calls are longer than a window)
+
+
+def _windows(done: list[list[tuple[float, float]]], start: float, length: float, count: int) -> list[np.ndarray]:
+    """The latencies of the calls that completed in each of `count` windows of `length` from `start`."""
+    ended = [item for stream in done for item in list(stream)]  # list(): a snapshot while streams append
+    return [np.asarray([ms for end, ms in ended if start + i * length <= end < start + (i + 1) * length])
+            for i in range(count)]
+
+
+def _agree(windows: list[np.ndarray], tolerance: float) -> bool:
+    counts = [w.size for w in windows]
+    if min(counts) == 0:
+        return False
+    means = [float(w.mean()) for w in windows]
+    return max(counts) <= min(counts) * (1 + tolerance) and max(means) <= min(means) * (1 + tolerance)
+
+
+def run_load(calls: list[Callable[[], object]], window: float, warmup: float) -> Load:
+    """Each call in its own thread, back to back: `warmup`, then windows of `window` seconds until the
+    last WINDOWS agree on rate and mean latency within STABILITY, or MAX_WINDOWS have passed
+    (perf_analyzer's stability rule: a neighbour that takes a core for a second moves one window, not
+    the point). A call counts in the window it completes in, so a window's edges bias nothing."""
     barrier = threading.Barrier(len(calls) + 1)
-    window: dict[str, float] = {}
-    inside: list[list[float]] = [[] for _ in calls]
-    every: list[list[float]] = [[] for _ in calls]
+    stop = threading.Event()
+    done: list[list[tuple[float, float]]] = [[] for _ in calls]  # per stream: (completed at, ms)
     errors: list[BaseException] = []
 
     def stream(index: int, call: Callable[[], object]) -> None:
         barrier.wait()
-        start_at, end_at = window["start"], window["end"]
         try:
-            while (started := time.perf_counter()) < end_at:
+            while not stop.is_set():
+                started = time.perf_counter()
                 call()
                 ended = time.perf_counter()
-                every[index].append((ended - started) * 1000.0)
-                if start_at <= ended <= end_at:
-                    inside[index].append((ended - started) * 1000.0)
+                done[index].append((ended, (ended - started) * 1000.0))
         except BaseException as error:  # re-raised in the caller's thread
             errors.append(error)
+            stop.set()
 
     threads = [threading.Thread(target=stream, args=(i, call), daemon=True) for i, call in enumerate(calls)]
     for thread in threads:
         thread.start()
-    window["start"] = time.perf_counter() + warmup
-    window["end"] = window["start"] + seconds
+    start = time.perf_counter() + warmup
     barrier.wait()
+    count, stable = 0, False
+    while not errors and count < MAX_WINDOWS and not stable:
+        count += 1
+        time.sleep(max(0.0, start + count * window - time.perf_counter()))
+        stable = count >= WINDOWS and _agree(_windows(done, start, window, count)[-WINDOWS:], STABILITY)
+    stop.set()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return np.asarray([x for xs in inside for x in xs]), np.asarray([x for xs in every for x in xs])
+    last = _windows(done, start, window, count)[-WINDOWS:]
+    return Load(latencies=np.concatenate(last), seconds=WINDOWS * window, stable=stable,
+                every=np.asarray([ms for stream in done for _, ms in stream]))
 
 
 @dataclass
@@ -129,13 +162,12 @@ def measure_point(streams: _Streams, concurrency: int, threads: int, batch: int,
     calls = streams.calls(concurrency, threads, batch)
     # ONNX Runtime and OpenVINO fix their threads per session; PyTorch reads torch's count per call.
     with torch_threads(threads) if streams.runner.runtime.startswith("pytorch") else contextlib.nullcontext():
-        inside, every = run_load(calls, plan.seconds, plan.warmup)
-    latencies = inside if inside.size else every
-    mean = float(latencies.mean())
+        load = run_load(calls, plan.seconds / WINDOWS, plan.warmup)
+    latencies = load.latencies if load.latencies.size else load.every
     p50, p90, p99 = (float(x) for x in np.percentile(latencies, [50, 90, 99]))
     return ServingPoint(concurrency=concurrency, threadsPerStream=threads, batch=batch,
-                        requestsPerSecond=batch * inside.size / plan.seconds, meanMs=mean, p50Ms=p50, p90Ms=p90,
-                        p99Ms=p99, requests=batch * int(inside.size))
+                        requestsPerSecond=batch * load.latencies.size / load.seconds, meanMs=float(latencies.mean()),
+                        p50Ms=p50, p90Ms=p90, p99Ms=p99, requests=batch * int(load.latencies.size), stable=load.stable)
 
 
 def _level(streams: _Streams, concurrency: int, plan: SweepPlan,

@@ -24,6 +24,8 @@ def _curve_table(curve: ServingCurve, slo_ms: float) -> list[str]:
         mark = "within" if p.p99Ms <= slo_ms else "over"
         if p == curve.atSLO:
             mark = "**within ★ at SLO**"
+        if not p.stable:
+            mark += " (unstable: its windows differed by over 10%)"
         lines.append(f"| {p.concurrency} | {p.threadsPerStream} | {p.batch} | {p.requestsPerSecond:.1f} | "
                      f"{p.p50Ms:.2f} | {p.p99Ms:.2f} | {mark} |")
     return lines + [""]

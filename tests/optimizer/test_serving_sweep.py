@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from optimizer.api.spec import InputSpec, ServingSpec
 from optimizer.engines.runners import OrtRunner
 from optimizer.measure.environment import usable_cpus
-from optimizer.measure.serving import SweepPlan, sweep, thread_choices
+from optimizer.measure.serving import SweepPlan, run_load, sweep, thread_choices
 
 INPUTS = [InputSpec(name="x", shape=[1, 256], dynamicAxes={0: "batch"})]
 
@@ -49,8 +50,19 @@ def test_the_curve_records_every_point_and_the_best_within_the_slo(matmul):
     within = [p for p in curve.points if p.p99Ms <= 50]
     assert curve.atSLO == max(within, key=lambda p: p.requestsPerSecond)
     for p in curve.points:  # a batch of b counts b requests, each with its call's latency
-        assert p.requests % p.batch == 0 and p.requestsPerSecond == pytest.approx(p.requests / 0.2)
+        assert p.requests % p.batch == 0 and p.requestsPerSecond == pytest.approx(p.requests / 0.2)  # 3 windows
         assert p.p50Ms <= p.p90Ms <= p.p99Ms and p.meanMs > 0
+
+
+def test_a_point_waits_for_three_windows_that_agree_and_says_when_they_never_did():
+    calm = run_load([lambda: time.sleep(0.002)], window=0.05, warmup=0.01)
+    assert calm.stable and calm.seconds == pytest.approx(0.15) and 40 <= calm.latencies.size <= 80
+    # A neighbour takes the core after ~20 calls: from then on a call (0.12 s) outlasts two windows, so no
+    # three windows in a row agree, and the point says so after MAX_WINDOWS instead of waiting forever.
+    pauses = iter([0.001] * 20 + [0.12] * 1000)
+    start = time.perf_counter()
+    shaken = run_load([lambda: time.sleep(next(pauses))], window=0.05, warmup=0.0)
+    assert not shaken.stable and time.perf_counter() - start < 0.6
 
 
 def test_an_slo_below_one_request_alone_is_a_named_cannot_meet(matmul):
