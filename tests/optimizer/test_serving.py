@@ -193,3 +193,27 @@ def test_a_target_not_in_the_spec_is_refused_before_any_work(tmp_path):
     summary = json.loads((tmp_path / "termination-log").read_text())
     assert failed.returncode == 2 and (summary["phase"], summary["reason"]) == ("Failed", "InvalidSpec")
     assert summary["message"].startswith("MLOPT_TARGET: no target named 'amx'") and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # the whole pipeline, as the operator's Job runs it
+def test_a_targets_job_stores_under_its_own_folder_and_its_summary_names_the_target(tmp_path):
+    (tmp_path / "claims" / "models").mkdir(parents=True)
+    document = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "w"},
+                "spec": {"model": {"source": "zoo:digits"}, "variants": [{"name": "fp32", "recipe": "onnx-fp32"}],
+                         "benchmark": {**QUICK_BENCHMARK, "serving": {"latencySLOMs": 100, **SWEEP}},
+                         "targets": [{"name": "avx512", "pricePerHour": 0.1}, {"name": "amx"}],
+                         "output": "pvc://models/runs/w/"}}
+    env = {**os.environ, "MLOPT_SPEC": json.dumps(document), "MLOPT_TARGET": "avx512",
+           "MLOPT_PVC_ROOT": str(tmp_path / "claims"), "MLOPT_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    done = subprocess.run([MLOPT, "worker"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "serving fp32: 1 stream(s) × 1 thread(s), batch 1: " in done.stdout  # the sweep in the Job's log
+    summary = json.loads((tmp_path / "termination-log").read_text())
+    assert summary["target"] == "avx512" and summary["serving"]["variant"] == "fp32"
+    assert summary["serving"]["requestsPerSecond"] > 0 and summary["serving"]["latencySLOMs"] == 100
+    assert summary["output"] == "pvc://models/runs/w/targets/avx512/"
+    assert summary["results"] == "pvc://models/runs/w/targets/avx512/results.json"
+    assert summary["artifacts"]["best"]["uri"].startswith("pvc://models/runs/w/targets/avx512/models/")
+    results = json.loads((tmp_path / "claims/models/runs/w/targets/avx512/results.json").read_text())
+    assert results["recommendation"]["offers"][0]["pricePerHour"] == 0.1
+    assert "serving fp32" in (tmp_path / "claims/models/runs/w/targets/avx512/run.log").read_text()
