@@ -8,6 +8,7 @@ MLOPT_TARGET, `mlopt optimize --target NAME` locally; without either it is "loca
 
 from __future__ import annotations
 
+from optimizer.api.errors import DeviceError, internal_error
 from optimizer.api.results import Serving, ServingCurve, ServingOffer, VariantStatus
 from optimizer.api.serving import recommend
 from optimizer.measure.environment import usable_cpus
@@ -64,7 +65,12 @@ def serve_step(run: Run) -> None:
                 run.reporter.log(_point_line(name, point, plan.slo_ms))
                 advance()
 
-            curve = sweep(name, run.built[name].runner, run.loaded.inputs, plan, on_point)
+            try:
+                curve = sweep(name, run.built[name].runner, run.loaded.inputs, plan, on_point)
+            except DeviceError as error:  # e.g. a CUDA session whose nodes fell back to the CPU
+                curve = ServingCurve(variant=name, reason=f"not swept: {str(error).strip()[:400]}")
+            except Exception as error:  # one variant's sweep never stops the others or the run; this is our bug
+                curve = ServingCurve(variant=name, reason=f"not swept: {internal_error(error)}")
             at = curve.atSLO
             run.reporter.log(f"serving {name}: " + (curve.reason or f"{at.requestsPerSecond:.1f} req/s within the SLO "
                                                     f"(p99 {at.p99Ms:.2f} ms, {at.concurrency} stream(s) × "
