@@ -211,6 +211,7 @@ class Serving(_Record):
     requestsPerSecond: float | None = None
     p99Ms: float | None = None
     reason: str | None = None  # why none met the SLO
+    notes: list[str] = Field(default_factory=list)  # what bounded the sweep, e.g. streams capped by memory
 
 
 class ServingOffer(_Record):

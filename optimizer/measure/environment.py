@@ -57,6 +57,32 @@ def usable_cpus() -> int:
     return max(1, min(cpus, int(limit)) if limit else cpus)
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # "max" (no limit), or no such file
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the lower of the machine's MemAvailable and what its
+    cgroup's limit (a pod's memory limit) leaves; None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes ~2^63 for no limit
+            found.append(max(0, limit - usage))
+    return min(found) if found else None
+
+
 def _versions() -> dict[str, str]:
     found = {}
     for name in PACKAGES:

@@ -14,6 +14,7 @@ p99 passes the SLO at two concurrencies in a row or throughput stops rising.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,14 @@ def cannot_meet(alone_p99_ms: float, slo_ms: float) -> str:
             f"{slo_ms:g} ms (raise benchmark.serving.latencySLOMs or pick a faster target)")
 
 
+def session_cap(model_bytes: int, available: int | None) -> int | None:
+    """How many streams' sessions of a model fit in half the memory this pod has left (each holds its
+    weights, their prepacked copy and its activations); None where the memory left is unknown."""
+    if available is None:
+        return None
+    return max(1, int(available * 0.5 // (2 * model_bytes + 16 * 2**20)))
+
+
 def thread_choices(concurrency: int, cpus: int) -> list[int]:
     """Threads per stream worth trying: 1, 2, 4, … while concurrency × threads fit the CPUs (1 always:
     more streams than CPUs still run, oversubscribed)."""
@@ -64,6 +73,11 @@ class SweepPlan:
         """From benchmark.serving (ServingSpec): maxConcurrency unset is twice the CPUs."""
         return cls(slo_ms=serving.latencySLOMs, cpus=cpus, max_concurrency=serving.maxConcurrency or 2 * cpus,
                    seconds=serving.secondsPerPoint, batches=(1, *DYNAMIC_BATCHES) if batchable else (1,))
+
+    def capped(self, streams: int | None) -> "SweepPlan":
+        if streams is None or streams >= self.max_concurrency:
+            return self
+        return dataclasses.replace(self, max_concurrency=streams)
 
     @property
     def warmup(self) -> float:
@@ -149,6 +163,11 @@ class _Streams:
     by_threads: dict[int, list[Runner]] = field(default_factory=dict)
     feeds: dict[int, dict] = field(default_factory=dict)
 
+    def keep_only(self, threads: list[int]) -> None:
+        """Release the sessions of thread counts the sweep will not use again."""
+        for count in [t for t in self.by_threads if t not in threads]:
+            del self.by_threads[count]
+
     def calls(self, concurrency: int, threads: int, batch: int) -> list[Callable[[], object]]:
         runners = self.by_threads.setdefault(threads, [])
         while len(runners) < concurrency:
@@ -198,6 +217,7 @@ def sweep(variant: str, runner: Runner, inputs: list, plan: SweepPlan,
     for concurrency in range(1, plan.max_concurrency + 1):
         level = _level(streams, concurrency, plan, on_point)
         points += level
+        streams.keep_only(thread_choices(concurrency + 1, plan.cpus))
         if concurrency == 1:
             alone = min(p.p99Ms for p in level if p.batch == 1)
             if alone > plan.slo_ms:

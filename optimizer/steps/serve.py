@@ -11,9 +11,9 @@ from __future__ import annotations
 from optimizer.api.errors import DeviceError, internal_error
 from optimizer.api.results import Serving, ServingCurve, ServingOffer, VariantStatus
 from optimizer.api.serving import recommend
-from optimizer.measure.environment import usable_cpus
+from optimizer.measure.environment import available_memory, usable_cpus
 from optimizer.measure.scaling import batchable
-from optimizer.measure.serving import SweepPlan, sweep
+from optimizer.measure.serving import SweepPlan, session_cap, sweep
 from optimizer.steps.run import Run
 
 LOCAL = "local"  # the offers' target when the run measures no named target
@@ -58,15 +58,21 @@ def serve_step(run: Run) -> None:
     names = candidates(run, settings.variants)
     run.reporter.log(f"serving sweep on {plan.cpus} CPU(s), p99 SLO {plan.slo_ms:g} ms: {', '.join(names) or 'none'}"
                      f" (up to {plan.max_concurrency} streams, {plan.seconds:g} s per point)")
-    curves = []
+    curves, notes = [], []
     with run.reporter.task(f"serving sweep of {len(names)} variant(s)", plan.most_points() * len(names)) as advance:
         for name in names:
             def on_point(point, name=name):
                 run.reporter.log(_point_line(name, point, plan.slo_ms))
                 advance()
 
+            built = run.built[name]
+            cap = session_cap(built.size_bytes, available_memory())
+            if cap is not None and cap < plan.max_concurrency:
+                notes.append(f"{name}: at most {cap} stream(s), not {plan.max_concurrency}: each holds a session of "
+                             f"this {built.size_bytes / 1e6:.1f} MB model, and they must fit in half the memory left")
+                run.reporter.log(f"serving {notes[-1]}")
             try:
-                curve = sweep(name, run.built[name].runner, run.loaded.inputs, plan, on_point)
+                curve = sweep(name, built.runner, run.loaded.inputs, plan.capped(cap), on_point)
             except DeviceError as error:  # e.g. a CUDA session whose nodes fell back to the CPU
                 curve = ServingCurve(variant=name, reason=f"not swept: {str(error).strip()[:400]}")
             except Exception as error:  # one variant's sweep never stops the others or the run; this is our bug
@@ -78,5 +84,6 @@ def serve_step(run: Run) -> None:
             curves.append(curve)
     run.serving = serving_record(curves, plan.slo_ms, plan.cpus,
                                  f"no accepted variant to serve: {run.best_reason}")
+    run.serving.notes = notes
     price = run.spec.target(run.target).pricePerHour if run.target else None
     run.recommendation = recommend(offers(curves, run.target or LOCAL, price), run.spec.spec.demand)

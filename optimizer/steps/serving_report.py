@@ -60,6 +60,7 @@ def serving_section(results: Results) -> list[str]:
         "in the timed window, p50/p99 are of each request's latency. A batch above 1 is a server's dynamic "
         "batching: the requests of one call all wait the whole call (the queueing before it is not included). "
         f"Chart: `{CHART}`.", "",
+        *[f"- {note}" for note in serving.notes], *([""] if serving.notes else []),
         *[line for curve in serving.curves for line in _curve_table(curve, serving.latencySLOMs)],
         *_recommendation(results.recommendation),
     ]

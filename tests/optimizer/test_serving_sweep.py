@@ -11,7 +11,7 @@ import pytest
 from optimizer.api.spec import InputSpec, ServingSpec
 from optimizer.engines.runners import OrtRunner
 from optimizer.measure.environment import usable_cpus
-from optimizer.measure.serving import SweepPlan, run_load, sweep, thread_choices
+from optimizer.measure.serving import SweepPlan, run_load, session_cap, sweep, thread_choices
 
 INPUTS = [InputSpec(name="x", shape=[1, 256], dynamicAxes={0: "batch"})]
 
@@ -84,3 +84,14 @@ def test_a_pytorch_variant_is_swept_with_torchs_threads_and_they_are_restored():
     curve = sweep("linear", runner, INPUTS, plan)
     assert curve.atSLO and {p.threadsPerStream for p in curve.points if p.concurrency == 1} == {1, 2}
     assert torch.get_num_threads() == before
+
+
+def test_streams_are_capped_so_their_sessions_fit_in_half_the_memory_left():
+    from optimizer.measure.environment import available_memory
+
+    mb = 2**20
+    assert session_cap(100 * mb, 2000 * mb) == 4  # 1000 MB / (2 x 100 + 16) MB
+    assert session_cap(900 * mb, 1000 * mb) == 1 and session_cap(100 * mb, None) is None
+    plan = SweepPlan.of(ServingSpec(), cpus=4, batchable=False)
+    assert plan.capped(3).max_concurrency == 3 and plan.capped(64) is plan and plan.capped(None) is plan
+    assert available_memory() > 0
