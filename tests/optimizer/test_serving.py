@@ -74,7 +74,7 @@ def independent_load(model: Path, shape: list[int], concurrency: int, threads: i
     return shape[0] * sum(done) / seconds
 
 
-@pytest.mark.slow  # the whole pipeline on the CRNN, then 3 x 2 s of independent load
+@pytest.mark.slow  # the whole pipeline on the CRNN, then 6 to 12 s of independent load
 def test_the_crnn_rate_at_the_slo_is_reproduced_by_an_independent_load(tmp_path):
     from optimizer.api.spec_loader import load_spec
     from optimizer.console import QuietReporter
@@ -93,15 +93,19 @@ def test_the_crnn_rate_at_the_slo_is_reproduced_by_an_independent_load(tmp_path)
     assert results.serving.variant == "onnx-fp32" and at.p99Ms <= 1000
     assert at.requestsPerSecond == results.serving.requestsPerSecond
     model = tmp_path / "out" / results.variant("onnx-fp32").artifact  # the file a server would load
-    # Three loads of 2 s (the sweep's time per point), and their median: on this shared 2-core machine a
-    # neighbour that takes a core for a second halves one load's rate, and the median ignores one such
-    # load. Each load counts ~200+ requests, so a window edge moves it by under 1%; 10% leaves room for
-    # the machine's remaining noise and for the sweep's pick of the best of its points (a lucky one).
-    loads = [independent_load(model, [at.batch, 1, 32, 100], at.concurrency, at.threadsPerStream, seconds=2.0)
-             for _ in range(3)]
-    measured = float(np.median(loads))
+    # Loads of 2 s (the sweep's time per point) until three in a row agree within 10% (at most six):
+    # the stability rule perf_analyzer applies, and the sweep applies to its own windows. On this shared
+    # 2-core machine a neighbour that takes a core for a second halves one load's rate; a rate that
+    # moves that much is no reference. Each load counts 200+ requests, so a window edge moves it by
+    # under 1%; 10% leaves room for the remaining noise and for the sweep's pick of the best of its
+    # points (a lucky one). At most 12 s of load.
+    loads: list[float] = []
+    while len(loads) < 6 and not (len(loads) >= 3 and max(loads[-3:]) <= 1.10 * min(loads[-3:])):
+        loads.append(independent_load(model, [at.batch, 1, 32, 100], at.concurrency, at.threadsPerStream, 2.0))
+    measured = float(np.mean(loads[-3:]))
     print(f"sweep at SLO: {at.requestsPerSecond:.1f} req/s ({at.concurrency} x {at.threadsPerStream} threads, "
           f"batch {at.batch}); independent loads: {', '.join(f'{x:.1f}' for x in loads)} req/s")
+    assert max(loads[-3:]) <= 1.10 * min(loads[-3:]), f"the machine was too busy for a steady reference: {loads}"
     assert abs(measured - at.requestsPerSecond) <= 0.10 * at.requestsPerSecond, results.serving.curves[0].points
 
 
