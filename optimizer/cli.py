@@ -33,12 +33,18 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
             uris.output(args.output)
         except uris.UriError as error:
             raise SpecError(args.spec, [f"--output: {error} (got {args.output!r})"]) from None
+    if args.target is not None:
+        try:
+            spec.target(args.target)
+        except KeyError as error:
+            raise SpecError(args.spec, [f"--target: {error.args[0]}"]) from None
     if args.quiet:
         reporter = QuietReporter()
     else:  # bars for people at a terminal; plain lines for logs and pipes
         reporter = RichReporter(console) if console.is_terminal else LogReporter()
     try:
-        results, results_uri = optimize_to(spec, output, Path(args.spec).resolve().parent, reporter)
+        results, results_uri = optimize_to(spec, output, Path(args.spec).resolve().parent, reporter,
+                                           target=args.target)
     except OptimizationError as error:  # the model, data or inputs: the message names the field and the fix
         if args.debug:
             traceback.print_exc()
@@ -47,7 +53,8 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     if not args.quiet:
         print_results(console, results)
         where = results_uri.removesuffix("results.json")
-        console.print(f"wrote {where}: results.json, report.md, run.log, size.png, latency.png and models/")
+        charts = "size.png, latency.png" + (", charts/serving.png" if results.serving else "")
+        console.print(f"wrote {where}: results.json, report.md, run.log, {charts} and models/")
     return 0
 
 
@@ -121,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     optimize = commands.add_parser("optimize", help="run a ModelOptimization spec on this machine")
     optimize.add_argument("spec", help="path to the YAML spec")
     optimize.add_argument("--output", "-o", help="output directory (overrides spec.output)")
+    optimize.add_argument("--target", help="measure this machine as one of spec.targets (its price; results under "
+                          "<output>/targets/<name>/)")
     optimize.add_argument("--quiet", "-q", action="store_true", help="no progress and no table (for scripts)")
     optimize.add_argument("--debug", action="store_true", help="print the traceback of any error (for bug reports)")
     optimize.set_defaults(handler=_optimize)

@@ -121,3 +121,21 @@ def print_results(console: Console, results: Results) -> None:
             if note.startswith("SLOWER"):
                 console.print(f"[red]{variant.name}[/] {note}")
     console.print(f"[bold]best:[/] {results.best or 'none'} — {results.bestReason}")
+    if results.serving:
+        console.print(f"[bold]serving:[/] {serving_line(results)}")
+
+
+def serving_line(results: Results) -> str:
+    """The serving sweep in one line: the figure at the SLO and the recommendation, or why none."""
+    serving, rec = results.serving, results.recommendation
+    if not serving.variant:
+        return serving.reason or "no variant meets the SLO"
+    line = (f"{serving.requestsPerSecond:.1f} req/s within p99 ≤ {serving.latencySLOMs:g} ms with {serving.variant} "
+            f"(p99 {serving.p99Ms:.2f} ms) on {results.target or 'this machine'}")
+    offer = next((o for o in rec.offers if o.lost is None), None) if rec else None
+    if offer:
+        line += f"; recommended: {offer.variant} on {offer.target}"
+        if offer.replicas is not None:
+            line += f", {offer.replicas} replica(s) for {rec.demand:g} req/s"
+            line += f" at {offer.costPerHour:.4g}/h" if offer.costPerHour is not None else ""
+    return line + " (report.md: Serving within the SLO)"

@@ -1,5 +1,5 @@
 """The pipeline: load → inputs → data → export → variants → evaluate → fallback → benchmark →
-select → analyze → report.
+select → serve → analyze → report.
 
 Each step is a function in optimizer/steps/ that reads the typed `Run` earlier steps filled and
 fills its own fields; `optimize` runs them in order and times each. Everything is written to a
@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from optimizer.api import uris
 from optimizer.api.results import Results, StepTiming, write_json_atomically
 from optimizer.artifacts.storage import (RESULTS_FILE, StorageError, check_output, deliver, describe_outputs,
                                          output_location, publish, pvc_path)
@@ -37,6 +38,7 @@ from optimizer.steps.load import load_step
 from optimizer.steps.report import report_step
 from optimizer.steps.run import Run
 from optimizer.steps.select import select_step
+from optimizer.steps.serve import serve_step
 from optimizer.steps.variants import variants_step
 
 # The pipeline, in order; each step reads and fills the Run.
@@ -50,6 +52,7 @@ STEPS = [
     ("fallback", fallback_step),
     ("benchmark", benchmark_step),
     ("select", select_step),
+    ("serve", serve_step),  # only with benchmark.serving (on when spec.targets is given)
     ("analyze", analyze_step),
     ("report", report_step),
 ]
@@ -93,7 +96,11 @@ def _staging_in(output: Path) -> Path:
                            f"folder this user (uid {os.getuid()}) can write (spec.output or --output)") from None
 
 
-def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Reporter) -> Results:
+def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Reporter,
+             target: str | None = None) -> Results:
+    """target: the spec.targets name this run measures (its price goes into the recommendation)."""
+    if target is not None:
+        spec.target(target)  # KeyError naming the known targets, before any work
     output = Path(output).resolve()
     created = _missing_folders(output)  # removed again if the run fails: nothing half-written
     staging = _staging_in(output)
@@ -109,7 +116,7 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Re
         _configure_threads(bench.threads)
         with collected_warnings() as library_warnings:
             run = Run(spec=spec, base_dir=base_dir, staging=staging, reporter=reporter, env=env, hardware=profile,
-                      warnings=library_warnings)
+                      warnings=library_warnings, target=target)
             run.scratch.mkdir()
             for name, step in STEPS:
                 with _timed(run, name):
@@ -142,11 +149,14 @@ def local_output(output: str, base: Path) -> Path | None:
 
 
 def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: Reporter,
-                cwd: Path | None = None) -> tuple[Results, str]:
-    """Run `spec` and store its results at `output`; return the results and results.json's location."""
+                cwd: Path | None = None, target: str | None = None) -> tuple[Results, str]:
+    """Run `spec` and store its results at `output`; return the results and results.json's location.
+    A target's run stores under `<output>/targets/<name>/` (uris.target_output)."""
+    if target is not None:
+        output = uris.target_output(output, target)
     folder = local_output(output, cwd or Path.cwd())  # checks the output URI before any work
     if folder is not None:
-        results = optimize(spec, folder, base_dir, reporter)
+        results = optimize(spec, folder, base_dir, reporter, target)
         if output.startswith("pvc://"):  # the claim's URI, not where this pod happened to mount it
             return results, f"{output.rstrip('/')}/{RESULTS_FILE}"
         return results, str(folder / RESULTS_FILE)
@@ -154,7 +164,7 @@ def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: 
     # missing or not writable is found now, before any work.
     check_output(output, spec.spec.storage)
     with tempfile.TemporaryDirectory(prefix="mlopt-run-") as scratch:
-        results = optimize(spec, Path(scratch) / "results", base_dir, reporter)
+        results = optimize(spec, Path(scratch) / "results", base_dir, reporter, target)
         return results, deliver(Path(scratch) / "results", output, spec.spec.storage, reporter)
 
 

@@ -48,7 +48,15 @@ def main() -> int:
     except (SpecError, ValueError) as error:
         _write_summary(failure_summary("InvalidSpec", str(error)))
         return 2
+    target = os.environ.get("MLOPT_TARGET") or None  # the operator's Job for one of spec.targets
+    if target is not None:
+        try:
+            spec.target(target)
+        except KeyError as error:
+            _write_summary(failure_summary("InvalidSpec", f"MLOPT_TARGET: {error.args[0]}"))
+            return 2
     from optimizer.pipeline import optimize_to
+    from optimizer.api import uris
     from optimizer.api.errors import OptimizationError, internal_error
 
     # spec.output when the user set one (s3:// or pvc://: a path would die with the pod); else the
@@ -59,7 +67,7 @@ def main() -> int:
                      "use s3://bucket/prefix/ or pvc://claim/path/ to keep the results")
     output = spec.spec.output if kept else os.environ.get("MLOPT_OUTPUT", DEFAULT_OUTPUT)
     try:
-        results, location = optimize_to(spec, output, Path.cwd(), reporter)
+        results, location = optimize_to(spec, output, Path.cwd(), reporter, target=target)
     except OptimizationError as error:
         _write_summary(failure_summary(error.reason, str(error)))
         return error.exit_code
@@ -67,5 +75,6 @@ def main() -> int:
         traceback.print_exc()
         _write_summary(failure_summary("InternalError", internal_error(error)))
         return 1
-    _write_summary(success_summary(results, location, output if kept else None))
+    stored = uris.target_output(output, target) if target else output
+    _write_summary(success_summary(results, location, stored if kept else None))
     return 0

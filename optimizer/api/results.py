@@ -189,6 +189,7 @@ class ServingPoint(_Record):
     p90Ms: float
     p99Ms: float
     requests: int  # completed during the point
+    stable: bool = True  # its last 3 windows agreed within 10% (perf_analyzer's rule); False: taken as they were
 
 
 class ServingCurve(_Record):
@@ -210,6 +211,7 @@ class Serving(_Record):
     requestsPerSecond: float | None = None
     p99Ms: float | None = None
     reason: str | None = None  # why none met the SLO
+    notes: list[str] = Field(default_factory=list)  # what bounded the sweep, e.g. streams capped by memory
 
 
 class ServingOffer(_Record):

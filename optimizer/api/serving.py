@@ -49,16 +49,30 @@ def recommend(offers: list[ServingOffer], demand: float | None = None) -> Recomm
     with_price = [o for o in meeting if o.pricePerHour is not None]
     if with_price and demand is not None:
         basis, candidates = BY_COST_PER_HOUR, with_price
-        key = lambda o: (o.costPerHour, o.replicas, o.p99Ms or 0.0)  # noqa: E731
+        # Rounded: 3 x 0.3 is 0.8999999999999999, which must tie with 0.9, not beat it.
+        key = lambda o: (round(o.costPerHour, 9), o.replicas, o.p99Ms or 0.0)  # noqa: E731
     elif with_price:
         basis, candidates = BY_COST_PER_MILLION, with_price
-        key = lambda o: (o.costPerMillion, o.p99Ms or 0.0)  # noqa: E731
+        key = lambda o: (round(o.costPerMillion, 9), o.p99Ms or 0.0)  # noqa: E731
     else:
         basis, candidates = BY_THROUGHPUT, meeting
         key = lambda o: (-o.requestsPerSecond, o.p99Ms or 0.0)  # noqa: E731
     winner = min(candidates, key=key)
     rows = [_with_reason(o, winner, basis, candidates) for o in priced]
     return Recommendation(target=winner.target, variant=winner.variant, basis=basis, demand=demand, offers=rows)
+
+
+_FIRST_KEY = {BY_COST_PER_HOUR: "costPerHour", BY_COST_PER_MILLION: "costPerMillion", BY_THROUGHPUT: "requestsPerSecond"}
+
+
+def _tie(offer: ServingOffer, winner: ServingOffer, basis: str) -> str | None:
+    """Why `offer` lost when it equals the winner on the basis itself (the tie-breaks decided), else None."""
+    if not math.isclose(getattr(offer, _FIRST_KEY[basis]), getattr(winner, _FIRST_KEY[basis]), rel_tol=1e-9):
+        return None
+    if basis == BY_COST_PER_HOUR and offer.replicas != winner.replicas:
+        return (f"the same cost per hour ({winner.costPerHour:.4g}/h) in {offer.replicas} replica(s) against "
+                f"{winner.replicas}")
+    return f"the same {basis}; the lower p99 wins: {offer.p99Ms or 0.0:.2f} ms against {winner.p99Ms or 0.0:.2f} ms"
 
 
 def _with_reason(offer: ServingOffer, winner: ServingOffer, basis: str, candidates: list[ServingOffer]) -> ServingOffer:
@@ -68,6 +82,9 @@ def _with_reason(offer: ServingOffer, winner: ServingOffer, basis: str, candidat
         return offer.model_copy(update={"lost": offer.lost or "cannot meet the latency SLO"})
     if offer not in candidates:
         return offer.model_copy(update={"lost": "no pricePerHour, so its cost cannot be compared"})
+    tie = _tie(offer, winner, basis)
+    if tie:
+        return offer.model_copy(update={"lost": tie})
     if basis == BY_COST_PER_HOUR:
         why = (f"{offer.replicas} replica(s) cost {offer.costPerHour:.4g}/h against {winner.replicas} "
                f"at {winner.costPerHour:.4g}/h")

@@ -37,6 +37,17 @@ def _variant_entry(variant: VariantResult) -> dict[str, Any]:
     return entry
 
 
+def _serving_entry(results: Results) -> dict[str, Any] | None:
+    """The serving sweep's figure at the SLO (what the operator's per-target row shows and prices)."""
+    serving = results.serving
+    if serving is None:
+        return None
+    return {"variant": serving.variant,
+            "requestsPerSecond": None if serving.requestsPerSecond is None else round(serving.requestsPerSecond, 1),
+            "p99Ms": None if serving.p99Ms is None else round(serving.p99Ms, 2),
+            "latencySLOMs": serving.latencySLOMs, "reason": serving.reason and serving.reason[:240]}
+
+
 def _fit(summary: dict[str, Any]) -> str:
     """Drop detail, least important first, until the JSON fits the termination message."""
     text = json.dumps(summary, separators=(",", ":"))
@@ -88,6 +99,8 @@ def success_summary(results: Results, location: str, output: str | None = None) 
         "baseline": _variant_entry(results.baseline),
         "variants": [_variant_entry(v) for v in results.variants],
         "output": output or "not kept (no spec.output)",
+        "target": results.target,  # spec.targets' name this run measured; None: wherever the Job ran
+        "serving": _serving_entry(results),  # never dropped by _fit: a few hundred bytes at most
     }
     if output is not None:
         summary.update(results=location, artifacts=_artifacts(results, location))

@@ -161,6 +161,12 @@ def output(uri: str) -> Location:
     return location
 
 
+def target_output(uri: str, target: str) -> str:
+    """Where one target's run stores its results: `<output>/targets/<name>/` (a folder, a claim's folder
+    or an s3:// prefix alike), so the Jobs of two targets never overwrite each other's files."""
+    return f"{uri.rstrip('/')}/targets/{target}/"
+
+
 def claim(uri: str) -> str | None:
     """The PersistentVolumeClaim a pvc:// URI names (None for any other URI)."""
     try:

@@ -10,6 +10,7 @@ from optimizer.api.spec import DETECTION_METRICS
 from optimizer.api.units import box_cells, detection_columns, format_size, metric_label
 from optimizer.steps.data import FLIP_SHARE_OF_BUDGET, argmax_decisions
 from optimizer.steps.run import Run
+from optimizer.steps.serving_report import serving_chart, serving_section
 
 # The research note's two tables: conversion, then one column per quantization method.
 CONVERSION = [("PyTorch FP32", "pytorch-fp32"), ("ONNX Runtime FP32", "onnx-fp32")]
@@ -440,6 +441,7 @@ def markdown(results: Results) -> str:
         "torchao PT2E variants as the quantized torch.export program (.pt2), the PyTorch GPU variants as the "
         "torch.export program at their dtype (.pt2).",
         "",
+        *serving_section(results),
         *calibration_section(results),
         *fallback_section(results),
         "## Notes and warnings",
@@ -509,6 +511,7 @@ def charts(results: Results, directory: Path) -> list[Path]:
 
 def write_report(results: Results, directory: Path) -> None:
     charts(results, directory)
+    serving_chart(results, directory)
     (directory / "report.md").write_text(markdown(results))
 
 
@@ -550,5 +553,6 @@ def report_step(run: Run) -> None:
         dataset=run.dataset.description, evaluation=evaluation_size(run),
         baseline=run.baseline, variants=list(run.results.values()), best=run.best, bestReason=run.best_reason,
         environment=run.env, analysis=run.analysis, steps=run.steps, warnings=run.warnings.lines(),
+        target=run.target, serving=run.serving, recommendation=run.recommendation,
     )
     write_report(run.record, run.staging)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optimizer.api.results import Analysis, Results, StepTiming, VariantResult
+from optimizer.api.results import Analysis, Recommendation, Results, Serving, StepTiming, VariantResult
 from optimizer.api.spec import ModelOptimization, VariantSpec
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class Run:
     env: Environment  # this machine, recorded before any step
     hardware: HardwareProfile  # the ISA class the quantization choices are for
     warnings: LibraryWarnings  # what the libraries warned about, collected while the steps run
+    target: str | None = None  # the spec.targets name this run measures (MLOPT_TARGET, --target)
     # load, inputs
     loaded: LoadedModel | None = None
     input_notes: list[str] = field(default_factory=list)  # what the input check decided, e.g. one shape only
@@ -59,6 +60,9 @@ class Run:
     # select, analyze, report
     best: str | None = None
     best_reason: str = ""
+    # serve (benchmark.serving)
+    serving: Serving | None = None
+    recommendation: Recommendation | None = None
     analysis: Analysis | None = None
     record: Results | None = None  # results.json, assembled by the report step
     steps: list[StepTiming] = field(default_factory=list)

@@ -82,7 +82,7 @@ def test_results_json_is_versioned_and_complete(conv_lstm_run):
     assert data["schemaVersion"] == 2
     results = Results.model_validate(data)
     assert results.environment.packages["torch"].startswith("2.13")
-    assert [s.step for s in results.steps] == ["load", "inputs", "data", "export", "variants", "evaluate", "fallback", "benchmark", "select", "analyze", "report"]
+    assert [s.step for s in results.steps] == ["load", "inputs", "data", "export", "variants", "evaluate", "fallback", "benchmark", "select", "serve", "analyze", "report"]
     assert results.best and results.variant(results.best).status == "ok", results.bestReason  # ORT beats PyTorch ~10x here
 
 

@@ -44,3 +44,14 @@ def test_a_target_that_cannot_meet_the_slo_or_has_no_price_loses_with_its_reason
     assert pick.target == "a" and rows["slow"].lost.startswith("cannot meet: one request")
     assert "no pricePerHour" in rows["unpriced"].lost
     assert recommend([cannot]) is None
+
+
+def test_a_tie_on_cost_says_which_tie_break_decided():
+    # Both fit 250 requests/s in one pod at 0.2/h: the lower p99 wins, and the loser says so.
+    pick = recommend([offer("a", 1000.0, 0.2, variant="fp32", p99=1.4), offer("a", 900.0, 0.2, variant="int8", p99=1.2)],
+                     demand=250.0)
+    rows = {o.variant: o for o in pick.offers}
+    assert pick.variant == "int8" and rows["int8"].lost is None
+    assert rows["fp32"].lost == "the same cost per hour at the demand; the lower p99 wins: 1.40 ms against 1.20 ms"
+    fewer = recommend([offer("a", 100.0, 0.3, variant="many"), offer("b", 300.0, 0.9, variant="one")], demand=250.0)
+    assert fewer.variant == "one" and "in 3 replica(s) against 1" in fewer.offers[0].lost

@@ -164,3 +164,13 @@ def test_the_crd_carries_the_rules_cel_can_express():
                         (spec["data"]["properties"]["source"], uris.CEL_DATA_SOURCE),
                         (spec["output"], uris.CEL_OUTPUT)):
         assert node["x-kubernetes-validations"] == rules and node["maxLength"] == uris.MAX_URI_LENGTH
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("s3://bucket/runs/crnn/", "s3://bucket/runs/crnn/targets/amx/"),
+    ("pvc://models/runs/crnn", "pvc://models/runs/crnn/targets/amx/"),
+    ("mlopt-results/crnn", "mlopt-results/crnn/targets/amx/"),
+])
+def test_a_targets_output_is_its_own_folder_under_the_output(output, expected):
+    assert uris.target_output(output, "amx") == expected
+    uris.output(expected)  # still a valid output (an s3:// prefix ends with '/')
