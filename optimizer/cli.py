@@ -47,7 +47,9 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     if not args.quiet:
         print_results(console, results)
         where = results_uri.removesuffix("results.json")
-        console.print(f"wrote {where}: results.json, report.md, run.log, size.png, latency.png and models/")
+        serving = any(entry["path"].startswith("serving/") for entry in results.outputs)
+        console.print(f"wrote {where}: results.json, report.md, run.log, size.png, latency.png, models/"
+                      + (" and serving/ (a Triton / OVMS model repository and a KServe InferenceService)" if serving else ""))
     return 0
 
 

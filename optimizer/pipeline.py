@@ -93,7 +93,8 @@ def _staging_in(output: Path) -> Path:
                            f"folder this user (uid {os.getuid()}) can write (spec.output or --output)") from None
 
 
-def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Reporter) -> Results:
+def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Reporter,
+             output_uri: str | None = None) -> Results:
     output = Path(output).resolve()
     created = _missing_folders(output)  # removed again if the run fails: nothing half-written
     staging = _staging_in(output)
@@ -109,7 +110,7 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Re
         _configure_threads(bench.threads)
         with collected_warnings() as library_warnings:
             run = Run(spec=spec, base_dir=base_dir, staging=staging, reporter=reporter, env=env, hardware=profile,
-                      warnings=library_warnings)
+                      warnings=library_warnings, output_uri=output_uri)
             run.scratch.mkdir()
             for name, step in STEPS:
                 with _timed(run, name):
@@ -146,7 +147,7 @@ def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: 
     """Run `spec` and store its results at `output`; return the results and results.json's location."""
     folder = local_output(output, cwd or Path.cwd())  # checks the output URI before any work
     if folder is not None:
-        results = optimize(spec, folder, base_dir, reporter)
+        results = optimize(spec, folder, base_dir, reporter, output)
         if output.startswith("pvc://"):  # the claim's URI, not where this pod happened to mount it
             return results, f"{output.rstrip('/')}/{RESULTS_FILE}"
         return results, str(folder / RESULTS_FILE)
@@ -154,7 +155,7 @@ def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: 
     # missing or not writable is found now, before any work.
     check_output(output, spec.spec.storage)
     with tempfile.TemporaryDirectory(prefix="mlopt-run-") as scratch:
-        results = optimize(spec, Path(scratch) / "results", base_dir, reporter)
+        results = optimize(spec, Path(scratch) / "results", base_dir, reporter, output)
         return results, deliver(Path(scratch) / "results", output, spec.spec.storage, reporter)
 
 

@@ -30,6 +30,7 @@ import yaml
 
 from optimizer.api import uris
 from optimizer.api.errors import OptimizationError
+from optimizer.api.results import VariantResult, VariantStatus
 
 SERVING_DIR = "serving"
 VERSION = "1"  # Triton and OVMS serve the highest numeric version folder; there is one
@@ -99,12 +100,13 @@ class Signature:
 
     @property
     def batches_on_first_axis(self) -> bool:
-        """Whether every input and output has a dynamic first axis, the same one where the file names
-        it: the only batching Triton's dynamic batcher can do (max_batch_size > 0)."""
-        tensors = (*self.inputs, *self.outputs)
-        if not tensors or any(not tensor.shape or isinstance(tensor.shape[0], int) for tensor in tensors):
-            return False
-        return len({tensor.shape[0] for tensor in tensors if isinstance(tensor.shape[0], str)}) <= 1
+        """Whether every input and output has the same named dynamic axis first: the only batching
+        Triton's dynamic batcher can do (max_batch_size > 0). An unnamed dynamic axis proves nothing (a
+        sequence-first output such as a CRNN's [T, batch, classes] also starts with one), so it is not
+        taken for the batch: such a model is declared with max_batch_size 0 and -1 dims, which is
+        always right."""
+        firsts = {tensor.shape[0] if tensor.shape else None for tensor in (*self.inputs, *self.outputs)}
+        return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
 
 
 def _element_type(table: dict[str, str], name: str, tensor: str, path: Path) -> str:
@@ -183,19 +185,21 @@ def _quoted(text: str) -> str:
 
 
 def model_config(name: str, server: Server, signature: Signature, instance_count: int = 1,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> str:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, device: str = "cpu") -> str:
     """Triton's config.pbtxt (protobuf text format of inference.ModelConfig).
 
     A model whose every input and output has a dynamic first axis is declared batching (that axis
     left out of dims, dynamic batching on); any other model gets max_batch_size 0 and its full dims,
-    which Triton then matches exactly. CPU instances: as many as the serving sweep found best."""
+    which Triton then matches exactly. Instances on the CPU (or, for a cuda run, on each GPU): as many
+    as the serving sweep found best."""
     batching = signature.batches_on_first_axis and max_batch_size > 0
     lines = [f"name: {_quoted(name)}", server.config_line, f"max_batch_size: {max_batch_size if batching else 0}"]
     for field, tensors in (("input", signature.inputs), ("output", signature.outputs)):
         lines += [f"{field} [", ",\n".join(_tensor_block(tensor, batching) for tensor in tensors), "]"]
     if batching:
         lines.append("dynamic_batching { }")
-    lines += ["instance_group [", "  {", f"    count: {instance_count}", "    kind: KIND_CPU", "  }", "]"]
+    kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
+    lines += ["instance_group [", "  {", f"    count: {instance_count}", f"    kind: {kind}", "  }", "]"]
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +210,10 @@ def _copy_model(model_file: Path, server: Server, version_dir: Path) -> list[Pat
     if model_file.suffix == ".onnx":
         from optimizer.artifacts import onnx_files
 
-        onnx_files.validate(model_file)  # every location inside the model's folder, and there
+        try:
+            onnx_files.validate(model_file)  # every location inside the model's folder, and there
+        except onnx_files.ExternalDataError as error:
+            raise ServingLayoutError(str(error)) from None
         companions = [(model_file.parent / location, version_dir / location)
                       for location in onnx_files.external_locations(model_file)]
     else:
@@ -238,7 +245,7 @@ class ModelRepository:
 
 
 def write_model_repository(repository: Path, model_name: str, model_file: Path, instance_count: int = 1,
-                           max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> ModelRepository:
+                           max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, device: str = "cpu") -> ModelRepository:
     """<repository>/<model_name>/config.pbtxt and <model_name>/1/ with `model_file` (ONNX with its external
     data, or OpenVINO IR) under the name the server looks for."""
     server = server_for(model_file)
@@ -251,8 +258,24 @@ def write_model_repository(repository: Path, model_name: str, model_file: Path, 
         raise ServingLayoutError(f"{model_dir} exists already; the serving layout is written once, into a new folder")
     files = _copy_model(model_file, server, model_dir / VERSION)
     config = model_dir / "config.pbtxt"
-    config.write_text(model_config(model_name, server, signature, instance_count, max_batch_size))
+    config.write_text(model_config(model_name, server, signature, instance_count, max_batch_size, device))
     return ModelRepository(repository, model_name, server, signature, config, files)
+
+
+def served_variant(variants: list[VariantResult], best: str | None) -> tuple[VariantResult | None, str]:
+    """The variant to hand to a server, and why: the best one when a server loads its file (ONNX or
+    OpenVINO IR), else the fastest such variant within the budget (a PyTorch file is no server's)."""
+    servable = [v for v in variants
+                if v.status == VariantStatus.ok.value and v.artifact and Path(v.artifact).suffix in SERVERS]
+    chosen = next((v for v in servable if v.name == best), None)
+    if chosen is not None:
+        return chosen, "the best variant"
+    if not servable:
+        return None, "no variant within the accuracy budget is an ONNX or OpenVINO model, which is what servers load"
+    fastest = min(servable, key=lambda v: v.latencyMs.mean if v.latencyMs else float("inf"))
+    reason = (f"the best variant, {best}, is a PyTorch file, which Triton and OVMS do not load"
+              if best else "no variant beats the baseline")
+    return fastest, f"{reason}; this is the fastest ONNX or OpenVINO variant within the accuracy budget"
 
 
 def serving_name(name: str) -> str:
@@ -298,7 +321,8 @@ def inference_service_manifest(name: str, storage: str, server: Server, namespac
             "spec": {"predictor": predictor}}
 
 
-def _readme(repository: ModelRepository, manifest: dict, variant: str, storage: str | None, output: str) -> str:
+def _readme(repository: ModelRepository, manifest: dict, variant: str, why: str, storage: str | None,
+            output: str) -> str:
     name, server = repository.model_name, repository.server
     served = "the repository (serving/)" if server.storage_is_repository else f"the model's folder (serving/{name}/)"
     where = (f"`storageUri` is {storage}: {served} where this run stored it."
@@ -310,7 +334,7 @@ def _readme(repository: ModelRepository, manifest: dict, variant: str, storage: 
     return f"""# Serving {variant}
 
 The variant **{variant}** as a model repository that Triton Inference Server and OpenVINO Model Server read
-as it is, and a KServe InferenceService for it.
+as it is, and a KServe InferenceService for it.{f" Why this variant: {why}." if why else ""}
 
 {files}
 
@@ -330,8 +354,8 @@ def write_serving_layout(staging: Path, model_file: Path, variant: str, name: st
                          namespace: str | None = None, node_selector: dict[str, str] | None = None,
                          tolerations: list[dict[str, Any]] | None = None,
                          resources: dict[str, dict[str, str]] | None = None, instance_count: int = 1,
-                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                         min_replicas: int | None = None) -> list[Path]:
+                         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, min_replicas: int | None = None,
+                         device: str = "cpu", why: str = "") -> list[Path]:
     """The one entry point: <staging>/serving/ with the model repository of `model_file` (the variant's
     saved model), the InferenceService for where `output` (spec.output) stores it, and a README.
     Written beside it first and renamed when complete, so a failure leaves no serving/ at all.
@@ -343,13 +367,13 @@ def write_serving_layout(staging: Path, model_file: Path, variant: str, name: st
     shutil.rmtree(partial, ignore_errors=True)
     try:
         model_name = serving_name(name)
-        repository = write_model_repository(partial, model_name, model_file, instance_count, max_batch_size)
+        repository = write_model_repository(partial, model_name, model_file, instance_count, max_batch_size, device)
         storage = storage_uri(output, model_name, repository.server)
         manifest = inference_service_manifest(model_name, storage or LOCAL_STORAGE_URI.format(name=model_name),
                                               repository.server, namespace, node_selector, tolerations, resources,
                                               min_replicas)
         (partial / MANIFEST_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
-        (partial / "README.md").write_text(_readme(repository, manifest, variant, storage, output))
+        (partial / "README.md").write_text(_readme(repository, manifest, variant, why, storage, output))
         written = [repository.config, *repository.files, partial / MANIFEST_FILE, partial / "README.md"]
         partial.rename(root)
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 from optimizer.api.results import EvaluationSize, Results, VariantResult, baseline_label
 from optimizer.api.spec import DETECTION_METRICS
 from optimizer.api.units import box_cells, detection_columns, format_size, metric_label
+from optimizer.artifacts.serving_layout import ServingLayoutError, served_variant, write_serving_layout
 from optimizer.steps.data import FLIP_SHARE_OF_BUDGET, argmax_decisions
 from optimizer.steps.run import Run
 
@@ -552,3 +553,24 @@ def report_step(run: Run) -> None:
         environment=run.env, analysis=run.analysis, steps=run.steps, warnings=run.warnings.lines(),
     )
     write_report(run.record, run.staging)
+    write_serving(run)
+
+
+def write_serving(run: Run) -> None:
+    """serving/: the variant to serve as a Triton / OVMS model repository and a KServe InferenceService
+    placed like the Job (spec.job), pointing at where the run is stored. Copies one model, runs none."""
+    variant, why = served_variant(run.record.variants, run.record.best)
+    if variant is None:
+        run.reporter.log(f"serving layout: none written: {why}")
+        return
+    spec, job = run.spec, run.spec.spec.job
+    try:
+        write_serving_layout(
+            run.staging, run.staging / variant.artifact, variant=variant.name, why=why, name=spec.metadata.name,
+            output=run.output_uri or spec.spec.output, namespace=getattr(spec.metadata, "namespace", None),
+            node_selector=job.nodeSelector, tolerations=[t.model_dump(exclude_none=True) for t in job.tolerations],
+            resources=job.resources.model_dump(exclude_none=True), device=spec.spec.benchmark.device)
+    except ServingLayoutError as error:  # the run's results stand without it; run.log says why
+        run.reporter.log(f"serving layout: none written: {error}")
+        return
+    run.reporter.log(f"serving layout: {variant.name} in serving/ ({why}); see serving/README.md")

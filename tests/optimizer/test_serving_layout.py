@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import yaml
 
+from optimizer.api.results import Latency, VariantResult
 from optimizer.api.spec import JobSpec
 from optimizer.artifacts import serving_layout
-from optimizer.artifacts.serving_layout import ServingLayoutError, write_serving_layout
+from optimizer.artifacts.serving_layout import ServingLayoutError, served_variant, write_serving_layout
 
 REPO = Path(__file__).resolve().parents[2]
 NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP16": np.float16}
@@ -194,6 +195,18 @@ def test_an_onnx_variant_is_served_from_exactly_the_repository_files(tmp_path):
         np.testing.assert_array_equal(served[name], value)
 
 
+@pytest.mark.parametrize("inputs, outputs, batching", [
+    ([("batch", 4)], [("batch", 3), ("batch",)], True),
+    ([("batch", 4)], [(None, 3)], False),  # unnamed: not provably the batch
+    ([("batch", 1, "width")], [("seq", "batch", 6)], False),  # a CRNN's sequence-first output
+    ([(1, 4)], [(1, 3)], False),
+    ([("batch", 4), ()], [("batch", 3)], False),  # a scalar input has no batch axis
+])
+def test_only_a_shared_named_first_axis_is_a_batch_axis(inputs, outputs, batching):
+    tensors = lambda shapes: tuple(serving_layout.Tensor(f"t{i}", "TYPE_FP32", shape) for i, shape in enumerate(shapes))
+    assert serving_layout.Signature(tensors(inputs), tensors(outputs)).batches_on_first_axis is batching
+
+
 def test_a_fixed_batch_axis_means_max_batch_size_0_and_full_dims(tmp_path):
     """Triton batches only along a dynamic first axis: a model exported at batch 1 gets
     max_batch_size 0, its full dims (the 1 included), and no dynamic batcher."""
@@ -222,8 +235,11 @@ def test_an_openvino_variant_is_served_as_model_xml_and_bin(tmp_path):
     version = serving / "tiny" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["model.bin", "model.xml"]
     config = read_config(serving / "tiny" / "config.pbtxt")
-    assert (config.backend, config.platform, config.max_batch_size) == ("openvino", "", 4)
-    assert [t.name for t in config.input] == ["x"] and [t.name for t in config.output] == ["logits", "label"]
+    # OpenVINO keeps no names for dynamic axes, so the batch axis is not provable: full dims, -1 dynamic
+    assert (config.backend, config.platform, config.max_batch_size) == ("openvino", "", 0)
+    assert [(t.name, list(t.dims)) for t in config.input] == [("x", [-1, 4])]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("logits", [-1, 3]), ("label", [-1])]
+    assert not config.HasField("dynamic_batching")
 
     feeds = config_inputs(config)
     core = ov.Core()
@@ -271,6 +287,27 @@ def test_what_no_server_loads_is_refused_with_the_reason(tmp_path):
     with pytest.raises(ServingLayoutError, match="instance count must be at least 1"):
         layout(tmp_path, write_tiny_onnx(tmp_path / "models" / "onnx-fp32.onnx"), instance_count=0)
     assert list((tmp_path / "staging").iterdir()) == []  # nothing half-written
+
+
+def _variant(name: str, artifact: str | None, mean_ms: float, status: str = "ok") -> VariantResult:
+    latency = Latency(mean=mean_ms, std=0.1, p50=mean_ms, p90=mean_ms, p99=mean_ms, runs=10)
+    return VariantResult(name=name, recipe=name, status=status, artifact=artifact, latencyMs=latency)
+
+
+def test_the_served_variant_is_the_best_one_a_server_loads():
+    """The best variant when it is ONNX or OpenVINO IR; else the fastest such variant within the budget,
+    and the reason says why; a rejected variant is never served."""
+    variants = [_variant("onnx-fp32", "models/onnx-fp32.onnx", 9.0),
+                _variant("openvino-int8", "models/openvino-int8.xml", 4.0),
+                _variant("ort-int8-static", "models/ort-int8-static.onnx", 2.0, status="rejected"),
+                _variant("torch-int8-static", "models/torch-int8-static.pt", 3.0)]
+    assert served_variant(variants, "onnx-fp32") == (variants[0], "the best variant")
+    chosen, why = served_variant(variants, "torch-int8-static")
+    assert chosen is variants[1] and "torch-int8-static, is a PyTorch file" in why
+    chosen, why = served_variant(variants, None)
+    assert chosen is variants[1] and why.startswith("no variant beats the baseline")
+    assert served_variant(variants[2:], None) == (
+        None, "no variant within the accuracy budget is an ONNX or OpenVINO model, which is what servers load")
 
 
 # --- the InferenceService against KServe's CRD ---------------------------------------------------------------
@@ -363,3 +400,25 @@ def test_kserves_schema_refuses_a_misspelt_or_mistyped_manifest(kserve_schema, m
     bad_quantity = yaml.safe_load(yaml.safe_dump(manifest))
     bad_quantity["spec"]["predictor"]["model"]["resources"]["limits"]["cpu"] = "two"
     assert errors(kserve_schema, bad_quantity)
+
+
+# --- in a run ----------------------------------------------------------------------------------------------------
+
+def test_a_run_hands_its_served_variant_to_a_server(digits_run):
+    """The report step writes serving/ for the variant served_variant picks, lists its files in
+    results.json's outputs, and the served model.onnx answers as the variant's own file does."""
+    results, output = digits_run
+    variant, why = served_variant(results.variants, results.best)
+    assert variant is not None
+    serving = output / "serving"
+    name = results.name
+    assert {entry["path"] for entry in results.outputs} >= {
+        "serving/README.md", "serving/inferenceservice.yaml", f"serving/{name}/config.pbtxt", f"serving/{name}/1/model.onnx"}
+    assert f"**{variant.name}**" in (serving / "README.md").read_text() and why in (serving / "README.md").read_text()
+    config = read_config(serving / name / "config.pbtxt")
+    feeds = config_inputs(config, batch=2)
+    served = ort_outputs(serving / name / "1" / "model.onnx", feeds)
+    for key, value in ort_outputs(output / variant.artifact, feeds).items():
+        np.testing.assert_array_equal(served[key], value)
+    manifest = yaml.safe_load((serving / "inferenceservice.yaml").read_text())
+    assert manifest["spec"]["predictor"]["model"]["storageUri"] == f"s3://REPLACE-WITH-YOUR-BUCKET/{name}/serving"
