@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from optimizer.api import uris
-from optimizer.api.errors import OptimizationError
+from optimizer.api.errors import OptimizationError, is_expected
 from optimizer.api.results import VariantResult, VariantStatus
 
 SERVING_DIR = "serving"
@@ -252,7 +252,14 @@ def write_model_repository(repository: Path, model_name: str, model_file: Path, 
     if instance_count < 1:
         raise ServingLayoutError(f"instance count must be at least 1 (got {instance_count}): the serving sweep's "
                                  "best number of model instances")
-    signature = onnx_signature(model_file) if server.model_format == "onnx" else openvino_signature(model_file)
+    try:
+        signature = onnx_signature(model_file) if server.model_format == "onnx" else openvino_signature(model_file)
+    except ServingLayoutError:
+        raise
+    except Exception as error:  # onnx or OpenVINO cannot read the file: a reason, not an mlopt bug
+        if not is_expected(error):
+            raise
+        raise ServingLayoutError(f"{model_file.name} cannot be read for its inputs and outputs: {error}") from None
     model_dir = repository / model_name
     if model_dir.exists():
         raise ServingLayoutError(f"{model_dir} exists already; the serving layout is written once, into a new folder")

@@ -563,14 +563,29 @@ def write_serving(run: Run) -> None:
     if variant is None:
         run.reporter.log(f"serving layout: none written: {why}")
         return
-    spec, job = run.spec, run.spec.spec.job
+    spec = run.spec
+    resources, tolerations = job_placement(spec)
     try:
         write_serving_layout(
             run.staging, run.staging / variant.artifact, variant=variant.name, why=why, name=spec.metadata.name,
             output=run.output_uri or spec.spec.output, namespace=getattr(spec.metadata, "namespace", None),
-            node_selector=job.nodeSelector, tolerations=[t.model_dump(exclude_none=True) for t in job.tolerations],
-            resources=job.resources.model_dump(exclude_none=True), device=spec.spec.benchmark.device)
+            node_selector=spec.spec.job.nodeSelector, tolerations=tolerations, resources=resources,
+            device=spec.spec.benchmark.device)
     except ServingLayoutError as error:  # the run's results stand without it; run.log says why
         run.reporter.log(f"serving layout: none written: {error}")
         return
     run.reporter.log(f"serving layout: {variant.name} in serving/ ({why}); see serving/README.md")
+
+
+def job_placement(spec) -> tuple[dict, list[dict]]:
+    """The resources and tolerations the operator gives the worker pod (operator/job.py: requests =
+    limits for qos guaranteed; a cuda run gets one nvidia.com/gpu and tolerates the GPU taint), so the
+    served model lands where it was measured. The operator's copy cannot be imported from here."""
+    job = spec.spec.job
+    limits = job.resources.limits.model_dump(exclude_none=True)
+    requests = dict(limits) if job.qos == "guaranteed" else job.resources.requests.model_dump(exclude_none=True)
+    tolerations = [t.model_dump(exclude_none=True) for t in job.tolerations]
+    if spec.spec.benchmark.device == "cuda":
+        limits["nvidia.com/gpu"] = "1"
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    return {"requests": requests, "limits": limits}, tolerations

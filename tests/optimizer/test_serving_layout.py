@@ -281,6 +281,11 @@ def test_what_no_server_loads_is_refused_with_the_reason(tmp_path):
     state_dict.write_bytes(b"not served")
     with pytest.raises(ServingLayoutError, match="neither ONNX .* nor OpenVINO IR"):
         layout(tmp_path, state_dict)
+    garbled = tmp_path / "models" / "onnx-fp32.onnx"
+    garbled.write_bytes(b"not a protobuf")
+    with pytest.raises(ServingLayoutError, match="onnx-fp32.onnx cannot be read for its inputs and outputs"):
+        layout(tmp_path, garbled)
+    garbled.unlink()
     with pytest.raises(ServingLayoutError, match="cannot name an InferenceService"):
         serving_layout.serving_name("Tiny_Model")
     assert serving_layout.serving_name("1tiny") == "model-1tiny"  # KServe wants a letter first
@@ -422,3 +427,27 @@ def test_a_run_hands_its_served_variant_to_a_server(digits_run):
         np.testing.assert_array_equal(served[key], value)
     manifest = yaml.safe_load((serving / "inferenceservice.yaml").read_text())
     assert manifest["spec"]["predictor"]["model"]["storageUri"] == f"s3://REPLACE-WITH-YOUR-BUCKET/{name}/serving"
+
+
+@pytest.mark.parametrize("job, device", [
+    ({}, "cpu"),
+    ({"qos": "guaranteed", "resources": {"limits": {"cpu": "4", "memory": "8Gi"}},
+      "tolerations": [{"key": "pool", "operator": "Exists"}]}, "cuda"),
+])
+def test_the_served_pods_get_what_the_operator_gave_the_worker(job, device):
+    """The report step places the InferenceService like the operator's Job (same requests, limits,
+    GPU and tolerations), so the model is served where it was measured; a drift fails here."""
+    from mlopt_operator.job import build_job
+    from mlopt_operator.settings import Settings
+    from optimizer.api.spec_loader import parse_spec
+    from optimizer.steps.report import job_placement
+
+    document = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization",
+                "metadata": {"name": "tiny", "namespace": "ml", "uid": "u", "generation": 1},
+                "spec": {"model": {"source": "zoo:digits"}, "benchmark": {"device": device}, "job": job}}
+    pod = build_job(document, Settings())["spec"]["template"]["spec"]
+    resources, tolerations = job_placement(parse_spec(document, "test"))
+    worker = {kind: {name: value for name, value in values.items() if name != "ephemeral-storage"}
+              for kind, values in pod["containers"][0]["resources"].items()}  # the worker's scratch, not the server's
+    assert resources == worker
+    assert tolerations == pod.get("tolerations", [])
