@@ -53,8 +53,10 @@ def _optimize(args: argparse.Namespace, console: Console) -> int:
     if not args.quiet:
         print_results(console, results)
         where = results_uri.removesuffix("results.json")
+        serving = any(entry["path"].startswith("serving/") for entry in results.outputs)
         charts = "size.png, latency.png" + (", charts/serving.png" if results.serving else "")
-        console.print(f"wrote {where}: results.json, report.md, run.log, {charts} and models/")
+        console.print(f"wrote {where}: results.json, report.md, run.log, {charts}, models/"
+                      + (" and serving/ (a Triton / OVMS model repository and a KServe InferenceService)" if serving else ""))
     return 0
 
 

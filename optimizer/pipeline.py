@@ -97,8 +97,9 @@ def _staging_in(output: Path) -> Path:
 
 
 def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Reporter,
-             target: str | None = None) -> Results:
-    """target: the spec.targets name this run measures (its price goes into the recommendation)."""
+             target: str | None = None, output_uri: str | None = None) -> Results:
+    """target: the spec.targets name this run measures (its price goes into the recommendation);
+    output_uri: where the results will be stored (the serving manifest's storageUri)."""
     if target is not None:
         spec.target(target)  # KeyError naming the known targets, before any work
     output = Path(output).resolve()
@@ -116,7 +117,7 @@ def optimize(spec: ModelOptimization, output: Path, base_dir: Path, reporter: Re
         _configure_threads(bench.threads)
         with collected_warnings() as library_warnings:
             run = Run(spec=spec, base_dir=base_dir, staging=staging, reporter=reporter, env=env, hardware=profile,
-                      warnings=library_warnings, target=target)
+                      warnings=library_warnings, target=target, output_uri=output_uri)
             run.scratch.mkdir()
             for name, step in STEPS:
                 with _timed(run, name):
@@ -156,7 +157,7 @@ def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: 
         output = uris.target_output(output, target)
     folder = local_output(output, cwd or Path.cwd())  # checks the output URI before any work
     if folder is not None:
-        results = optimize(spec, folder, base_dir, reporter, target)
+        results = optimize(spec, folder, base_dir, reporter, target, output)
         if output.startswith("pvc://"):  # the claim's URI, not where this pod happened to mount it
             return results, f"{output.rstrip('/')}/{RESULTS_FILE}"
         return results, str(folder / RESULTS_FILE)
@@ -164,7 +165,7 @@ def optimize_to(spec: ModelOptimization, output: str, base_dir: Path, reporter: 
     # missing or not writable is found now, before any work.
     check_output(output, spec.spec.storage)
     with tempfile.TemporaryDirectory(prefix="mlopt-run-") as scratch:
-        results = optimize(spec, Path(scratch) / "results", base_dir, reporter, target)
+        results = optimize(spec, Path(scratch) / "results", base_dir, reporter, target, output)
         return results, deliver(Path(scratch) / "results", output, spec.spec.storage, reporter)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from optimizer.api.results import EvaluationSize, Results, VariantResult, baseline_label
 from optimizer.api.spec import DETECTION_METRICS
 from optimizer.api.units import box_cells, detection_columns, format_size, metric_label
+from optimizer.artifacts.serving_layout import ServingLayoutError, served_variant, write_serving_layout
 from optimizer.steps.data import FLIP_SHARE_OF_BUDGET, argmax_decisions
 from optimizer.steps.run import Run
 from optimizer.steps.serving_report import serving_chart, serving_section
@@ -556,3 +557,77 @@ def report_step(run: Run) -> None:
         target=run.target, serving=run.serving, recommendation=run.recommendation,
     )
     write_report(run.record, run.staging)
+    write_serving(run)
+
+
+def write_serving(run: Run) -> None:
+    """serving/: the variant to serve as a Triton / OVMS model repository and a KServe InferenceService
+    placed where it was measured (the run's target, else spec.job), pointing at where the run is stored,
+    with the instances, batch and replicas the serving sweep found. Copies one model, runs none."""
+    variants = run.record.variants
+    preferred = run.recommendation.variant if run.recommendation else run.record.best
+    variant, why = served_variant(variants, preferred)
+    if variant is not None and run.recommendation and variant.name == preferred:
+        why = f"the recommended variant ({run.recommendation.basis})"
+    if variant is None:
+        run.reporter.log(f"serving layout: none written: {why}")
+        return
+    spec = run.spec
+    node_selector, resources, tolerations, device = placement(spec, run.target)
+    instances, batch, replicas = _served_shape(run, variant.name)
+    try:
+        write_serving_layout(
+            run.staging, run.staging / variant.artifact, variant=variant.name, why=why, name=spec.metadata.name,
+            output=run.output_uri or spec.spec.output, namespace=getattr(spec.metadata, "namespace", None),
+            node_selector=node_selector, tolerations=tolerations, resources=resources, device=device,
+            instance_count=instances, min_replicas=replicas,
+            **({"max_batch_size": batch} if batch > 1 else {}))
+    except ServingLayoutError as error:  # the run's results stand without it; run.log says why
+        run.reporter.log(f"serving layout: none written: {error}")
+        return
+    run.reporter.log(f"serving layout: {variant.name} in serving/ ({why}); see serving/README.md")
+
+
+def _served_shape(run: Run, variant: str) -> tuple[int, int, int | None]:
+    """Instances (the sweep's streams at the SLO), batch and replicas (for spec.demand) to serve with;
+    1, 1 and None without a sweep."""
+    curve = next((c for c in run.serving.curves if c.variant == variant), None) if run.serving else None
+    point = curve.atSLO if curve else None
+    offer = next((o for o in run.recommendation.offers if o.variant == variant), None) if run.recommendation else None
+    return (point.concurrency if point else 1, point.batch if point else 1, offer.replicas if offer else None)
+
+
+def placement(spec, target_name: str | None) -> tuple[dict[str, str], dict, list[dict], str]:
+    """nodeSelector, resources, tolerations and device of the pod that measured this run: spec.job's,
+    with a target's (spec.targets) over it as the operator builds that target's Job."""
+    node_selector = dict(spec.spec.job.nodeSelector)
+    resources, tolerations = job_placement(spec)
+    device = spec.spec.benchmark.device
+    target = spec.target(target_name) if target_name and spec.spec.targets else None
+    if target is not None:
+        node_selector.update(target.nodeSelector)
+        tolerations += [t.model_dump(exclude_none=True) for t in target.tolerations]
+        if "device" in target.model_fields_set:
+            device = target.device
+        given = target.resources
+        if given.requests.model_dump(exclude_none=True) or given.limits.model_dump(exclude_none=True):
+            resources = {"requests": given.requests.model_dump(exclude_none=True),
+                         "limits": given.limits.model_dump(exclude_none=True)}
+        if device == "cuda" and "nvidia.com/gpu" not in resources["limits"]:
+            resources["limits"]["nvidia.com/gpu"] = "1"
+            tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    return node_selector, resources, tolerations, device
+
+
+def job_placement(spec) -> tuple[dict, list[dict]]:
+    """The resources and tolerations the operator gives the worker pod (operator/job.py: requests =
+    limits for qos guaranteed; a cuda run gets one nvidia.com/gpu and tolerates the GPU taint), so the
+    served model lands where it was measured. The operator's copy cannot be imported from here."""
+    job = spec.spec.job
+    limits = job.resources.limits.model_dump(exclude_none=True)
+    requests = dict(limits) if job.qos == "guaranteed" else job.resources.requests.model_dump(exclude_none=True)
+    tolerations = [t.model_dump(exclude_none=True) for t in job.tolerations]
+    if spec.spec.benchmark.device == "cuda":
+        limits["nvidia.com/gpu"] = "1"
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    return {"requests": requests, "limits": limits}, tolerations

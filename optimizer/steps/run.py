@@ -65,6 +65,7 @@ class Run:
     recommendation: Recommendation | None = None
     analysis: Analysis | None = None
     record: Results | None = None  # results.json, assembled by the report step
+    output_uri: str | None = None  # where optimize_to stores the run (spec.output or --output): serving/'s storageUri
     steps: list[StepTiming] = field(default_factory=list)
 
     @property

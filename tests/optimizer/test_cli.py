@@ -35,7 +35,8 @@ def test_optimize_digits_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "best:" in done.stdout and "pytorch-fp32" in done.stdout  # the terminal table
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "run.log", "size.png", "latency.png", "models"}
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md", "run.log", "size.png", "latency.png", "models",
+                                               "serving"}
     assert not (tmp_path / "spec-output").exists()  # --output overrides spec.output
     results = json.loads((out / "results.json").read_text())
     assert results["accuracyMetric"] == "top1"

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import yaml
 
 from .conftest import write_spec
 from .test_cli import MLOPT
@@ -92,6 +93,12 @@ def test_s3_in_and_out_gives_the_local_results_and_verifiable_objects(tmp_path, 
     for path, record in listed.items():  # every uploaded object is what results.json says it is
         assert _sha256(stored[path]) == record["sha256"] and stored[path].stat().st_size == record["sizeBytes"]
     assert "models/ort-int8-static.onnx.data" in listed  # external data travels with its model
+    # The serving layout is stored with the run, and its InferenceService points at it (KServe's s3:// form).
+    served = yaml.safe_load(stored["serving/inferenceservice.yaml"].read_text())["spec"]["predictor"]["model"]
+    assert served["storageUri"] == f"s3://{out_bucket}/{tmp_path.name}/run/serving"
+    version = sorted(path.removeprefix("serving/test/1/") for path in listed if path.startswith("serving/test/1/"))
+    assert version[0] == "model.onnx" and version[1:] and all(name.endswith(".data") for name in version[1:])
+    assert "serving/test/config.pbtxt" in listed
 
 
 @pytest.mark.parametrize("case", ["wrong-secret", "missing-object", "pin-mismatch", "over-max-size"])
