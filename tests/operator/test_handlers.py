@@ -77,6 +77,9 @@ class InMemoryApi:
     def job_events(self, namespace, job_name):
         return self.events_by_job.get(job_name, [])
 
+    def workload_events(self, job):
+        return self.events_by_job.get(f"workload-of-{job['metadata']['name']}", [])
+
     def priority(self, class_name):
         return 0
 
@@ -679,3 +682,12 @@ def test_a_new_generation_of_a_targets_resource_starts_from_clean_rows(api):
     assert api.created[-1] == "pools-g2-big" and {"pools-g1-big", "pools-g1-small"} <= set(api.deleted)
     assert [r["name"] for r in got["targets"]] == ["big"] and got["targets"][0]["phase"] == "Pending"
     assert not {"recommended", "recommendation", "best"} & set(got) and got["observedGeneration"] == 2
+
+
+def test_under_kueue_every_targets_job_is_made_at_once_suspended_and_the_cap_counts_none(api):
+    api.add("queued-pools", targets=THREE, job={"queueName": "team-queue"})
+    run(api, "queued-pools")  # the operator's cap (2) does not apply: Kueue admits each Job
+    assert api.created == ["queued-pools-g1-big", "queued-pools-g1-small", "queued-pools-g1-nowhere"]
+    assert all(api.jobs_by_name[("team", name)]["spec"]["suspend"] for name in api.created)
+    assert {r["phase"] for r in rows(api, "queued-pools").values()} == {"Queued"}  # WaitingForKueue, each
+    assert {r["reason"] for r in rows(api, "queued-pools").values()} == {"WaitingForKueue"}
