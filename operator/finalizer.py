@@ -9,6 +9,9 @@ in it. So every worker pod carries FINALIZER from its Job's template: deleted, i
 status and message intact, until the operator releases it (`release_reason` says when). An
 operator that restarts sees every pod again (kopf lists them when it starts watching).
 
+With spec.targets, a target's pod is released once that target's row in status is final (the row
+keeps its summary's results), not only when the whole resource is.
+
 Only a pod whose message may still be needed is held, so a drain waits on none but those: a deleted
 attempt that the Job replaces (evicted: exit 143) or that never started is released at once.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .job import ANNOTATION_RESOURCE_UID, FINAL_EXIT_CODES, FINALIZER, LABEL_GENERATION
+from .job import ANNOTATION_RESOURCE_UID, FINAL_EXIT_CODES, FINALIZER, LABEL_GENERATION, LABEL_TARGET
 from .status import TERMINAL, worker_state
 
 
@@ -38,6 +41,11 @@ def release_reason(pod: dict[str, Any], resource: dict[str, Any] | None) -> str 
     status = resource.get("status") or {}
     if str(status.get("observedGeneration")) == generation and status.get("phase") in TERMINAL:
         return f"the outcome ({status['phase']}) is recorded"
+    # A target's pod goes once its target's row is final: the row keeps what the resource needs of it.
+    target = (meta.get("labels") or {}).get(LABEL_TARGET)
+    row = next((r for r in status.get("targets") or [] if r.get("name") == target), None) if target else None
+    if row and str(status.get("observedGeneration")) == generation and row.get("phase") in TERMINAL:
+        return f"target {target}'s outcome ({row['phase']}) is recorded"
     if not meta.get("deletionTimestamp"):
         return None  # its summary may yet be needed, and nothing waits for it to go
     state = worker_state(pod)

@@ -22,17 +22,19 @@ from optimizer.api.spec_loader import SpecError, parse_spec
 from .cluster import Cluster, JobRefused
 from . import leader, metrics
 from .finalizer import release_reason
-from .job import ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, LABEL_QUEUE, MANAGED_BY, build_job
+from .job import (ANNOTATION_RESOURCE, LABEL_GENERATION, LABEL_NAME, LABEL_QUEUE, LABEL_TARGET, MANAGED_BY,
+                  build_jobs)
 from .policy import CONFIGMAP, PolicySource, PolicyUnreadable, violations
-from .queue import admit
+from .queue import admit, unstarted_targets
 from .settings import Settings
-from .status import TERMINAL, conditions, job_finished, status_from_job
+from .status import (RESULT_KEYS, TERMINAL, conditions, job_finished, queued_row, status_from_job,
+                     status_from_targets, target_row)
 
 # Fields of a run's status; reset (None = removed by the merge patch) when a generation starts.
 _RUN_FIELDS = (
     "reason", "message", "exitCode", "startTime", "completionTime", "best", "bestSize",
     "bestLatency", "bestSpeedup", "baseline", "variants", "results", "output", "artifacts", "queuePosition",
-    "jobName",
+    "jobName", "targets", "recommendation", "recommended",
 )
 QUEUE_RETRY_SECONDS = 10  # how soon a Queued resource asks again for a slot
 POLICY_RETRY_SECONDS = 30  # how soon a resource held by an unreadable policy ConfigMap is tried again
@@ -126,10 +128,10 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
         if current is None or int(current["metadata"]["generation"]) != generation:
             return  # deleted, or a newer generation's update is queued behind this one
         old = current.get("status") or {}
-        ours = False  # this generation's Job exists already (one listing serves both questions)
+        ours = []  # this generation's Jobs that exist already (one listing serves both questions)
         for job in cluster.jobs(namespace, name):
             if job["metadata"]["labels"].get(LABEL_GENERATION) == str(generation):
-                ours = True
+                ours.append(job)
             else:
                 cluster.delete_job(namespace, job["metadata"]["name"])
                 logger.info(f"superseded Job {job['metadata']['name']} (generation {generation} replaces it)")
@@ -137,17 +139,28 @@ def run_generation(body: kopf.Body, logger: Any, **_: Any) -> None:
             return  # this generation already ran; never run it twice
         try:
             spec = parse_spec(current, f"{KIND} {name}")
-            job = build_job(current, _state["settings"], spec)
+            jobs = build_jobs(current, _state["settings"], spec)
         except SpecError as error:
             _write(cluster, current, {**_fresh(current, generation), "phase": "Failed", "reason": "InvalidSpec",
                                       "message": str(error)}, generation)
             raise kopf.PermanentError(str(error)) from None
-        if ours:
-            logger.info(f"adopted the existing Job {job['metadata']['name']}")
+        if not spec.spec.targets:
+            if ours:
+                logger.info(f"adopted the existing Job {jobs[0]['metadata']['name']}")
+                return
+            _check_policy(cluster, current, spec, generation)
+            with _admission:
+                _start(cluster, current, jobs[0], generation, logger)
             return
-        _check_policy(cluster, current, spec, generation)
+        unstarted = unstarted_targets(current, ours)
+        missing = [job for job in jobs if job["metadata"]["labels"][LABEL_TARGET] in unstarted]
+        if not missing:
+            logger.info(f"adopted the existing Jobs {', '.join(j['metadata']['name'] for j in ours)}")
+            return
+        if not ours:  # checked once per generation: the spec of a generation never changes
+            _check_policy(cluster, current, spec, generation)
         with _admission:
-            _start(cluster, current, job, generation, logger)
+            _start_targets(cluster, current, missing, started=bool(ours), generation=generation, logger=logger)
 
 
 def _fresh(resource: dict[str, Any], generation: int) -> dict[str, None]:
@@ -192,25 +205,28 @@ def _still_leading(what: str) -> float:
     return left - 1
 
 
-def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], generation: int, logger: Any) -> None:
-    """Create the generation's Job if the queue admits it; else Queued with the position, asked again soon."""
+def _slots(cluster: Cluster, resource: dict[str, Any], generation: int, wanted: int, whole: bool) -> int:
+    """How many of the resource's `wanted` Jobs the queue lets start now (all of them under Kueue). When
+    none may: Queued with the position (`whole`: nothing of this generation runs yet; else its targets'
+    rows say which wait) and asked again soon."""
+    if (resource["spec"].get("job") or {}).get("queueName"):
+        return wanted
     settings: Settings = _state["settings"]
-    fresh = _fresh(resource, generation)
-    if not (resource["spec"].get("job") or {}).get("queueName"):
-        namespaces = _state.get("namespaces")
-        place = admit(resource, cluster.resources(namespaces), cluster.worker_jobs(namespaces), settings, cluster.priority)
-        if not place.admitted:
-            cap = f"cap {settings.max_running}" + (f", {settings.max_running_per_namespace} per namespace"
-                                                     if settings.max_running_per_namespace else "")
-            message = (f"waiting for a slot: {place.running} optimization(s) running ({cap}); "
-                       f"position {place.position} of {place.waiting}")
-            _write(cluster, resource, {**fresh, "phase": "Queued", "reason": "OverCap", "message": message,
-                                       "queuePosition": place.position}, generation)
-            raise metrics.AskAgain(message, delay=QUEUE_RETRY_SECONDS)
-    _still_leading("creating a Job")  # what admit() counted holds only while no other replica admits
-    pending = {**fresh, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
-               "queuePosition": None, "message": f"Job {job['metadata']['name']} runs generation {generation}"}
-    _write(cluster, resource, pending, generation)
+    namespaces = _state.get("namespaces")
+    place = admit(resource, cluster.resources(namespaces), cluster.worker_jobs(namespaces), settings, cluster.priority)
+    if place.admitted:
+        return min(place.slots, wanted)
+    cap = f"cap {settings.max_running}" + (f", {settings.max_running_per_namespace} per namespace"
+                                             if settings.max_running_per_namespace else "")
+    message = (f"waiting for a slot: {place.running} optimization(s) running ({cap}); "
+               f"position {place.position} of {place.waiting}")
+    if whole:
+        _write(cluster, resource, {**_fresh(resource, generation), "phase": "Queued", "reason": "OverCap",
+                                   "message": message, "queuePosition": place.position}, generation)
+    raise metrics.AskAgain(message, delay=QUEUE_RETRY_SECONDS)
+
+
+def _create(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], generation: int, logger: Any) -> None:
     try:
         created = cluster.create_job(job, timeout=_still_leading("creating a Job"))
     except JobRefused as refused:
@@ -218,6 +234,37 @@ def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], gene
     if created is not None:
         metrics.JOBS_CREATED.inc()
     logger.info(f"{'created' if created is not None else 'adopted the existing'} Job {job['metadata']['name']}")
+
+
+def _start(cluster: Cluster, resource: dict[str, Any], job: dict[str, Any], generation: int, logger: Any) -> None:
+    """Create the generation's Job if the queue admits it; else Queued with the position, asked again soon."""
+    fresh = _fresh(resource, generation)
+    _slots(cluster, resource, generation, 1, whole=True)
+    _still_leading("creating a Job")  # what admit() counted holds only while no other replica admits
+    pending = {**fresh, "phase": "Pending", "reason": "JobCreated", "jobName": job["metadata"]["name"],
+               "queuePosition": None, "message": f"Job {job['metadata']['name']} runs generation {generation}"}
+    _write(cluster, resource, pending, generation)
+    _create(cluster, resource, job, generation, logger)
+
+
+def _start_targets(cluster: Cluster, resource: dict[str, Any], missing: list[dict[str, Any]], started: bool,
+                   generation: int, logger: Any) -> None:
+    """Create the Jobs of the targets not started yet, as many as the queue admits (one slot each, in the
+    spec's order); asked again soon while some still wait. `started`: some target's Job exists already."""
+    fresh = _fresh(resource, generation)
+    count = _slots(cluster, resource, generation, len(missing), whole=not started)
+    _still_leading("creating a Job")
+    names = [job["metadata"]["name"] for job in missing[:count]]
+    if fresh or not started:
+        _write(cluster, resource, {**fresh, "phase": "Pending", "reason": "JobCreated", "queuePosition": None,
+                                   "message": f"Jobs {', '.join(names)} run generation {generation}"}, generation)
+    for job in missing[:count]:
+        _create(cluster, resource, job, generation, logger)
+    current = cluster.get_resource(resource["metadata"]["namespace"], resource["metadata"]["name"])
+    if current is not None:
+        _record(cluster, current, str(generation))  # the rows: which targets run, which still wait
+    if count < len(missing):
+        raise metrics.AskAgain(f"{len(missing) - count} target(s) wait for a slot", delay=QUEUE_RETRY_SECONDS)
 
 
 def _job_refused(cluster: Cluster, resource: dict[str, Any], job_name: str, refused: JobRefused,
@@ -255,24 +302,69 @@ def _record(cluster: Cluster, resource: dict[str, Any], generation: str) -> list
     if str(resource["metadata"]["generation"]) != generation:
         return []  # an older generation's Job, being deleted
     jobs = cluster.jobs(namespace, name, int(generation))
+    # A Job left from a deleted resource of the same name is not this one's; the GC removes it.
+    jobs = [job for job in jobs if any(ref.get("uid") == resource["metadata"]["uid"]
+                                       for ref in job["metadata"].get("ownerReferences", []))]
     if not jobs:
         return []
-    job = jobs[0]
-    if not any(ref.get("uid") == resource["metadata"]["uid"] for ref in job["metadata"].get("ownerReferences", [])):
-        return []  # a Job left from a deleted resource of the same name; the GC removes it
     old = resource.get("status") or {}
     if old.get("observedGeneration") == int(generation) and old.get("phase") in TERMINAL:
         return []  # final; pods vanishing later must not change the recorded outcome
-    pods = cluster.pods(namespace, job["metadata"]["name"])
-    events = [] if pods else cluster.job_events(namespace, job["metadata"]["name"])  # FailedCreate
-    if not pods and job["spec"].get("suspend") and LABEL_QUEUE in (job["metadata"].get("labels") or {}):
-        events += cluster.workload_events(job)  # why Kueue has not admitted it (e.g. insufficient quota)
-    status = status_from_job(job, pods, events, waits=_state["settings"].waits)
+    if LABEL_TARGET in jobs[0]["metadata"]["labels"]:
+        return _record_targets(cluster, resource, generation, jobs)
+    job = jobs[0]
+    pods, status = _job_status(cluster, job)
     resource["status"] = _write(cluster, resource, status, int(generation))
     if status["phase"] == "Failed" and not job_finished(job):
         # Failed from the pod (e.g. ErrImageNeverPull) while the Job would wait for its deadline.
         cluster.delete_job(namespace, job["metadata"]["name"])
     return pods
+
+
+def _job_status(cluster: Cluster, job: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The Job's pods and its status_from_job."""
+    namespace = job["metadata"]["namespace"]
+    pods = cluster.pods(namespace, job["metadata"]["name"])
+    events = [] if pods else cluster.job_events(namespace, job["metadata"]["name"])  # FailedCreate
+    if not pods and job["spec"].get("suspend") and LABEL_QUEUE in (job["metadata"].get("labels") or {}):
+        events += cluster.workload_events(job)  # why Kueue has not admitted it (e.g. insufficient quota)
+    return pods, status_from_job(job, pods, events, waits=_state["settings"].waits)
+
+
+def _record_targets(cluster: Cluster, resource: dict[str, Any], generation: str,
+                    jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per target from its Job (a final row is kept as recorded: its pod may be gone), the
+    resource's status from the rows; a target failed from its pod (unschedulable past the wait, an image
+    that never comes) has its Job deleted, so it holds no slot and the others go on."""
+    namespace = resource["metadata"]["namespace"]
+    try:
+        spec = parse_spec(resource, f"{KIND} {resource['metadata']['name']}")
+    except SpecError:
+        return []  # not this generation's spec (its Jobs were made from a valid one)
+    old = resource.get("status") or {}
+    recorded = {row.get("name"): row for row in old.get("targets") or []} \
+        if old.get("observedGeneration") == int(generation) else {}
+    by_target = {job["metadata"]["labels"].get(LABEL_TARGET): job for job in jobs}
+    rows, read, stop = [], [], []
+    for target in spec.spec.targets or []:
+        before, job = recorded.get(target.name), by_target.get(target.name)
+        if before and before.get("phase") in TERMINAL:
+            rows.append(before)
+        elif job is None:
+            rows.append(queued_row(target))
+        else:
+            pods, status = _job_status(cluster, job)
+            rows.append(target_row(target, status, pods))
+            read += pods
+            if status["phase"] == "Failed" and not job_finished(job):
+                stop.append(job["metadata"]["name"])
+    status = status_from_targets(spec, rows)
+    # A field of an earlier recommendation that the current one lacks is removed, not left behind.
+    stale = {key: None for key in (*RESULT_KEYS, "recommendation", "recommended") if key in old and key not in status}
+    resource["status"] = _write(cluster, resource, {**stale, **status}, int(generation))
+    for name in stop:
+        cluster.delete_job(namespace, name)
+    return read
 
 
 def _resource_name(meta: kopf.Meta) -> str:

@@ -12,12 +12,13 @@ from typing import Any
 
 from optimizer.api import uris
 from optimizer.api.crd import GROUP, KIND, VERSION
-from optimizer.api.spec import ModelOptimization
+from optimizer.api.spec import Device, ModelOptimization, Resources, TargetSpec
 
 from .settings import Settings
 
 LABEL_NAME = f"{GROUP}/name"
 LABEL_GENERATION = f"{GROUP}/generation"
+LABEL_TARGET = f"{GROUP}/target"  # spec.targets' name of the Job (and its pods); absent without targets
 ANNOTATION_RESOURCE = f"{GROUP}/resource"  # the full resource name (a label value holds at most 63)
 ANNOTATION_RESOURCE_UID = f"{GROUP}/resource-uid"  # on the pod: which resource of that name it ran for
 # On every worker pod (operator/finalizer.py): a deleted pod stays, with its termination message (the
@@ -52,9 +53,10 @@ def kueue_workload_names(job: str, uid: str) -> set[str]:
     return {f"{f'job-{job}'[:limit - 6]}-{digest}" for limit in (63, 253)}
 
 
-def job_name(name: str, generation: int) -> str:
-    """`<name>-g<generation>`, shortened with a hash when over the 63 characters a Job may have."""
-    return _fit(name, f"-g{generation}")
+def job_name(name: str, generation: int, target: str | None = None) -> str:
+    """`<name>-g<generation>` (`-<target>` after it for a target's Job), shortened with a hash when over
+    the 63 characters a Job may have: target names have at most 20, so the suffix always fits whole."""
+    return _fit(name, f"-g{generation}" + (f"-{target}" if target else ""))
 
 
 def name_label(name: str) -> str:
@@ -63,13 +65,16 @@ def name_label(name: str) -> str:
     return _fit(name)
 
 
-def labels(name: str, generation: int) -> dict[str, str]:
-    return {
+def labels(name: str, generation: int, target: str | None = None) -> dict[str, str]:
+    out = {
         "app.kubernetes.io/name": "mlopt-worker",
         "app.kubernetes.io/managed-by": "mlopt-operator",
         LABEL_NAME: name_label(name),
         LABEL_GENERATION: str(generation),
     }
+    if target:
+        out[LABEL_TARGET] = target
+    return out
 
 
 def spec_snapshot(resource: dict[str, Any]) -> str:
@@ -90,29 +95,50 @@ def spec_snapshot(resource: dict[str, Any]) -> str:
     )
 
 
-def _resources(spec: ModelOptimization) -> dict[str, Any]:
-    wanted = spec.spec.job.resources
+def device(spec: ModelOptimization, target: TargetSpec | None = None) -> Device:
+    """The device of the pod: the target's when it names one, else spec.benchmark.device."""
+    if target is not None and "device" in target.model_fields_set:
+        return target.device
+    return spec.spec.benchmark.device
+
+
+def pod_resources(spec: ModelOptimization, target: TargetSpec | None = None) -> Resources:
+    """What the pod asks for: the target's resources when it gives them, else spec.job.resources."""
+    if target is not None and "resources" in target.model_fields_set:
+        return target.resources
+    return spec.spec.job.resources
+
+
+def _resources(spec: ModelOptimization, target: TargetSpec | None) -> dict[str, Any]:
+    wanted = pod_resources(spec, target)
     limits = wanted.limits.model_dump(exclude_none=True)
     # Guaranteed QoS: requests equal to limits (whole CPUs, checked in the spec).
     requests = dict(limits) if spec.spec.job.qos == "guaranteed" else wanted.requests.model_dump(exclude_none=True)
     out = {"requests": requests, "limits": limits}
-    if spec.spec.benchmark.device == "cuda":
+    if device(spec, target) == "cuda":
         out["limits"]["nvidia.com/gpu"] = "1"
     return out
 
 
-def _tolerations(spec: ModelOptimization) -> list[dict[str, Any]]:
+def _tolerations(spec: ModelOptimization, target: TargetSpec | None) -> list[dict[str, Any]]:
     tolerations = [t.model_dump(exclude_none=True) for t in spec.spec.job.tolerations]
-    if spec.spec.benchmark.device == "cuda":
+    if target is not None:
+        tolerations += [t.model_dump(exclude_none=True) for t in target.tolerations]
+    if device(spec, target) == "cuda":
         # GPU nodes are usually tainted so that only GPU pods land there.
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
     return tolerations
 
 
-def _image(spec: ModelOptimization, settings: Settings) -> str:
+def _node_selector(spec: ModelOptimization, target: TargetSpec | None) -> dict[str, str]:
+    """spec.job.nodeSelector with the target's on top (the target wins a key both name)."""
+    return {**spec.spec.job.nodeSelector, **(target.nodeSelector if target is not None else {})}
+
+
+def _image(spec: ModelOptimization, settings: Settings, target: TargetSpec | None) -> str:
     if spec.spec.job.image:
         return spec.spec.job.image
-    return settings.gpu_worker_image if spec.spec.benchmark.device == "cuda" else settings.worker_image
+    return settings.gpu_worker_image if device(spec, target) == "cuda" else settings.worker_image
 
 
 PVC_ROOT = "/mnt/pvc"  # claim <name> is mounted at /mnt/pvc/<name> (the worker's MLOPT_PVC_ROOT)
@@ -161,15 +187,34 @@ def _env(resource: dict[str, Any], spec: ModelOptimization) -> list[dict[str, st
     ]
 
 
-def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimization | None = None) -> dict[str, Any]:
-    """The batch/v1 Job for the resource's current generation; `spec` is the resource's parsed spec
-    when the caller has it already. Raises SpecError for an invalid spec."""
+def _target_env(target: TargetSpec | None) -> list[dict[str, str]]:
+    # The worker measures as this target (its hardware profile, its serving sweep, its output folder).
+    return [{"name": "MLOPT_TARGET", "value": target.name}] if target is not None else []
+
+
+def build_jobs(resource: dict[str, Any], settings: Settings, spec: ModelOptimization | None = None) -> list[dict[str, Any]]:
+    """The generation's Jobs: one per spec.targets entry (in the spec's order), or the one Job without
+    targets. Raises SpecError for an invalid spec."""
+    spec = spec or _parse(resource)
+    if not spec.spec.targets:
+        return [build_job(resource, settings, spec)]
+    return [build_job(resource, settings, spec, target) for target in spec.spec.targets]
+
+
+def _parse(resource: dict[str, Any]) -> ModelOptimization:
     from optimizer.api.spec_loader import parse_spec
 
-    spec = spec or parse_spec(resource, f"{KIND} {resource['metadata'].get('name')}")
+    return parse_spec(resource, f"{KIND} {resource['metadata'].get('name')}")
+
+
+def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimization | None = None,
+              target: TargetSpec | None = None) -> dict[str, Any]:
+    """The batch/v1 Job for the resource's current generation (on `target`'s nodes, when given); `spec` is
+    the resource's parsed spec when the caller has it already. Raises SpecError for an invalid spec."""
+    spec = spec or _parse(resource)
     meta = resource["metadata"]
     scratch_limit, scratch_request = _scratch_size(spec)
-    resources = _resources(spec)
+    resources = _resources(spec, target)
     resources["requests"]["ephemeral-storage"] = scratch_request
     mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": SCRATCH}]
     volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {"sizeLimit": scratch_limit}}]
@@ -181,7 +226,8 @@ def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimizat
         volumes.append({"name": "ca-bundle", "configMap": {"name": spec.spec.storage.caBundle.name}})
         mounts.append({"name": "ca-bundle", "mountPath": CA_BUNDLE_DIR, "readOnly": True})
     generation = int(meta["generation"])
-    job_labels = labels(meta["name"], generation)
+    target_name = target.name if target is not None else None
+    job_labels = labels(meta["name"], generation, target_name)
     annotations = {ANNOTATION_RESOURCE: meta["name"]}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -198,11 +244,11 @@ def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimizat
         "containers": [
             {
                 "name": CONTAINER,
-                "image": _image(spec, settings),
+                "image": _image(spec, settings, target),
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": ["mlopt", "worker"],
                 "workingDir": SCRATCH,
-                "env": _env(resource, spec) + _storage_env(spec),
+                "env": _env(resource, spec) + _storage_env(spec) + _target_env(target),
                 "resources": resources,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
@@ -225,11 +271,11 @@ def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimizat
         pod_spec["priorityClassName"] = spec.spec.job.priorityClassName
     if spec.spec.job.imagePullSecrets:
         pod_spec["imagePullSecrets"] = [{"name": secret} for secret in spec.spec.job.imagePullSecrets]
-    if spec.spec.benchmark.device == "cuda" and settings.gpu_runtime_class:
+    if device(spec, target) == "cuda" and settings.gpu_runtime_class:
         pod_spec["runtimeClassName"] = settings.gpu_runtime_class
-    if spec.spec.job.nodeSelector:
-        pod_spec["nodeSelector"] = dict(spec.spec.job.nodeSelector)
-    tolerations = _tolerations(spec)
+    if node_selector := _node_selector(spec, target):
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = _tolerations(spec, target)
     if tolerations:
         pod_spec["tolerations"] = tolerations
     job_spec: dict[str, Any] = {
@@ -259,7 +305,7 @@ def build_job(resource: dict[str, Any], settings: Settings, spec: ModelOptimizat
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(meta["name"], generation),
+            "name": job_name(meta["name"], generation, target_name),
             "namespace": meta.get("namespace"),
             "labels": job_labels,
             "annotations": annotations,

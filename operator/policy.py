@@ -64,6 +64,30 @@ def _allowed(value: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
 
 
+def _placement(policy: Policy, where: str, tolerations: list[Any], node_selector: dict[str, str],
+               resources: Any) -> list[str]:
+    """The rules broken by what places one pod: its tolerations, nodeSelector and resources."""
+    broken = []
+    for index, toleration in enumerate(tolerations):
+        key = toleration.key or ""
+        # A key-less toleration tolerates every taint: only the literal '*' allows it.
+        if not (_allowed(key, policy.allowedTolerationKeys) if key else "*" in policy.allowedTolerationKeys):
+            what = f"key {key}" if key else f"operator {toleration.operator} with no key (tolerates every taint)"
+            broken.append(f"allowedTolerationKeys: {where}.tolerations[{index}] ({what}) is not allowed"
+                          + (f" (allowed keys: {', '.join(policy.allowedTolerationKeys)})" if policy.allowedTolerationKeys
+                             else " (no user tolerations are allowed)"))
+    if node_selector and not policy.allowNodeSelector:
+        broken.append(f"allowNodeSelector: {where}.nodeSelector is not allowed")
+    for kind in ("requests", "limits") if resources is not None else ():
+        wanted = getattr(resources, kind)
+        for name, most in (("cpu", policy.maxCPU), ("memory", policy.maxMemory)):
+            value = getattr(wanted, name)
+            if value is not None and quantity_value(value) > quantity_value(most):
+                broken.append(f"max{'CPU' if name == 'cpu' else 'Memory'}: {where}.resources.{kind}.{name} "
+                              f"{value} is over {most}")
+    return broken
+
+
 def violations(spec: ModelOptimization, policy: Policy, settings: Settings) -> list[str]:
     """Each rule the spec breaks, as '<policy field>: <what the spec asked>'; empty when allowed."""
     job, broken = spec.spec.job, []
@@ -72,25 +96,14 @@ def violations(spec: ModelOptimization, policy: Policy, settings: Settings) -> l
         broken.append(f"allowedImages: spec.job.image {job.image} is not allowed (allowed: the worker images "
                       f"{', '.join(own)}" + (f"; {', '.join(policy.allowedImages)}" if policy.allowedImages else "")
                       + ")")
-    for index, toleration in enumerate(job.tolerations):
-        key = toleration.key or ""
-        # A key-less toleration tolerates every taint: only the literal '*' allows it.
-        if not (_allowed(key, policy.allowedTolerationKeys) if key else "*" in policy.allowedTolerationKeys):
-            what = f"key {key}" if key else f"operator {toleration.operator} with no key (tolerates every taint)"
-            broken.append(f"allowedTolerationKeys: spec.job.tolerations[{index}] ({what}) is not allowed"
-                          + (f" (allowed keys: {', '.join(policy.allowedTolerationKeys)})" if policy.allowedTolerationKeys
-                             else " (no user tolerations are allowed)"))
-    if job.nodeSelector and not policy.allowNodeSelector:
-        broken.append("allowNodeSelector: spec.job.nodeSelector is not allowed")
+    broken += _placement(policy, "spec.job", job.tolerations, job.nodeSelector, job.resources)
     if job.priorityClassName and not _allowed(job.priorityClassName, policy.allowedPriorityClasses):
         broken.append(f"allowedPriorityClasses: spec.job.priorityClassName {job.priorityClassName} is not allowed")
-    for kind in ("requests", "limits"):
-        wanted = getattr(job.resources, kind)
-        for name, most in (("cpu", policy.maxCPU), ("memory", policy.maxMemory)):
-            value = getattr(wanted, name)
-            if value is not None and quantity_value(value) > quantity_value(most):
-                broken.append(f"max{'CPU' if name == 'cpu' else 'Memory'}: spec.job.resources.{kind}.{name} "
-                              f"{value} is over {most}")
+    for index, target in enumerate(spec.spec.targets or []):
+        # Each target's Job is checked as its pod will be: its own tolerations, nodeSelector and resources.
+        # Resources only when the target gives them (else spec.job's, checked above, apply).
+        given = target.resources if "resources" in target.model_fields_set else None
+        broken += _placement(policy, f"spec.targets[{index}]", target.tolerations, target.nodeSelector, given)
     if job.activeDeadlineSeconds > policy.maxDeadlineSeconds:
         broken.append(f"maxDeadlineSeconds: spec.job.activeDeadlineSeconds {job.activeDeadlineSeconds} is over "
                       f"{policy.maxDeadlineSeconds}")

@@ -13,6 +13,9 @@ import datetime
 import signal
 from typing import Any
 
+from optimizer.api.results import ServingOffer
+from optimizer.api.serving import price, recommend
+from optimizer.api.spec import ModelOptimization, TargetSpec
 from optimizer.api.summary import parse_summary
 from optimizer.api.units import format_size
 
@@ -306,6 +309,130 @@ def _status(job: dict[str, Any], pods: list[dict[str, Any]], events: list[dict[s
         return {**status, "phase": "Pending", "reason": "FailedCreate",
                 "message": f"the Job controller cannot create the worker pod: {why}"}
     return {**status, **_waiting(pod)}
+
+
+# --- spec.targets: one Job per target, one row per target, and the resource's status from the rows ---
+
+# What a target's row keeps of its worker's summary: once the row is final its pod is released, so the
+# row is where the resource's top-level results (the recommended target's) are read from afterwards.
+RESULT_KEYS = ("best", "bestSize", "bestLatency", "bestSpeedup", "baseline", "variants", "results", "output",
+                "artifacts")
+_ROW_KEYS = ("phase", "reason", "message", "jobName", "exitCode", "startTime", "completionTime", *RESULT_KEYS)
+_SERVING_KEYS = ("variant", "requestsPerSecond", "p99Ms", "latencySLOMs", "reason")
+
+
+def queued_row(target: TargetSpec) -> dict[str, Any]:
+    """The row of a target whose Job waits for a slot under the operator's cap."""
+    return {"name": target.name, "phase": "Queued", "reason": "OverCap", "message": "waiting for a slot"}
+
+
+def target_row(target: TargetSpec, status: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's row, from status_from_job of its Job: phase and why, where it ran (the node from the
+    pod, the CPU from the worker's summary) and what it measured (the summary's serving figures)."""
+    row = {"name": target.name, **{key: status[key] for key in _ROW_KEYS if status.get(key) is not None}}
+    ran = [p for p in pods if (p.get("spec") or {}).get("nodeName")]
+    if ran:
+        row["node"] = _latest(ran)["spec"]["nodeName"]
+    terminated = _completing_attempt(pods) or _latest_terminated(pods)
+    summary = parse_summary(terminated.get("message", "")) if terminated else None
+    environment = (summary or {}).get("environment")
+    if isinstance(environment, dict) and environment.get("cpu"):
+        row["cpu"] = str(environment["cpu"])[:200]
+    serving = (summary or {}).get("serving") if status.get("phase") == "Succeeded" else None
+    if isinstance(serving, dict):
+        row["serving"] = {key: serving[key] for key in _SERVING_KEYS if serving.get(key) is not None}
+    if target.pricePerHour is not None:
+        row["pricePerHour"] = target.pricePerHour
+    return row
+
+
+def _offer(row: dict[str, Any], target: TargetSpec) -> ServingOffer:
+    serving = row["serving"]
+    return ServingOffer(target=row["name"], variant=serving.get("variant"),
+                        requestsPerSecond=serving.get("requestsPerSecond"), p99Ms=serving.get("p99Ms"),
+                        pricePerHour=target.pricePerHour, lost=serving.get("reason"))
+
+
+def _phase(rows: list[dict[str, Any]]) -> str:
+    """Running while any target runs; Succeeded once all are final and one succeeded; Failed when all failed."""
+    phases = [row.get("phase") for row in rows]
+    if "Running" in phases:
+        return "Running"
+    if all(phase in TERMINAL for phase in phases):
+        return "Succeeded" if "Succeeded" in phases else "Failed"
+    return "Pending" if "Pending" in phases else "Queued"
+
+
+def _progress(rows: list[dict[str, Any]]) -> str:
+    return "targets: " + ", ".join(
+        f"{row['name']} {row.get('phase')}" + (f" ({row['reason']})" if row.get("phase") not in ("Running", "Succeeded")
+                                               and row.get("reason") else "") for row in rows)
+
+
+def _recommended_message(recommendation: Any, rows: list[dict[str, Any]]) -> str:
+    if recommendation is None:
+        return "no target met the latency SLO (see each target's serving reason)"
+    offer = next(o for o in recommendation.offers
+                 if (o.target, o.variant) == (recommendation.target, recommendation.variant))
+    message = (f"recommended {recommendation.target}/{recommendation.variant}: {offer.requestsPerSecond:.1f} "
+               f"requests/s per pod at p99 {offer.p99Ms or 0:.3g} ms")
+    if offer.costPerMillion is not None:
+        message += f", {offer.costPerMillion:.4g} per million inferences"
+    if offer.replicas is not None:
+        message += f", {offer.replicas} replica(s) for {recommendation.demand:g} requests/s"
+        if offer.costPerHour is not None:
+            message += f" at {offer.costPerHour:.4g}/h"
+    return message + f" ({recommendation.basis})"
+
+
+def status_from_targets(spec: ModelOptimization, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The resource's status from its targets' rows (in the spec's order): the phase, the rows priced, the
+    recommendation (optimizer.api.serving.recommend over the finished targets' offers, as the worker
+    decides locally) and the top-level results of the recommended target (else the first that succeeded)."""
+    targets = {target.name: target for target in spec.spec.targets or []}
+    offers = [_offer(row, targets[row["name"]]) for row in rows if row.get("phase") == "Succeeded" and row.get("serving")]
+    recommendation = recommend(offers, spec.spec.demand) if offers else None
+    priced = {o.target: o for o in (recommendation.offers if recommendation else
+                                    [price(o, spec.spec.demand) for o in offers])}
+    rows = [{**row, **{key: getattr(priced[row["name"]], key) for key in ("costPerMillion", "replicas", "costPerHour")
+                       if row["name"] in priced and getattr(priced[row["name"]], key) is not None}} for row in rows]
+    phase = _phase(rows)
+    status: dict[str, Any] = {"phase": phase, "targets": rows}
+    if recommendation is not None:
+        status["recommendation"] = recommendation.model_dump(exclude_none=True)
+        status["recommended"] = f"{recommendation.target}/{recommendation.variant}"
+    succeeded = [row for row in rows if row.get("phase") == "Succeeded"]
+    source = next((row for row in succeeded if recommendation and row["name"] == recommendation.target),
+                  succeeded[0] if succeeded else None)
+    if source is not None:
+        status.update({key: source[key] for key in RESULT_KEYS if key in source})
+    starts = [row["startTime"] for row in rows if row.get("startTime")]
+    if starts:
+        status["startTime"] = min(starts)
+    failed = [row for row in rows if row.get("phase") == "Failed"]
+    if phase in TERMINAL:
+        ends = [row["completionTime"] for row in rows if row.get("completionTime")]
+        if ends:
+            status["completionTime"] = max(ends)
+    if phase == "Succeeded":
+        measured = any("serving" in row for row in succeeded)  # off with benchmark.serving.enabled: false
+        message = (_recommended_message(recommendation, rows) if measured
+                   else f"{len(succeeded)} of {len(rows)} target(s) succeeded")
+        if failed:
+            message += "; failed: " + ", ".join(f"{row['name']} ({row.get('reason')})" for row in failed)
+        return {**status, "reason": "Completed", "message": message}
+    if phase == "Failed":
+        reasons = {row.get("reason") for row in rows}
+        reason = reasons.pop() if len(reasons) == 1 else "TargetsFailed"
+        message = "every target failed: " + "; ".join(
+            f"{row['name']}: {row.get('reason')}: {row.get('message', '')}" for row in rows)
+        return {**status, "reason": reason or "TargetsFailed", "message": message[:3000]}
+    if phase == "Pending":
+        first = next(row for row in rows if row.get("phase") == "Pending")
+        return {**status, "reason": first.get("reason") or "PodPending",
+                "message": f"{first['name']}: {first.get('message', '')}; {_progress(rows)}"}
+    reason = "WorkerRunning" if phase == "Running" else "OverCap"
+    return {**status, "reason": reason, "message": _progress(rows)}
 
 
 def conditions(

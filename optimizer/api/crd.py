@@ -69,6 +69,65 @@ class Condition(_Status):
     observedGeneration: int | None = Field(None, description="The spec generation this describes.")
 
 
+class ServingStatus(_Status):
+    variant: str | None = Field(None, description="The variant with the most requests/s within the SLO on this target.")
+    requestsPerSecond: float | None = Field(None, description="Requests/s one pod sustains with p99 within the SLO.")
+    p99Ms: float | None = Field(None, description="The p99 latency at that load, in milliseconds.")
+    latencySLOMs: float | None = Field(None, description="The p99 bound (spec.benchmark.serving.latencySLOMs).")
+    reason: str | None = Field(None, description="Why no variant met the SLO here.")
+
+
+class _Costs(_Status):
+    """optimizer.api.serving.price: what a target's pods cost (with spec.targets[].pricePerHour)."""
+
+    pricePerHour: float | None = Field(None, description="spec.targets[].pricePerHour: one pod of this shape per hour.")
+    costPerMillion: float | None = Field(None, description="pricePerHour / (requests/s x 3600) x 1e6.")
+    replicas: int | None = Field(None, description="Pods needed for spec.demand at requests/s within the SLO.")
+    costPerHour: float | None = Field(None, description="replicas x pricePerHour: what spec.demand costs there.")
+
+
+class TargetStatus(_Costs):
+    name: str = Field(description="The target's name (spec.targets[].name).")
+    phase: Literal["Queued", "Pending", "Running", "Succeeded", "Failed"] | None = Field(
+        None, description="This target's Job: Queued (waiting for a slot), Pending, Running, Succeeded or Failed."
+    )
+    reason: str | None = Field(None, description="Why it failed or waits (e.g. Unschedulable).")
+    message: str | None = Field(None, description="What happened, for people (the scheduler's message, ...).")
+    jobName: str | None = Field(None, description="The Job measuring on this target.")
+    exitCode: int | None = Field(None, description="The worker's exit code, once it ended.")
+    startTime: str | None = Field(None, description="When its Job started (RFC 3339).")
+    completionTime: str | None = Field(None, description="When its Job ended (RFC 3339).")
+    node: str | None = Field(None, description="The node its worker pod ran on.")
+    cpu: str | None = Field(None, description="The CPU the worker saw there.")
+    best: str | None = Field(None, description="The best variant on this target.")
+    bestSize: str | None = Field(None, description="Its size, e.g. 7.9 MB.")
+    bestLatency: str | None = Field(None, description="Its mean latency at batch 1, e.g. 4.02 ms.")
+    bestSpeedup: str | None = Field(None, description="Its speedup, e.g. 6.07x.")
+    baseline: VariantStatus | None = Field(None, description="The PyTorch FP32 model as measured here.")
+    variants: list[VariantStatus] | None = Field(None, description="Every variant, as measured here.")
+    results: str | None = Field(None, description="Where this target's results.json is stored.")
+    output: str | None = Field(None, description="This target's output location, or why nothing was kept.")
+    artifacts: dict[str, ArtifactStatus] | None = Field(None, description="Stored models by role.")
+    serving: ServingStatus | None = Field(None, description="Serving throughput within the latency SLO here.")
+
+
+class OfferStatus(_Costs):
+    target: str = Field(description="The target.")
+    variant: str | None = Field(None, description="Its best variant within the SLO; absent: none met it.")
+    requestsPerSecond: float | None = Field(None, description="Requests/s per pod within the SLO.")
+    p99Ms: float | None = Field(None, description="p99 latency at that load, in milliseconds.")
+    lost: str | None = Field(None, description="Why it is not the recommendation; absent on the recommended one.")
+
+
+class RecommendationStatus(_Status):
+    target: str = Field(description="The target to serve on.")
+    variant: str = Field(description="The variant to serve.")
+    basis: str = Field(description="What decided: cost per hour at the demand, cost per million inferences, or "
+                       "requests/s per pod.")
+    demand: float | None = Field(None, description="spec.demand, requests/s.")
+    offers: list[OfferStatus] | None = Field(None, description="Every finished target's offer, with why it lost.")
+
+
 class ModelOptimizationStatus(_Status):
     phase: Literal["Queued", "Pending", "Running", "Succeeded", "Failed"] | None = Field(
         None, description="Queued (over the operator's cap, or waiting for Kueue), Pending, Running, Succeeded "
@@ -103,6 +162,15 @@ class ModelOptimizationStatus(_Status):
     artifacts: dict[str, ArtifactStatus] | None = Field(
         None, description="Stored models by role: `best` is the chosen variant's model file."
     )
+    targets: list[TargetStatus] | None = Field(
+        None, description="With spec.targets: one row per target, in the spec's order. The top-level results "
+        "(best, baseline, variants, ...) are the recommended target's, else the first that succeeded."
+    )
+    recommendation: RecommendationStatus | None = Field(
+        None, description="The (target, variant) that serves spec.demand within the SLO for least, from the "
+        "targets finished so far (final once phase is Succeeded)."
+    )
+    recommended: str | None = Field(None, description="<target>/<variant> of the recommendation (a printer column).")
     conditions: list[Condition] | None = Field(
         None,
         description="Kubernetes-style conditions.",
@@ -260,6 +328,7 @@ PRINTER_COLUMNS = [
     {"name": "Size", "type": "string", "jsonPath": ".status.bestSize"},
     {"name": "Latency", "type": "string", "jsonPath": ".status.bestLatency"},
     {"name": "Speedup", "type": "string", "jsonPath": ".status.bestSpeedup"},
+    {"name": "Recommended", "type": "string", "jsonPath": ".status.recommended"},  # empty without spec.targets
     {"name": "Output", "type": "string", "jsonPath": ".status.output", "priority": 1},  # kubectl get -o wide
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -374,8 +374,9 @@ def test_example_crnn_succeeds_and_get_prints_the_columns(operator, control_plan
     assert len(status["variants"]) >= 2 and status["best"]
     table = control_plane.kubectl("get", "modeloptimizations", "-n", namespace).stdout
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "BEST", "SIZE", "LATENCY", "SPEEDUP", "AGE"]
-    assert re.search(r"^crnn\s+Succeeded\s+\S+\s+[\d.]+ [kM]B\s+[\d.]+ ms\s+[\d.]+x\s+\S+$", row), table
+    assert header.split() == ["NAME", "PHASE", "BEST", "SIZE", "LATENCY", "SPEEDUP", "RECOMMENDED", "AGE"]
+    # RECOMMENDED is empty without spec.targets (kubectl prints a missing field as a blank or <none>)
+    assert re.search(r"^crnn\s+Succeeded\s+\S+\s+[\d.]+ [kM]B\s+[\d.]+ ms\s+[\d.]+x\s+(<none>\s+)?\S+$", row), table
     print(table)
     logs = control_plane.kubectl("logs", "-n", namespace, f"job/{status['jobName']}").stdout
     assert "export" in logs and "benchmark" in logs, logs[-3000:]  # the worker's progress, step by step
@@ -1143,4 +1144,89 @@ def test_load_and_chaos_100_resources_drain_with_one_job_each(operator, control_
                 item["metadata"]["name"], status)
     finally:
         control_plane.kubectl("set", "env", *deployment, "MLOPT_MAX_RUNNING=8")
+        operator.wait_ready()
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.targets (issue 25): one Job per target, rows in status, a recommendation
+
+TARGETS = [
+    # The one test node stands in for two pools: the two targets differ by the resources their pods get.
+    # Small requests, so both fit the node beside the operator (and Kueue) at once: a target left Pending
+    # for CPU would end Unschedulable after the 30 s wait this test sets.
+    {"name": "large", "pricePerHour": 0.20,
+     "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "4Gi"}}},
+    {"name": "small", "pricePerHour": 0.10,
+     "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "4Gi"}}},
+    {"name": "nowhere", "pricePerHour": 0.05, "nodeSelector": {"mlopt.io/pool": "no-such-pool"}},  # no node has it
+]
+QUICK_SWEEP = {"latencySLOMs": 1000, "variants": 1, "maxConcurrency": 2, "secondsPerPoint": 0.5}
+
+
+def test_two_targets_get_a_job_each_rows_and_a_recommendation_while_an_unschedulable_third_fails_alone(
+        operator, control_plane, namespace, figure):
+    """Issue 25's acceptance: a ModelOptimization with two targets runs two Jobs, status gets a row per
+    target and a recommendation, `kubectl get mo` shows it; a third target whose nodeSelector no node has
+    ends Failed with the scheduler's message once MLOPT_WAIT_UNSCHEDULABLE_SECONDS (30 s here) has passed,
+    while the other two succeed. Every worker pod is released once its target's outcome is recorded."""
+    deployment = ("deployment/mlopt-operator", "-n", OPERATOR_NS)
+    control_plane.kubectl("set", "env", *deployment, "MLOPT_WAIT_UNSCHEDULABLE_SECONDS=30")
+    operator.wait_ready()
+    try:
+        name = "pools"
+        apply(control_plane, namespace, digits(name, targets=TARGETS, demand=20,
+                                               benchmark={"warmup": 1, "runs": DIGITS_RUNS, "serving": QUICK_SWEEP}))
+        started = time.monotonic()
+        wait_for("a Job per target", lambda: len(jobs(control_plane, namespace, name)) == 3, 60, operator.tail)
+        made = {j["metadata"]["labels"]["mlopt.io/target"]: j for j in jobs(control_plane, namespace, name)}
+        assert sorted(j["metadata"]["name"] for j in made.values()) == [f"{name}-g1-large", f"{name}-g1-nowhere",
+                                                                        f"{name}-g1-small"]
+        for target in TARGETS:
+            (container,) = made[target["name"]]["spec"]["template"]["spec"]["containers"]
+            assert {"name": "MLOPT_TARGET", "value": target["name"]} in container["env"]
+            if "resources" in target:
+                assert container["resources"]["limits"] == target["resources"]["limits"]
+        assert made["nowhere"]["spec"]["template"]["spec"]["nodeSelector"] == {"mlopt.io/pool": "no-such-pool"}
+
+        status = wait_status(control_plane, operator, namespace, name, phase_is("Succeeded", "Failed"),
+                             timeout=600)["status"]
+        took = time.monotonic() - started
+        assert status["phase"] == "Succeeded", status
+        rows = {row["name"]: row for row in status["targets"]}
+        assert [row["name"] for row in status["targets"]] == ["large", "small", "nowhere"]
+        for target in ("large", "small"):
+            row = rows[target]
+            assert row["phase"] == "Succeeded" and row["node"] == control_plane.node_name, row
+            assert row["jobName"] == f"{name}-g1-{target}" and row["best"]
+            assert row["serving"]["requestsPerSecond"] > 0 and row["serving"]["p99Ms"] <= 1000, row
+            assert row["costPerMillion"] > 0 and row["replicas"] >= 1 and row["costPerHour"] > 0, row
+        nowhere = rows["nowhere"]
+        assert (nowhere["phase"], nowhere["reason"]) == ("Failed", "Unschedulable"), nowhere
+        assert "didn't match Pod's node affinity/selector" in nowhere["message"], nowhere
+        assert "limit is 30 s" in nowhere["message"], nowhere
+        wait_for("the unschedulable target's Job to be deleted",
+                 lambda: f"{name}-g1-nowhere" not in {j["metadata"]["name"] for j in jobs(control_plane, namespace, name)},
+                 60)
+
+        recommendation = status["recommendation"]
+        assert recommendation["target"] in ("large", "small") and recommendation["basis"] == "cost per hour at the demand"
+        assert status["recommended"] == f"{recommendation['target']}/{recommendation['variant']}"
+        assert status["best"] == rows[recommendation["target"]]["best"]  # the top-level columns are the winner's
+        assert "failed: nowhere (Unschedulable)" in status["message"], status["message"]
+
+        table = control_plane.kubectl("get", "mo", name, "-n", namespace).stdout
+        header, row = table.splitlines()[:2]
+        assert "RECOMMENDED" in header.split() and status["recommended"] in row.split(), table
+        print(table)
+
+        def none_held():
+            return all("mlopt.io/summary" not in (p["metadata"].get("finalizers") or [])
+                       for p in pods(control_plane, namespace, name))
+
+        wait_for("every worker pod released", none_held, 60, operator.tail)
+        figure(f"targets: 2 of 3 targets measured in {took:.0f} s, recommended {status['recommended']} "
+               f"({rows[recommendation['target']]['serving']['requestsPerSecond']:.0f} requests/s per pod); "
+               f"nowhere: {nowhere['message'][:100]}")
+    finally:
+        control_plane.kubectl("set", "env", *deployment, "MLOPT_WAIT_UNSCHEDULABLE_SECONDS=600")
         operator.wait_ready()

@@ -35,7 +35,7 @@ def test_names_and_columns():
     assert version["name"] == "v1alpha1"
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Best", "Size", "Latency", "Speedup", "Output", "Age"
+        "Phase", "Best", "Size", "Latency", "Speedup", "Recommended", "Output", "Age"
     ]
 
 

@@ -60,3 +60,18 @@ def test_released_when_nothing_it_holds_is_needed(case, the_pod, resource, why):
 
 def test_a_pod_without_the_finalizer_is_left_alone():
     assert release_reason(pod(ended(143), deleting=True, finalizers=("batch.kubernetes.io/job-tracking",)), None) is None
+
+
+def target_pod(target, state, deleting=False, phase="Succeeded"):
+    the_pod = pod(state, deleting=deleting, phase=phase)
+    the_pod["metadata"]["labels"]["mlopt.io/target"] = target
+    return the_pod
+
+
+def test_a_targets_pod_goes_once_its_own_row_is_final_not_when_a_sibling_finishes():
+    rows = {**RESOURCE, "status": {"observedGeneration": 2, "phase": "Running",
+                                   "targets": [{"name": "amx", "phase": "Succeeded"}, {"name": "avx2", "phase": "Running"}]}}
+    assert "target amx's outcome (Succeeded) is recorded" in release_reason(target_pod("amx", ended(0)), rows)
+    assert release_reason(target_pod("avx2", ended(0), deleting=True), rows) is None  # its summary is not in a row yet
+    older = {**rows, "status": {**rows["status"], "observedGeneration": 1}}
+    assert release_reason(target_pod("amx", ended(0), deleting=True), older) is None  # an older generation's row

@@ -77,6 +77,9 @@ class InMemoryApi:
     def job_events(self, namespace, job_name):
         return self.events_by_job.get(job_name, [])
 
+    def workload_events(self, job):
+        return self.events_by_job.get(f"workload-of-{job['metadata']['name']}", [])
+
     def priority(self, class_name):
         return 0
 
@@ -576,3 +579,115 @@ def test_a_job_past_success_criteria_but_not_complete_still_holds_its_slot(api):
     api.job_condition("s0-g1", "Complete")
     run(api, "s2")
     assert api.created == ["s0-g1", "s1-g1", "s2-g1"]
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.targets: one Job per target, rows in status, a recommendation
+
+def served_summary(variant, rps, p99):
+    return {"v": 1, "phase": "Succeeded", "message": f"best {variant}", "best": variant, "target": "t",
+            "baseline": {"name": "pytorch-fp32", "recipe": "pytorch", "status": "ok", "speedup": 1.0},
+            "variants": [{"name": variant, "recipe": variant, "status": "ok", "speedup": 2.0}],
+            "serving": {"variant": variant, "requestsPerSecond": rps, "p99Ms": p99, "latencySLOMs": 50.0}}
+
+
+THREE = [{"name": "big", "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+          "pricePerHour": 0.2},
+         {"name": "small", "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}},
+          "pricePerHour": 0.1},
+         {"name": "nowhere", "nodeSelector": {"mlopt.io/pool": "does-not-exist"}}]
+
+
+def unschedulable_pod(api, job_name):
+    pod = api.make_pod(job_name)
+    pod["metadata"]["creationTimestamp"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    pod["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."}]}
+    return pod
+
+
+def rows(api, name):
+    return {row["name"]: row for row in status(api, name).get("targets", [])}
+
+
+def test_targets_take_one_slot_each_fail_unschedulable_alone_and_end_with_a_recommendation(api, monkeypatch):
+    from mlopt_operator.metrics import JOBS_CREATED
+
+    created_before = JOBS_CREATED._value.get()
+    api.add("pools", targets=THREE, demand=100)
+    api.add("later", created="2026-01-01T00:00:05Z")
+    with pytest.raises(kopf.TemporaryError, match="1 target"):
+        run(api, "pools")  # the cap is 2 Jobs: two targets start, the third waits for a slot
+    assert api.created == ["pools-g1-big", "pools-g1-small"] and JOBS_CREATED._value.get() == created_before + 2
+    assert {n: r["phase"] for n, r in rows(api, "pools").items()} == {"big": "Pending", "small": "Pending",
+                                                                       "nowhere": "Queued"}
+    with pytest.raises(kopf.TemporaryError):
+        run(api, "later")  # both slots are taken by pools' Jobs
+    assert status(api, "later")["phase"] == "Queued"
+
+    big, small = api.make_pod("pools-g1-big"), api.make_pod("pools-g1-small")
+    pod_event(api, big, "ADDED")
+    assert status(api, "pools")["phase"] == "Running"
+    api.finish("pools-g1-big", served_summary("onnx-fp32", 40.0, 20.0))  # a second pod: the one that exited 0
+    done = api.pods_by_job["pools-g1-big"][-1]
+    pod_event(api, done)
+    assert rows(api, "pools")["big"]["phase"] == "Succeeded" and status(api, "pools")["phase"] == "Running"
+    assert done["metadata"]["name"] in api.released  # its row is final: released while the others run
+    assert small["metadata"]["name"] not in api.released
+
+    run(api, "pools")  # big's Job ended: its slot goes to pools' third target, first in line
+    assert api.created[-1] == "pools-g1-nowhere"
+    stuck = unschedulable_pod(api, "pools-g1-nowhere")
+    pod_event(api, stuck, "ADDED")
+    assert rows(api, "pools")["nowhere"]["reason"] == "Unschedulable"
+    assert rows(api, "pools")["nowhere"]["phase"] == "Pending"  # within the operator's wait
+    monkeypatch.setitem(handlers._state, "settings", Settings(worker_image="w:1", max_running=2,
+                                                              waits=Waits(unschedulable=0)))
+    handlers.recheck_running(meta=api.get_resource("team", "pools")["metadata"])
+    nowhere = rows(api, "pools")["nowhere"]
+    assert (nowhere["phase"], nowhere["reason"]) == ("Failed", "Unschedulable")
+    assert "didn't match Pod's node affinity/selector" in nowhere["message"]
+    assert "pools-g1-nowhere" in api.deleted and status(api, "pools")["phase"] == "Running"  # small goes on
+    run(api, "pools")
+    assert api.created.count("pools-g1-nowhere") == 1  # a failed target is never started again
+
+    api.finish("pools-g1-small", served_summary("ort-int8-static", 60.0, 30.0))
+    job_event(api, "pools-g1-small")
+    got = status(api, "pools")
+    # big: 3 pods x 0.2 = 0.6/h; small: 2 pods x 0.1 = 0.2/h for 100 requests/s
+    assert got["phase"] == "Succeeded" and got["recommended"] == "small/ort-int8-static", got
+    assert (got["best"], got["bestSpeedup"]) == ("ort-int8-static", "2.00x")
+    assert [r["phase"] for r in got["targets"]] == ["Succeeded", "Succeeded", "Failed"]
+    assert got["targets"][1]["replicas"] == 2 and got["targets"][1]["costPerHour"] == pytest.approx(0.2)
+    assert "failed: nowhere (Unschedulable)" in got["message"] and "jobName" not in got
+    assert all(not p["metadata"]["finalizers"] for pods in api.pods_by_job.values() for p in pods)  # none held
+    assert JOBS_CREATED._value.get() == created_before + 3
+    run(api, "later")
+    assert api.created[-1] == "later-g1"
+
+
+def test_a_new_generation_of_a_targets_resource_starts_from_clean_rows(api):
+    api.add("pools", targets=THREE[:2])
+    run(api, "pools")
+    for job in ("pools-g1-big", "pools-g1-small"):
+        api.finish(job, served_summary("onnx-fp32", 40.0, 20.0))
+        job_event(api, job)
+    assert status(api, "pools")["phase"] == "Succeeded" and status(api, "pools")["recommended"]
+    before = copy.deepcopy(status(api, "pools"))
+    api.add("pools", generation=2, targets=THREE[:1])
+    api.store[("team", "pools")]["status"] = before  # generation 1's rows and recommendation
+    run(api, "pools")
+    got = status(api, "pools")
+    assert api.created[-1] == "pools-g2-big" and {"pools-g1-big", "pools-g1-small"} <= set(api.deleted)
+    assert [r["name"] for r in got["targets"]] == ["big"] and got["targets"][0]["phase"] == "Pending"
+    assert not {"recommended", "recommendation", "best"} & set(got) and got["observedGeneration"] == 2
+
+
+def test_under_kueue_every_targets_job_is_made_at_once_suspended_and_the_cap_counts_none(api):
+    api.add("queued-pools", targets=THREE, job={"queueName": "team-queue"})
+    run(api, "queued-pools")  # the operator's cap (2) does not apply: Kueue admits each Job
+    assert api.created == ["queued-pools-g1-big", "queued-pools-g1-small", "queued-pools-g1-nowhere"]
+    assert all(api.jobs_by_name[("team", name)]["spec"]["suspend"] for name in api.created)
+    assert {r["phase"] for r in rows(api, "queued-pools").values()} == {"Queued"}  # WaitingForKueue, each
+    assert {r["reason"] for r in rows(api, "queued-pools").values()} == {"WaitingForKueue"}

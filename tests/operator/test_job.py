@@ -265,3 +265,62 @@ def test_kueue_workload_names_follow_kueues_scheme_and_fit_a_label():
     names = kueue_workload_names(name, "uid")
     assert sorted(len(n) for n in names) == [63, len(f"job-{name}") + 6]
     assert len({n[-5:] for n in names}) == 1  # the same hash, whichever length Kueue cuts to
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.targets: one Job per target, each placed on its pool
+
+TARGETS = [
+    {"name": "amx", "nodeSelector": {"pool": "amx", "zone": "b"}, "pricePerHour": 0.4,
+     "tolerations": [{"key": "amx", "operator": "Exists", "effect": "NoSchedule"}],
+     "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}},
+    {"name": "t4", "device": "cuda", "nodeSelector": {"pool": "t4"}},
+    {"name": "plain"},
+]
+
+
+def test_without_targets_the_one_job_is_unchanged():
+    from mlopt_operator.job import build_jobs
+
+    body = resource(job={"nodeSelector": {"pool": "batch"}})
+    (job,) = build_jobs(body, SETTINGS)
+    assert job == build_job(body, SETTINGS) and job["metadata"]["name"] == "digits-g3"
+    assert "mlopt.io/target" not in job["metadata"]["labels"] and "MLOPT_TARGET" not in env(job)
+
+
+def test_one_job_per_target_placed_on_its_pool_and_told_its_name():
+    from mlopt_operator.job import build_jobs
+
+    body = resource(targets=TARGETS, job={"nodeSelector": {"zone": "a", "disk": "ssd"},
+                                          "tolerations": [{"key": "batch", "operator": "Exists"}]})
+    amx, t4, plain = build_jobs(body, SETTINGS)
+    assert [j["metadata"]["name"] for j in (amx, t4, plain)] == ["digits-g3-amx", "digits-g3-t4", "digits-g3-plain"]
+    for job, target in zip((amx, t4, plain), ("amx", "t4", "plain")):
+        assert job["metadata"]["labels"]["mlopt.io/target"] == target
+        assert job["spec"]["template"]["metadata"]["labels"]["mlopt.io/target"] == target  # on its pods too
+        assert job["metadata"]["labels"]["mlopt.io/generation"] == "3" and env(job)["MLOPT_TARGET"] == target
+    # the target's nodeSelector over spec.job's (the target wins a key both name); tolerations added up
+    assert pod(amx)["nodeSelector"] == {"zone": "b", "disk": "ssd", "pool": "amx"}
+    assert pod(amx)["tolerations"] == [{"key": "batch", "operator": "Exists"},
+                                       {"key": "amx", "operator": "Exists", "effect": "NoSchedule"}]
+    assert worker(amx)["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
+    assert worker(amx)["image"] == "mlopt/worker:test" and "nvidia.com/gpu" not in worker(amx)["resources"]["limits"]
+    # a cuda target: a GPU, its taint tolerated, the GPU image; spec.job.resources when it gives none
+    assert worker(t4)["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod(t4)["tolerations"]
+    assert worker(t4)["image"] == "mlopt/worker-gpu:test"
+    assert pod(plain)["nodeSelector"] == {"zone": "a", "disk": "ssd"}
+    assert worker(plain)["resources"] == worker(build_job(resource(), SETTINGS))["resources"]
+    # every target's Job carries the whole spec: the worker finds its target in it by MLOPT_TARGET
+    assert json.loads(env(amx)["MLOPT_SPEC"])["spec"]["targets"] == TARGETS
+
+
+def test_target_job_names_fit_63_characters_and_stay_unique():
+    from mlopt_operator.job import build_jobs
+
+    body = resource(targets=[{"name": "a" * 20}, {"name": "a" * 19 + "b"}])
+    body["metadata"]["name"] = "n" * 63
+    body["metadata"]["generation"] = 12345
+    first, second = (j["metadata"]["name"] for j in build_jobs(body, SETTINGS))
+    assert len(first) <= 63 and len(second) <= 63 and first != second
+    assert first.endswith("-g12345-" + "a" * 20) and second.endswith("b")

@@ -83,3 +83,22 @@ def test_the_configmap_is_parsed_strictly_and_re_read_after_the_cache_expires():
     now[0] = 10.0
     assert source.current().maxCPU == "4" and len(reads) == 2
     assert PolicySource(lambda: None).current() == Policy()  # no ConfigMap: the defaults
+
+
+def test_each_targets_pod_is_checked_as_it_will_be_placed():
+    """A target places its own pod: its tolerations, nodeSelector and resources meet the same rules."""
+    asked = parse_spec({"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "m"},
+                        "spec": {"model": {"source": "zoo:digits"}, "targets": [
+                            {"name": "small"},  # spec.job's resources (the defaults) apply: nothing of its own
+                            {"name": "big", "nodeSelector": {"pool": "big"},
+                             "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                             "resources": {"requests": {"cpu": "32"}, "limits": {"cpu": "32", "memory": "8Gi"}}}]}},
+                       "test")
+    broken = violations(asked, Policy(), SETTINGS)
+    assert broken == ["allowedTolerationKeys: spec.targets[1].tolerations[0] (key dedicated) is not allowed "
+                      "(no user tolerations are allowed)",
+                      "maxCPU: spec.targets[1].resources.requests.cpu 32 is over 16",
+                      "maxCPU: spec.targets[1].resources.limits.cpu 32 is over 16"]
+    fenced = Policy(allowedTolerationKeys=["dedicated"], maxCPU="32", allowNodeSelector=False)
+    assert violations(asked, fenced, SETTINGS) == ["allowNodeSelector: spec.targets[1].nodeSelector is not allowed"]
+    assert violations(asked, Policy(allowedTolerationKeys=["dedicated"], maxCPU="32"), SETTINGS) == []

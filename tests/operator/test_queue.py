@@ -77,3 +77,55 @@ def test_a_job_holds_its_slot_until_kubernetes_ends_it():
     for interim in ("SuccessCriteriaMet", "FailureTarget"):
         assert not admit(queue[0], queue, [running_job(interim=interim)], settings, priority).admitted, interim
     assert admit(queue[0], queue, [running_job(interim="SuccessCriteriaMet", done=True)], settings, priority).admitted
+
+
+def with_targets(name, created, *targets, status=None):
+    body = resource(name, created, status=status)
+    body["spec"]["targets"] = [{"name": t} for t in targets]
+    return body
+
+
+def target_job(name, target, generation=1, done=False):
+    job = running_job(done=done)
+    job["metadata"]["labels"].update({"mlopt.io/name": name, "mlopt.io/generation": str(generation),
+                                      "mlopt.io/target": target})
+    return job
+
+
+def test_each_target_takes_a_slot_and_targets_start_one_by_one_as_slots_free():
+    settings = Settings(max_running=2)
+    three = with_targets("three", 1, "a", "b", "c")
+    later = resource("later", 2)
+    queue = [three, later]
+    place = admit(three, queue, [], settings, priority)
+    assert (place.admitted, place.slots) == (True, 2)  # the cap counts Jobs: two of its three targets start
+    assert admit(later, queue, [], settings, priority).position == 2  # behind three's last target
+    started = [target_job("three", "a"), target_job("three", "b")]
+    place = admit(three, queue, started, settings, priority)
+    assert (place.admitted, place.position) == (False, 1)  # its third target is first in line
+    assert not admit(later, queue, started, settings, priority).admitted  # FIFO: it may not pass `three`
+    started[0] = target_job("three", "a", done=True)  # a slot frees: the third target, not `later`, takes it
+    place = admit(three, queue, started, settings, priority)
+    assert (place.admitted, place.slots) == (True, 1)
+    assert not admit(later, queue, started, settings, priority).admitted
+
+
+def test_more_targets_than_the_cap_still_all_run_and_final_targets_never_start_again():
+    settings = Settings(max_running=1)
+    many = with_targets("many", 1, "a", "b", "c")
+    assert admit(many, [many], [], settings, priority).slots == 1
+    jobs = [target_job("many", "a", done=True), target_job("many", "b", done=True)]
+    assert admit(many, [many], jobs, settings, priority).slots == 1  # c, when a and b have ended
+    # b failed unschedulable: its Job was deleted, its final row in status keeps it from being made again
+    status = {"observedGeneration": 1, "phase": "Running", "targets": [{"name": "b", "phase": "Failed"}]}
+    many = with_targets("many", 1, "a", "b", "c", status=status)
+    from mlopt_operator.queue import unstarted_targets
+
+    assert unstarted_targets(many, [target_job("many", "a")]) == ["c"]
+    assert unstarted_targets(many, [target_job("many", "a", generation=0)]) == ["a", "c"]  # an older generation's
+
+
+def test_a_namespace_cap_counts_each_targets_job():
+    settings = Settings(max_running=8, max_running_per_namespace=2)
+    both = with_targets("both", 1, "a", "b", "c")
+    assert admit(both, [both], [running_job()], settings, priority).slots == 1

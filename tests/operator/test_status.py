@@ -1,6 +1,10 @@
 import json
 
-from mlopt_operator.status import conditions, human_latency, status_from_job
+import pytest
+
+from mlopt_operator.status import conditions, human_latency, status_from_job, status_from_targets, target_row
+from optimizer.api.crd import ModelOptimizationStatus
+from optimizer.api.spec_loader import parse_spec
 from optimizer.api.summary import failure_summary
 from optimizer.api.units import format_size
 
@@ -283,3 +287,93 @@ def test_a_job_kueue_cannot_admit_yet_says_why_from_its_workloads_pending_event(
     assert (status["phase"], status["reason"]) == ("Queued", "WaitingForKueue")
     assert status["message"] == ("the Job is suspended until Kueue admits it (queue team-queue): couldn't assign flavors "
                                  "to pod set main: insufficient unused quota for cpu in flavor f, 1 more needed")
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.targets: one row per target and the resource's status from the rows
+
+
+def targets_spec(demand=None, **extra):
+    spec = {"model": {"source": "zoo:digits"}, "targets": [
+        {"name": "amx", "pricePerHour": 0.40}, {"name": "avx2", "pricePerHour": 0.10}, {"name": "gpu", **extra}]}
+    if demand:
+        spec["demand"] = demand
+    return parse_spec({"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization", "metadata": {"name": "m"},
+                       "spec": spec}, "test")
+
+
+def served(variant, rps, p99, best="ort-int8-static-dynamic"):
+    summary = json.loads(SUCCESS)
+    summary["best"] = best
+    summary.update(target="x", environment={"cpu": "Intel Xeon 8480+ (amx_int8 avx512_vnni)"},
+                   serving={"variant": variant, "requestsPerSecond": rps, "p99Ms": p99, "latencySLOMs": 50.0})
+    return json.dumps(summary)
+
+
+def finished_row(spec, name, summary):
+    the_pod = pod(terminated(0, summary, "Completed"), phase="Succeeded")
+    the_pod["spec"] = {"nodeName": f"node-{name}"}
+    status = status_from_job(job(("Complete", "", "")), [the_pod])
+    return target_row(next(t for t in spec.spec.targets if t.name == name), status, [the_pod])
+
+
+UNSCHEDULABLE = {"name": "gpu", "phase": "Failed", "reason": "Unschedulable",
+                 "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. "
+                            "(still so after 601 s; the operator's limit is 600 s)"}
+
+
+def test_a_targets_row_says_where_it_ran_and_what_it_sustained_within_the_slo():
+    spec = targets_spec()
+    row = finished_row(spec, "amx", served("ort-int8-static-dynamic", 800.0, 12.5))
+    assert (row["name"], row["phase"], row["jobName"], row["node"]) == ("amx", "Succeeded", "crnn-g1", "node-amx")
+    assert row["cpu"] == "Intel Xeon 8480+ (amx_int8 avx512_vnni)" and row["pricePerHour"] == 0.40
+    assert row["serving"] == {"variant": "ort-int8-static-dynamic", "requestsPerSecond": 800.0, "p99Ms": 12.5,
+                              "latencySLOMs": 50.0}
+    assert (row["best"], row["bestLatency"], row["bestSize"]) == ("ort-int8-static-dynamic", "4.02 ms", "7.9 MB")
+    assert row["variants"] and row["baseline"]  # the row keeps the results: its pod may be released now
+
+
+def test_two_targets_succeed_one_is_unschedulable_the_cheapest_for_the_demand_is_recommended():
+    spec = targets_spec(demand=1000)
+    rows = [finished_row(spec, "amx", served("ort-int8-static-dynamic", 800.0, 12.5)),
+            finished_row(spec, "avx2", served("onnx-fp32", 150.0, 40.0, best="onnx-fp32")), UNSCHEDULABLE]
+    status = status_from_targets(spec, rows)
+    # amx: 2 pods x 0.40 = 0.80/h; avx2: 7 pods x 0.10 = 0.70/h
+    assert status["phase"] == "Succeeded" and status["recommended"] == "avx2/onnx-fp32"
+    assert status["recommendation"]["basis"] == "cost per hour at the demand"
+    amx, avx2, gpu = status["targets"]
+    assert (amx["replicas"], amx["costPerHour"], avx2["replicas"], avx2["costPerHour"]) == (2, 0.80, 7, pytest.approx(0.70))
+    assert avx2["costPerMillion"] == pytest.approx(0.10 / (150 * 3600) * 1e6)
+    assert gpu == UNSCHEDULABLE  # the failed one keeps its reason and the scheduler's message
+    assert "2 replica(s) cost 0.8/h" in next(o["lost"] for o in status["recommendation"]["offers"] if o["target"] == "amx")
+    assert status["best"] == "onnx-fp32" and status["bestSpeedup"] == "1.85x"  # the recommended target's results
+    assert "recommended avx2/onnx-fp32" in status["message"] and "failed: gpu (Unschedulable)" in status["message"]
+    ModelOptimizationStatus.model_validate(status)  # every field is in the CRD's status schema: none is pruned
+
+
+def test_the_resource_runs_while_any_target_runs_and_fails_only_when_all_failed():
+    spec = targets_spec()
+    done = finished_row(spec, "amx", served("ort-int8-static-dynamic", 800.0, 12.5))
+    running = {"name": "avx2", "phase": "Running", "reason": "WorkerRunning"}
+    pending = {"name": "gpu", "phase": "Pending", "reason": "Unschedulable", "message": "0/1 nodes are available"}
+    status = status_from_targets(spec, [done, running, pending])
+    assert status["phase"] == "Running" and status["recommended"] == "amx/ort-int8-static-dynamic"  # so far
+    assert "gpu Pending (Unschedulable)" in status["message"]
+    waiting = status_from_targets(spec, [done, {**running, "phase": "Succeeded", "reason": "Completed"}, pending])
+    assert (waiting["phase"], waiting["reason"]) == ("Pending", "Unschedulable")  # rechecked until the wait ends
+    assert waiting["message"].startswith("gpu: 0/1 nodes are available")
+    failed = status_from_targets(spec, [{**UNSCHEDULABLE, "name": n} for n in ("amx", "avx2", "gpu")])
+    assert (failed["phase"], failed["reason"]) == ("Failed", "Unschedulable") and "recommendation" not in failed
+    assert failed["message"].startswith("every target failed: amx: Unschedulable: 0/1 nodes")
+
+
+def test_no_target_meeting_the_slo_succeeds_without_a_recommendation_and_says_why():
+    spec = targets_spec()
+    summary = json.loads(served(None, None, None))
+    summary["serving"] = {"latencySLOMs": 1.0, "reason": "cannot meet: the fastest variant's single request takes 3.98 ms"}
+    rows = [finished_row(spec, "amx", json.dumps(summary)), {**UNSCHEDULABLE, "name": "avx2"}, UNSCHEDULABLE]
+    status = status_from_targets(spec, rows)
+    assert status["phase"] == "Succeeded" and "recommended" not in status and "recommendation" not in status
+    assert status["message"].startswith("no target met the latency SLO")
+    assert status["targets"][0]["serving"]["reason"].startswith("cannot meet")
+    assert status["best"] == "ort-int8-static-dynamic"  # the first target that succeeded
