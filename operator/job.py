@@ -104,9 +104,7 @@ def device(spec: ModelOptimization, target: TargetSpec | None = None) -> Device:
 
 def pod_resources(spec: ModelOptimization, target: TargetSpec | None = None) -> Resources:
     """What the pod asks for: the target's resources when it gives them, else spec.job.resources."""
-    if target is not None and "resources" in target.model_fields_set:
-        return target.resources
-    return spec.spec.job.resources
+    return spec.pod_resources(target)
 
 
 def _resources(spec: ModelOptimization, target: TargetSpec | None) -> dict[str, Any]:

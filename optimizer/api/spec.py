@@ -722,6 +722,13 @@ class ModelOptimization(_Strict):
         enabled = self.spec.benchmark.serving.enabled
         return bool(self.spec.targets) if enabled is None else enabled
 
+    def pod_resources(self, target: TargetSpec | None = None) -> Resources:
+        """What the worker pod asks for: the target's resources when it gives them, else spec.job's
+        (the operator's Job and the served InferenceService both follow this)."""
+        if target is not None and "resources" in target.model_fields_set:
+            return target.resources
+        return self.spec.job.resources
+
     def target(self, name: str) -> TargetSpec:
         for target in self.spec.targets or []:
             if target.name == name:

@@ -600,34 +600,24 @@ def _served_shape(run: Run, variant: str) -> tuple[int, int, int | None]:
 def placement(spec, target_name: str | None) -> tuple[dict[str, str], dict, list[dict], str]:
     """nodeSelector, resources, tolerations and device of the pod that measured this run: spec.job's,
     with a target's (spec.targets) over it as the operator builds that target's Job."""
-    node_selector = dict(spec.spec.job.nodeSelector)
-    resources, tolerations = job_placement(spec)
-    device = spec.spec.benchmark.device
     target = spec.target(target_name) if target_name and spec.spec.targets else None
-    if target is not None:
-        node_selector.update(target.nodeSelector)
-        tolerations += [t.model_dump(exclude_none=True) for t in target.tolerations]
-        if "device" in target.model_fields_set:
-            device = target.device
-        given = target.resources
-        if given.requests.model_dump(exclude_none=True) or given.limits.model_dump(exclude_none=True):
-            resources = {"requests": given.requests.model_dump(exclude_none=True),
-                         "limits": given.limits.model_dump(exclude_none=True)}
-        if device == "cuda" and "nvidia.com/gpu" not in resources["limits"]:
-            resources["limits"]["nvidia.com/gpu"] = "1"
-            tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+    device = target.device if target is not None and "device" in target.model_fields_set else spec.spec.benchmark.device
+    node_selector = {**spec.spec.job.nodeSelector, **(target.nodeSelector if target else {})}
+    resources, tolerations = job_placement(spec, target, device)
     return node_selector, resources, tolerations, device
 
 
-def job_placement(spec) -> tuple[dict, list[dict]]:
+def job_placement(spec, target=None, device: str | None = None) -> tuple[dict, list[dict]]:
     """The resources and tolerations the operator gives the worker pod (operator/job.py: requests =
     limits for qos guaranteed; a cuda run gets one nvidia.com/gpu and tolerates the GPU taint), so the
     served model lands where it was measured. The operator's copy cannot be imported from here."""
     job = spec.spec.job
-    limits = job.resources.limits.model_dump(exclude_none=True)
-    requests = dict(limits) if job.qos == "guaranteed" else job.resources.requests.model_dump(exclude_none=True)
+    wanted = spec.pod_resources(target)
+    limits = wanted.limits.model_dump(exclude_none=True)
+    requests = dict(limits) if job.qos == "guaranteed" else wanted.requests.model_dump(exclude_none=True)
     tolerations = [t.model_dump(exclude_none=True) for t in job.tolerations]
-    if spec.spec.benchmark.device == "cuda":
+    tolerations += [t.model_dump(exclude_none=True) for t in (target.tolerations if target else [])]
+    if (device or spec.spec.benchmark.device) == "cuda":
         limits["nvidia.com/gpu"] = "1"
         tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
     return {"requests": requests, "limits": limits}, tolerations

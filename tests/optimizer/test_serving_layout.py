@@ -451,3 +451,34 @@ def test_the_served_pods_get_what_the_operator_gave_the_worker(job, device):
               for kind, values in pod["containers"][0]["resources"].items()}  # the worker's scratch, not the server's
     assert resources == worker
     assert tolerations == pod.get("tolerations", [])
+
+
+@pytest.mark.parametrize("target", [
+    {"name": "amx", "nodeSelector": {"pool": "amx", "zone": "b"}, "pricePerHour": 0.4,
+     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+     "resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "4", "memory": "8Gi"}}},
+    {"name": "bare"},  # no resources of its own: spec.job's
+    {"name": "gpu", "device": "cuda", "resources": {"limits": {"cpu": "8"}}},
+])
+def test_a_target_s_served_pods_go_where_its_job_measured(target):
+    """With spec.targets, the InferenceService of a target's run goes on that target's nodes, with its
+    resources and tolerations, exactly as the operator placed that target's Job."""
+    from mlopt_operator.job import build_jobs
+    from mlopt_operator.settings import Settings
+    from optimizer.api.spec_loader import parse_spec
+    from optimizer.steps.report import placement
+
+    document = {"apiVersion": "mlopt.io/v1alpha1", "kind": "ModelOptimization",
+                "metadata": {"name": "tiny", "namespace": "ml", "uid": "u", "generation": 1},
+                "spec": {"model": {"source": "zoo:digits"}, "targets": [{"name": "other"}, target],
+                         "job": {"nodeSelector": {"zone": "a", "arch": "x86"}, "resources": {"limits": {"cpu": "2"}},
+                                 "tolerations": [{"key": "spot", "operator": "Exists"}]}}}
+    jobs = build_jobs(document, Settings())
+    pod = next(j for j in jobs if j["metadata"]["labels"]["mlopt.io/target"] == target["name"])["spec"]["template"]["spec"]
+    node_selector, resources, tolerations, device = placement(parse_spec(document, "test"), target["name"])
+    worker = {kind: {name: value for name, value in values.items() if name != "ephemeral-storage"}
+              for kind, values in pod["containers"][0]["resources"].items()}
+    assert node_selector == pod.get("nodeSelector", {})
+    assert {kind: values for kind, values in resources.items() if values} == {k: v for k, v in worker.items() if v}
+    assert sorted(map(str, tolerations)) == sorted(map(str, pod.get("tolerations", [])))
+    assert device == target.get("device", "cpu")
