@@ -11,8 +11,10 @@ shape[0] samples. Sources (`data.source`):
 - `zoo:textlines`: synthetic text lines ([batch, 1, 32, 100], optimizer/zoo/textlines.py) with
   padded label sequences; calibration and evaluation rendered from different seeds, neither the
   seed zoo:crnn-ocr trained on.
-- `zoo:shapes`: synthetic scenes of circles, squares and triangles ([batch, 3, 128, 128],
-  optimizer/zoo/shapes.py) with labelled boxes; calibration and evaluation from different seeds.
+- `zoo:shapes`: synthetic scenes of circles, squares and triangles ([batch, 3, 128, 128], or any
+  square side 64-1024 with the shapes scaled to it, e.g. zoo:yolov4's 320; optimizer/zoo/shapes.py)
+  with labelled boxes; calibration and evaluation from different seeds (128 evaluation scenes at
+  128, 32 at larger sides).
 - `<file>.npz` (relative to the spec's directory): one array per input name, first axis =
   samples, optional integer `labels` (one per sample, or [samples, length] padded sequences);
   for a detector, labelled boxes: `boxes` [samples, max_boxes, 4] (in model.detection.boxFormat)
@@ -199,16 +201,21 @@ def _textlines(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
     )
 
 
-SHAPES_EVALUATION = 128  # held-out scenes (~320 boxes): mAP@0.5 moves in steps well under a point
+SHAPES_EVALUATION = 128  # held-out scenes at 128×128 (~320 boxes): mAP@0.5 moves in steps well under a point
+SHAPES_EVALUATION_LARGE = 32  # at a larger side (zoo:yolov4's 320): each scene costs a 257 MB model ~1 s per variant
 
 
 def _shapes(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
     from optimizer.zoo import shapes
 
-    spec = _single_image_input("shapes", (3, shapes.SIZE, shapes.SIZE), inputs)
+    shape = inputs[0].shape
+    square = len(shape) == 4 and shape[-1] == shape[-2] and 64 <= shape[-1] <= 1024
+    side = shape[-1] if square else shapes.SIZE  # else _single_image_input names the shape it gives
+    spec = _single_image_input("shapes", (3, side, side), inputs)
     batch = spec.shape[0]
-    calibration, _, calibration_labels = shapes.render(max(samples, batch), shapes.SEEDS["calibration"])
-    evaluation, boxes, labels = shapes.render(max(SHAPES_EVALUATION, batch), shapes.SEEDS["evaluation"])
+    evaluation_count = SHAPES_EVALUATION if side <= shapes.SIZE else SHAPES_EVALUATION_LARGE
+    calibration, _, calibration_labels = shapes.render(max(samples, batch), shapes.SEEDS["calibration"], size=side)
+    evaluation, boxes, labels = shapes.render(max(evaluation_count, batch), shapes.SEEDS["evaluation"], size=side)
     dtype = numpy_dtype(spec)
     return _labelled(
         calibration={spec.name: calibration.astype(dtype)},
@@ -218,7 +225,7 @@ def _shapes(samples: int, inputs: Sequence[InputSpec]) -> Dataset:
         calibration_labels=calibration_labels,
         samples=samples,
         inputs=inputs,
-        description="synthetic scenes of shapes with labelled boxes",
+        description=f"synthetic scenes of shapes with labelled boxes at {side}×{side}",
     )
 
 

@@ -2,8 +2,10 @@
 
 Each 128×128 RGB image has 1-4 filled circles, squares and triangles (16-56 pixels across, any
 colour, at least 0.25 brighter or darker than a noisy background), placed so that no two overlap
-by more than IoU 0.3. Rendered with numpy (a mask per shape), seeded, so every machine makes the
-same scenes; the training, calibration and evaluation scenes come from different seeds.
+by more than IoU 0.3. `render(..., size=320)` draws the same kind of scene at another side, with
+the shapes scaled by size/128 (40-140 pixels at 320: zoo:yolov4's anchors, at all three strides).
+Rendered with numpy (a mask per shape), seeded, so every machine makes the same scenes; the
+training, calibration and evaluation scenes come from different seeds.
 
 Labels follow the `.npz` layout for detectors: `boxes` [N, MAX_BOXES, 4] xyxy in pixels and
 `labels` [N, MAX_BOXES] class ids, -1 where a row is padding.
@@ -45,21 +47,23 @@ def _mask(kind: int, box: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndar
     return (ys >= y1) & (ys < y2) & (np.abs(xs - cx) <= half_width)
 
 
-def render(count: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images [count, 3, SIZE, SIZE] float32 in [0, 1], boxes [count, MAX_BOXES, 4], labels [count, MAX_BOXES])."""
+def render(count: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images [count, 3, size, size] float32 in [0, 1], boxes [count, MAX_BOXES, 4] xyxy in pixels,
+    labels [count, MAX_BOXES]); the shapes scaled by size / SIZE."""
     rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
-    images = np.empty((count, 3, SIZE, SIZE), np.float32)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    scale = size / SIZE
+    images = np.empty((count, 3, size, size), np.float32)
     boxes = np.zeros((count, MAX_BOXES, 4), np.float32)
     labels = np.full((count, MAX_BOXES), -1, np.int64)
     for index in range(count):
         background = rng.uniform(0.1, 0.9, size=3).astype(np.float32)
-        image = background[:, None, None] + rng.normal(0, 0.04, (3, SIZE, SIZE)).astype(np.float32)
+        image = background[:, None, None] + rng.normal(0, 0.04, (3, size, size)).astype(np.float32)
         placed: list[np.ndarray] = []
         for _ in range(rng.integers(1, MAX_BOXES + 1)):
             for _attempt in range(10):
-                side = rng.uniform(*SIDE)
-                x1, y1 = rng.uniform(0, SIZE - side, size=2)
+                side = rng.uniform(*SIDE) * scale
+                x1, y1 = rng.uniform(0, size - side, size=2)
                 box = np.array([x1, y1, x1 + side, y1 + side], np.float32)
                 if not _overlaps(box, placed):
                     break

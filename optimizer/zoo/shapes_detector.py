@@ -47,35 +47,71 @@ def fresh() -> TinyDetector:
     return TinyDetector(num_classes=len(shapes.CLASSES), anchors=SHAPE_ANCHORS)
 
 
-def _targets(boxes: np.ndarray, labels: np.ndarray, grid: int) -> dict[str, torch.Tensor]:
-    """Per (image, anchor, row, column): assigned mask, offset and log-size targets, class."""
+def _targets(boxes: np.ndarray, labels: np.ndarray, grid: int, stride: int = STRIDE,
+             anchors: tuple[tuple[float, float], ...] = SHAPE_ANCHORS, head: int = 0,
+             scale: float = 1.0, match: float | None = None, ignore: float | None = None) -> dict[str, torch.Tensor]:
+    """Per (image, anchor, row, column): assigned mask, offset and log-size targets, class.
+
+    Each box goes to the cell of its centre and the anchor that fits it best (IoU of the sizes) among
+    all `anchors`; with several heads (YOLOv3/v4: 3 anchors each, `head` = which) only the boxes whose
+    best anchor is this head's. `match` (Darknet's iou_thresh) also assigns every other anchor of the
+    head whose size-IoU with the box exceeds it. `ignore` (YOLOv3's ignore_thresh) marks the unassigned
+    (anchor, cell) pairs whose anchor box at the cell's centre overlaps a box by more than it: the loss
+    does not push their objectness down. The offset target is the sigmoid's value that the decode
+    (optimizer/zoo/yolo_decode.py, `scale` = Darknet's scale_x_y) turns into the box centre."""
     batch = len(boxes)
     assigned = torch.zeros(batch, ANCHORS, grid, grid, dtype=torch.bool)
+    ignored = torch.zeros(batch, ANCHORS, grid, grid, dtype=torch.bool)
     offset = torch.zeros(batch, ANCHORS, grid, grid, 2)
     log_size = torch.zeros(batch, ANCHORS, grid, grid, 2)
     klass = torch.zeros(batch, ANCHORS, grid, grid, dtype=torch.long)
-    anchors = np.array(SHAPE_ANCHORS, np.float32)
+    anchors = np.array(anchors, np.float32)
+    own = anchors[ANCHORS * head:ANCHORS * head + ANCHORS]
     for image in range(batch):
         for box, label in zip(boxes[image], labels[image]):
             if label < 0:
                 continue
             width, height = box[2] - box[0], box[3] - box[1]
-            cx, cy = (box[0] + box[2]) / 2 / STRIDE, (box[1] + box[3]) / 2 / STRIDE
+            if ignore is not None:
+                ignored[image] |= torch.from_numpy(_anchor_overlap(box, own, grid, stride) > ignore)
+            cx, cy = (box[0] + box[2]) / 2 / stride, (box[1] + box[3]) / 2 / stride
             column, row = min(int(cx), grid - 1), min(int(cy), grid - 1)
             overlap = np.minimum(anchors[:, 0], width) * np.minimum(anchors[:, 1], height)
-            best = int(np.argmax(overlap / (anchors[:, 0] * anchors[:, 1] + width * height - overlap)))
-            assigned[image, best, row, column] = True
-            offset[image, best, row, column] = torch.tensor([cx - column, cy - row])
-            log_size[image, best, row, column] = torch.tensor(np.log([width / anchors[best, 0], height / anchors[best, 1]]))
-            klass[image, best, row, column] = int(label)
-    return {"assigned": assigned, "offset": offset, "log_size": log_size, "class": klass}
+            fit = overlap / (anchors[:, 0] * anchors[:, 1] + width * height - overlap)
+            chosen = {int(np.argmax(fit)) - ANCHORS * head}
+            if match is not None:
+                chosen |= {index for index in range(ANCHORS) if fit[ANCHORS * head + index] > match}
+            for best in sorted(index for index in chosen if 0 <= index < ANCHORS):
+                anchor = anchors[ANCHORS * head + best]
+                assigned[image, best, row, column] = True
+                offset[image, best, row, column] = (torch.tensor([cx - column, cy - row]) + 0.5 * (scale - 1)) / scale
+                log_size[image, best, row, column] = torch.tensor(np.log([width / anchor[0], height / anchor[1]]))
+                klass[image, best, row, column] = int(label)
+    targets = {"assigned": assigned, "offset": offset, "log_size": log_size, "class": klass}
+    if ignore is not None:
+        targets["ignored"] = ignored & ~assigned
+    return targets
+
+
+def _anchor_overlap(box: np.ndarray, anchors: np.ndarray, grid: int, stride: int) -> np.ndarray:
+    """IoU of `box` with each anchor's box centred on each cell: [anchors, grid, grid]."""
+    centres = (np.arange(grid, dtype=np.float32) + 0.5) * stride
+    half = anchors[:, None, :] / 2  # [A, 1, 2]
+    low_x, high_x = centres[None, :] - half[..., 0], centres[None, :] + half[..., 0]  # [A, grid] over columns
+    low_y, high_y = centres[None, :] - half[..., 1], centres[None, :] + half[..., 1]  # over rows
+    overlap_x = np.clip(np.minimum(high_x, box[2]) - np.maximum(low_x, box[0]), 0, None)
+    overlap_y = np.clip(np.minimum(high_y, box[3]) - np.maximum(low_y, box[1]), 0, None)
+    inter = overlap_y[:, :, None] * overlap_x[:, None, :]
+    union = (anchors[:, 0] * anchors[:, 1])[:, None, None] + (box[2] - box[0]) * (box[3] - box[1]) - inter
+    return inter / union
 
 
 def yolo_loss(raw: torch.Tensor, targets: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
     batch, _, grid, _ = raw.shape
     x = raw.view(batch, ANCHORS, 5 + num_classes, grid, grid).permute(0, 1, 3, 4, 2)
     assigned = targets["assigned"]
-    objectness = F.binary_cross_entropy_with_logits(x[..., 4], assigned.float(), reduction="sum") / batch
+    weight = (~targets["ignored"]).float() if "ignored" in targets else None
+    objectness = F.binary_cross_entropy_with_logits(x[..., 4], assigned.float(), weight=weight, reduction="sum") / batch
     if not assigned.any():
         return objectness
     chosen = x[assigned]

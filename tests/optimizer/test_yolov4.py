@@ -111,6 +111,47 @@ def test_random_weights_are_conditioned_like_a_trained_detectors(model):
         assert float((bf16.float() - fp32).std() / fp32.std()) < 0.15
 
 
+def test_the_yolo_loss_targets_decode_back_to_the_labelled_boxes():
+    """The training targets (zoo:shapes-detector's YOLO loss, per head with Darknet's scale_x_y) are
+    the raw values YOLOv4's decode turns back into each labelled box, at the head of its best anchor."""
+    from optimizer.zoo.shapes_detector import _targets
+    from optimizer.zoo.yolo_decode import decode
+
+    boxes = np.array([[[30.0, 40.0, 72.0, 82.0], [100.0, 150.0, 220.0, 270.0], [0, 0, 0, 0]]], np.float32)
+    labels = np.array([[2, 0, -1]])
+    found = []
+    for index, stride in enumerate(yolov4.STRIDES):
+        grid, anchors = yolov4.SIZE // stride, torch.tensor(yolov4.ANCHORS[3 * index:3 * index + 3], dtype=torch.float32)
+        targets = _targets(boxes, labels, grid, stride, yolov4.ANCHORS, index, yolov4.SCALE_XY[index])
+        raw = torch.zeros(1, 3, grid, grid, 85)
+        raw[..., 0:2] = torch.logit(targets["offset"].clamp(1e-6, 1 - 1e-6))
+        raw[..., 2:4] = targets["log_size"]
+        decoded, _ = decode(raw.permute(0, 1, 4, 2, 3).reshape(1, 255, grid, grid), anchors, stride, 80,
+                            yolov4.SCALE_XY[index])
+        found += [(index, box) for box in decoded[0][targets["assigned"].reshape(-1)].tolist()]
+    assert [index for index, _ in found] == [0, 2]  # 42 px: (40, 28) at stride 8; 120 px: (142, 110) at 32
+    np.testing.assert_allclose([box for _, box in found], boxes[0, :2], atol=1e-3)
+
+
+def test_zoo_shapes_renders_labelled_scenes_at_yolov4s_input_size():
+    """data.source zoo:shapes at a 320×320 input: the shapes scaled to it (40-140 px, YOLOv4's
+    anchors at all three strides) and 32 evaluation scenes; at 128, zoo:shapes-detector's scenes."""
+    from optimizer.api.spec import InputSpec
+    from optimizer.steps.data import DataError, _shapes
+    from optimizer.zoo import shapes
+
+    dataset = _shapes(8, [InputSpec(name="image", shape=[1, 3, 320, 320], dtype="float32")])
+    assert len(dataset.calibration) == 8 and len(dataset.evaluation) == 32
+    assert dataset.evaluation[0]["image"].shape == (1, 3, 320, 320)
+    boxes = np.concatenate(dataset.boxes)[np.concatenate(dataset.labels) >= 0]
+    sides = boxes[:, 2] - boxes[:, 0]
+    assert 40 <= sides.min() and sides.max() <= 140 and 0 <= boxes.min() and boxes.max() <= 320
+    small, small_boxes, _ = shapes.render(4, shapes.SEEDS["evaluation"])
+    assert small.shape == (4, 3, 128, 128) and 16 <= (small_boxes[..., 2] - small_boxes[..., 0]).max() <= 56
+    with pytest.raises(DataError, match=r"\[batch, 3, 128, 128\]"):
+        _shapes(8, [InputSpec(name="image", shape=[1, 3, 320, 256], dtype="float32")])
+
+
 def _export(model, path, dynamo: bool) -> Counter:
     import onnx
 
