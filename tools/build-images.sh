@@ -84,15 +84,29 @@ for target in operator worker; do
     --target "$target" --tag "docker.io/mlopt/$target:0.1.0" --file "$repo/Dockerfile" "$repo" >&2 ||
     die "buildah bud --target $target failed (see above)"
 done
+# The layers of earlier builds that no tagged image stands on: a machine that rebuilds after each code
+# change would otherwise keep every old worker layer (a CI machine ran out of disk that way).
+bah rmi --prune >/dev/null || die "buildah rmi --prune failed (see above)"
 
 # ---- export: docker-archive (uncompressed layers: no gzip pass over the worker's ~6 GB) ---------------
 # An archive is rewritten only when its image changed (the image ID is kept next to it).
+need_space() {  # ref file: fail before writing, with the numbers, rather than halfway with ENOSPC
+  local size avail
+  size=$(bah images --json "$1" | python3 -c '
+import json, sys
+number, unit = json.load(sys.stdin)[0]["size"].split()  # buildah prints it humanised, in SI units
+print(int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]))')
+  avail=$(df --output=avail -B1 "$out" | tail -1)
+  (( avail > size + (1 << 30) )) || die "exporting $1 to $2 needs $(( size >> 20 )) MiB and 1 GiB spare;" \
+    "$(( avail >> 20 )) MiB are free there: free disk space (or point MLOPT_CACHE at a larger disk)"
+}
 export_image() {  # ref file
   local ref=$1 file=$out/$2 id
   id=$(bah inspect --type image --format '{{.FromImageID}}' "$ref")
   [[ -s $file && $(cat "$file.id" 2>/dev/null) == "$id" ]] && return
   rm -f "$file" "$file.id"
   rm -f "$file.tmp"  # a half-written archive of an interrupted export (e.g. a full disk)
+  need_space "$ref" "$file"
   bah push --quiet "$ref" "docker-archive:$file.tmp:$ref" >/dev/null || die "exporting $ref failed"
   mv "$file.tmp" "$file" && echo "$id" > "$file.id"
 }

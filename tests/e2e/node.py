@@ -138,6 +138,7 @@ class Node:
         self._remove_containers()  # of a run that was killed before its teardown
         for image in ["pause", *images]:
             self.import_image(image)
+        self.remove_stale_images()
         self._start_kubelet(start_component, ca_file, node_kubeconfig, log_dir)
         self._start_kube_proxy(start_component, proxy_kubeconfig, log_dir)
 
@@ -168,6 +169,18 @@ class Node:
         if image_id and refs:
             marker.parent.mkdir(exist_ok=True)
             marker.write_text(json.dumps({"id": image_id, "refs": refs}))
+
+    def remove_stale_images(self) -> list[str]:
+        """Drop the refs CRI keeps by image ID (`sha256:<config>`) for builds no name points at any
+        more: each rebuilt worker (~6 GB) would otherwise stay in the store for good (a CI machine
+        ran out of disk that way). Returns the refs removed."""
+        listing = self.ctr("images", "ls").stdout.splitlines()[1:]
+        refs = [(line.split()[0], line.split()[2]) for line in listing if len(line.split()) >= 3]
+        named = {digest for ref, digest in refs if not ref.startswith("sha256:")}
+        stale = [ref for ref, digest in refs if ref.startswith("sha256:") and digest not in named]
+        if stale:  # --sync: containerd's garbage collector frees the content and snapshots before we go on
+            self.ctr("images", "rm", "--sync", *stale)
+        return stale
 
     def _start_containerd(self, start_component, wait_until, log_dir: Path, timeout: float) -> None:
         base = self.workdir / "containerd"
