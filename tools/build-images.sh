@@ -94,8 +94,8 @@ need_space() {  # ref file: fail before writing, with the numbers, rather than h
   local size avail
   size=$(bah images --json "$1" | python3 -c '
 import json, sys
-number, unit = json.load(sys.stdin)[0]["size"].split()  # buildah prints it humanised, in SI units
-print(int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]))')
+number, unit = json.load(sys.stdin)[0]["size"].split()  # humanised, in SI units: "699.9 KB", "6.06 GB"
+print(int(float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit.upper()]))')
   avail=$(df --output=avail -B1 "$out" | tail -1)
   (( avail > size + (1 << 30) )) || die "exporting $1 to $2 needs $(( size >> 20 )) MiB and 1 GiB spare;" \
     "$(( avail >> 20 )) MiB are free there: free disk space (or point MLOPT_CACHE at a larger disk)"
