@@ -616,6 +616,29 @@ def _onnx_model(path: Path, hidden: int) -> Path:
     return path
 
 
+def _s3_output(control_plane, namespace, s3_server, name: str) -> tuple[str, dict]:
+    """spec.output in the results bucket and spec.storage with the credentials as a Secret."""
+    credentials = [f"--from-literal={k}={v}" for k, v in s3_server.credentials().items()]
+    control_plane.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace, *credentials, check=False)
+    return (f"s3://{s3_server.bucket('results')}/{namespace}/{name}/",
+            {"secretRef": "s3-creds", "endpoint": s3_server.endpoint})
+
+
+def _stored_serving_layout(files: dict[str, Path], output: str) -> dict:
+    """The serving layout a run stored under `output` (files: its stored files by path below output),
+    checked as a server and KServe read it: a Triton repository with the ONNX model and its config,
+    and an InferenceService whose storageUri is that repository where the run stored it.
+    Returns the InferenceService."""
+    manifest = yaml.safe_load(files["serving/inferenceservice.yaml"].read_text())
+    model = manifest["spec"]["predictor"]["model"]
+    name = manifest["metadata"]["name"]
+    assert manifest["kind"] == "InferenceService" and model["storageUri"] == output + "serving", manifest
+    assert model["modelFormat"]["name"] == "onnx" and model["runtime"] == "kserve-tritonserver", manifest
+    assert {f"serving/{name}/config.pbtxt", f"serving/{name}/1/model.onnx", "serving/README.md"} <= files.keys()
+    assert f'name: "{name}"' in files[f"serving/{name}/config.pbtxt"].read_text()
+    return manifest
+
+
 def _s3_setup(control_plane, namespace, s3_server, tmp_path, name: str, hidden: int) -> tuple[dict, str]:
     from optimizer.artifacts.storage import S3Settings, _store
 
@@ -628,14 +651,12 @@ def _s3_setup(control_plane, namespace, s3_server, tmp_path, name: str, hidden: 
     finally:
         for key in s3_server.credentials():
             os.environ.pop(key, None)
-    credentials = [f"--from-literal={k}={v}" for k, v in s3_server.credentials().items()]
-    control_plane.kubectl("create", "secret", "generic", "s3-creds", "-n", namespace, *credentials, check=False)
-    output = f"s3://{s3_server.bucket('results')}/{namespace}/{name}/"
+    output, storage = _s3_output(control_plane, namespace, s3_server, name)
     spec = digits(name, model={"source": f"s3://models/{namespace}/{name}.onnx",
                                "inputs": [{"name": "x", "shape": [1, 256], "dynamicAxes": {0: "batch"}}]},
                   variants=[{"name": "onnx-fp32", "recipe": "onnx-fp32"},
                             {"name": "int8", "recipe": "ort-int8-dynamic"}],
-                  output=output, storage={"secretRef": "s3-creds", "endpoint": s3_server.endpoint},
+                  output=output, storage=storage,
                   # enough runs that ONNX Runtime's lead over eager PyTorch shows on a busy machine
                   benchmark={"warmup": 5, "runs": 40})
     return spec, output
@@ -738,6 +759,9 @@ def test_model_from_a_claim_optimized_model_back_on_the_volume(operator, control
         assert best["uri"].startswith("pvc://models/models/"), best
         on_volume = volume / best["uri"].removeprefix("pvc://models/")
         assert on_volume.is_file() and hashlib.sha256(on_volume.read_bytes()).hexdigest() == best["sha256"]
+        # the serving layout, on the claim where KServe's storage initializer reads it (pvc://<claim>/<path>)
+        layout = {p.relative_to(volume).as_posix(): p for p in (volume / "serving").rglob("*") if p.is_file()}
+        _stored_serving_layout(layout, "pvc://models/")
     finally:
         control_plane.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=120s", check=False,
                               timeout=150)
@@ -1164,17 +1188,20 @@ QUICK_SWEEP = {"latencySLOMs": 1000, "variants": 1, "maxConcurrency": 2, "second
 
 
 def test_two_targets_get_a_job_each_rows_and_a_recommendation_while_an_unschedulable_third_fails_alone(
-        operator, control_plane, namespace, figure):
+        operator, control_plane, namespace, s3_server, figure):
     """Issue 25's acceptance: a ModelOptimization with two targets runs two Jobs, status gets a row per
     target and a recommendation, `kubectl get mo` shows it; a third target whose nodeSelector no node has
     ends Failed with the scheduler's message once MLOPT_WAIT_UNSCHEDULABLE_SECONDS (30 s here) has passed,
-    while the other two succeed. Every worker pod is released once its target's outcome is recorded."""
+    while the other two succeed. Every worker pod is released once its target's outcome is recorded. Each
+    target's run is stored in S3 under <output>/targets/<name>/ with its serving layout, whose
+    InferenceService places the server where that target measured."""
     deployment = ("deployment/mlopt-operator", "-n", OPERATOR_NS)
     control_plane.kubectl("set", "env", *deployment, "MLOPT_WAIT_UNSCHEDULABLE_SECONDS=30")
     operator.wait_ready()
     try:
         name = "pools"
-        apply(control_plane, namespace, digits(name, targets=TARGETS, demand=20,
+        output, storage = _s3_output(control_plane, namespace, s3_server, name)
+        apply(control_plane, namespace, digits(name, targets=TARGETS, demand=20, output=output, storage=storage,
                                                benchmark={"warmup": 1, "runs": DIGITS_RUNS, "serving": QUICK_SWEEP}))
         started = time.monotonic()
         wait_for("a Job per target", lambda: len(jobs(control_plane, namespace, name)) == 3, 60, operator.tail)
@@ -1200,6 +1227,18 @@ def test_two_targets_get_a_job_each_rows_and_a_recommendation_while_an_unschedul
             assert row["jobName"] == f"{name}-g1-{target}" and row["best"]
             assert row["serving"]["requestsPerSecond"] > 0 and row["serving"]["p99Ms"] <= 1000, row
             assert row["costPerMillion"] > 0 and row["replicas"] >= 1 and row["costPerHour"] > 0, row
+            assert row["output"] == f"{output}targets/{target}/", row
+            prefix = row["output"].removeprefix("s3://results/")
+            stored = {key.removeprefix(prefix): path for key, path in s3_server.objects("results").items()
+                      if key.startswith(prefix)}
+            manifest = _stored_serving_layout(stored, row["output"])
+            predictor = manifest["spec"]["predictor"]
+            # placed like that target's Job (less the Job's scratch: a server needs none)
+            (container,) = made[target]["spec"]["template"]["spec"]["containers"]
+            job_requests = {k: v for k, v in container["resources"]["requests"].items() if k != "ephemeral-storage"}
+            assert predictor["model"]["resources"] == {"requests": job_requests,
+                                                       "limits": container["resources"]["limits"]}, predictor
+            assert predictor["minReplicas"] == row["replicas"], (predictor, row)
         nowhere = rows["nowhere"]
         assert (nowhere["phase"], nowhere["reason"]) == ("Failed", "Unschedulable"), nowhere
         assert "didn't match Pod's node affinity/selector" in nowhere["message"], nowhere
