@@ -170,14 +170,21 @@ class Node:
             marker.parent.mkdir(exist_ok=True)
             marker.write_text(json.dumps({"id": image_id, "refs": refs}))
 
+    def image_refs(self) -> dict[str, str]:
+        """Every image ref in the store and the manifest digest it points at."""
+        rows = (line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:])
+        return {row[0]: row[2] for row in rows if len(row) >= 3}
+
+    def stale_image_refs(self) -> list[str]:
+        """The refs CRI keeps by image ID (`sha256:<config>`) for builds no name points at any more."""
+        refs = self.image_refs()
+        named = {digest for ref, digest in refs.items() if not ref.startswith("sha256:")}
+        return [ref for ref, digest in refs.items() if ref.startswith("sha256:") and digest not in named]
+
     def remove_stale_images(self) -> list[str]:
-        """Drop the refs CRI keeps by image ID (`sha256:<config>`) for builds no name points at any
-        more: each rebuilt worker (~6 GB) would otherwise stay in the store for good (a CI machine
-        ran out of disk that way). Returns the refs removed."""
-        listing = self.ctr("images", "ls").stdout.splitlines()[1:]
-        refs = [(line.split()[0], line.split()[2]) for line in listing if len(line.split()) >= 3]
-        named = {digest for ref, digest in refs if not ref.startswith("sha256:")}
-        stale = [ref for ref, digest in refs if ref.startswith("sha256:") and digest not in named]
+        """Drop the stale by-ID refs: each rebuilt worker (~6 GB) would otherwise stay in the store for
+        good (a CI machine ran out of disk that way). Returns the refs removed."""
+        stale = self.stale_image_refs()
         if stale:  # --sync: containerd's garbage collector frees the content and snapshots before we go on
             self.ctr("images", "rm", "--sync", *stale)
         return stale
