@@ -85,6 +85,9 @@ class Recipe(str, Enum):
     torch_compile_max_autotune = "torch-compile-max-autotune"
     torch_cudagraphs = "torch-cudagraphs"
     torch_cudagraphs_fp16 = "torch-cudagraphs-fp16"
+    ort_transformer_fp32 = "ort-transformer-fp32"
+    ort_transformer_int8_dynamic = "ort-transformer-int8-dynamic"
+    ort_int4_weight_only = "ort-int4-weight-only"
 
 
 class Calibration(str, Enum):
@@ -290,6 +293,13 @@ class VariantSpec(_Strict):
     qatLearningRate: float = Field(
         1e-4, gt=0, description="torch-int8-qat only: learning rate of the fine-tuning."
     )
+    blockSize: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="ort-int4-weight-only only: weights per 4-bit block (one scale each); smaller blocks keep "
+        "more accuracy and cost size.")
+    symmetric: bool = Field(True, description="ort-int4-weight-only only: symmetric blocks (no zero points).")
+    accuracyLevel: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="ort-int4-weight-only only: MatMulNBits' accuracy_level; 4 runs the activations as int8 inside "
+        "the kernel (fastest on CPU), 0 leaves it unset, 1/2/3 compute in FP32/FP16/BF16.")
 
 
 class DataSpec(_Strict):
@@ -753,6 +763,9 @@ RECOMMENDED: dict[str, list[Recipe]] = {
         Recipe.torch_int8_static,
         Recipe.torch_int8_static_dynamic,
         Recipe.onnx_fp16,
+        Recipe.ort_transformer_fp32,  # skipped, with the reason, on models that are not transformers
+        Recipe.ort_transformer_int8_dynamic,
+        Recipe.ort_int4_weight_only,  # skipped on models whose weights are not mostly MatMul/embedding weights
     ],
     # On the GPU: ONNX Runtime's CUDA provider (where onnxruntime-gpu is installed) and PyTorch's own GPU
     # paths. No INT8: the CUDA provider has no DynamicQuantizeLSTM or ConvInteger kernel (those nodes would run

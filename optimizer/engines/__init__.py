@@ -82,6 +82,12 @@ RECIPE_INFO: dict[str, RecipeInfo] = {
         _TORCH_CUDA, ("cuda",), "no", "FP32 program captured once per input shape as a CUDA graph and replayed"),
     Recipe.torch_cudagraphs_fp16.value: RecipeInfo(
         _TORCH_CUDA, ("cuda",), "no", "the float16 program captured as a CUDA graph and replayed"),
+    Recipe.ort_transformer_fp32.value: RecipeInfo(
+        _ORT, ("cpu", "cuda"), "no", "transformers: ORT's transformer optimizer fuses attention, LayerNorm, Gelu"),
+    Recipe.ort_transformer_int8_dynamic.value: RecipeInfo(
+        _ORT, ("cpu", "cuda"), "no", "transformers: dynamic INT8 (MatMul, Attention) on the fused graph"),
+    Recipe.ort_int4_weight_only.value: RecipeInfo(
+        _ORT, ("cpu", "cuda"), "no", "MatMul-heavy models: 4-bit weight blocks (MatMulNBits, embeddings too), RTN"),
 }
 
 
@@ -153,7 +159,7 @@ RecipeFunction = Callable[[BuildContext, VariantSpec], Built]
 
 
 def registry() -> dict[str, RecipeFunction]:
-    from optimizer.engines import openvino, ort, qat, torch_ao, torch_cuda, torchao_pt2e
+    from optimizer.engines import openvino, ort, ort_transformers, qat, torch_ao, torch_cuda, torchao_pt2e
 
     return {
         Recipe.onnx_fp32.value: ort.onnx_fp32,
@@ -171,5 +177,8 @@ def registry() -> dict[str, RecipeFunction]:
         Recipe.openvino_default.value: openvino.openvino_default,
         Recipe.openvino_int8.value: openvino.openvino_int8,
         Recipe.openvino_ort_qdq.value: openvino.openvino_ort_qdq,
+        Recipe.ort_transformer_fp32.value: ort_transformers.ort_transformer_fp32,
+        Recipe.ort_transformer_int8_dynamic.value: ort_transformers.ort_transformer_int8_dynamic,
+        Recipe.ort_int4_weight_only.value: ort_transformers.ort_int4_weight_only,
         **dict.fromkeys(torch_cuda.PLANS, torch_cuda.torch_on_gpu),
     }

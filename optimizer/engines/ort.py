@@ -110,12 +110,12 @@ class _Calibration:
         pass
 
 
-def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
+def basic_optimized(ctx: BuildContext, target: Path) -> Path:
+    """The ORT source at ONNX Runtime's portable (basic) level, written to `target`: constants folded (a
+    transposed weight becomes an initializer), redundant nodes gone; hardware-specific fusions happen at load."""
     import onnxruntime as ort
 
     source = ort_source(ctx)
-    target = ctx.workdir / f"{variant.name}.onnx"
-    # Offline optimization at the portable level; hardware-specific fusions happen at load time.
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
@@ -125,18 +125,24 @@ def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
                                          onnx_files.data_location(target))
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return target
+
+
+def onnx_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:
+    target = basic_optimized(ctx, ctx.workdir / f"{variant.name}.onnx")
     return Built(_runner(ctx, variant.name, target), target, parent="export", options={"optimization": "basic"},
                  notes=_mish_notes(ctx))
 
 
-def _dynamic(ctx: BuildContext, source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None) -> None:
+def _dynamic(ctx: BuildContext, source: Path, target: Path, op_types: list[str], exclude: list[str] | None = None,
+             extra_options: dict | None = None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Without VNNI the dynamic kernels saturate too (LSTM agreement 96.7% -> 100% with 7-bit weights).
     with _quiet():
         quantize_dynamic(str(source), str(target), op_types_to_quantize=op_types, weight_type=QuantType.QInt8,
                          nodes_to_exclude=list(exclude or []), use_external_data_format=ctx.external_data,
-                         reduce_range=ctx.hardware.reduce_range)
+                         reduce_range=ctx.hardware.reduce_range, extra_options=extra_options)
 
 
 def _left_in_fp32(path: Path, op_types: list[str], excluded: list[str]) -> list[str]:

@@ -23,6 +23,13 @@ def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_fla
     if variant.provider in GPU_PROVIDERS:
         return (f"{head}: on the GPU, probably because at this batch size its kernels are short and launch-bound, "
                 "so a lower precision or other kernels save less than their extra casts and launches cost")
+    if variant.opCounts.get("MatMulNBits"):
+        return (f"{head}: 4-bit weight-only MatMulNBits unpacks its weight blocks on every call; a forward over a "
+                "whole sequence is compute-bound, so the smaller weights save less than the unpacking costs. It "
+                "pays off where weights dominate the memory traffic: generation one token at a time, large models")
+    if variant.recipe == "ort-transformer-fp32":
+        return (f"{head}: the fused transformer ops (Attention, SkipLayerNormalization, Gelu) ran slower here than "
+                "the separate kernels ONNX Runtime's own load-time optimizations give at this shape and thread count")
     integer_ops = {op: n for op, n in variant.opCounts.items() if op in _INTEGER_OPS}
     if integer_ops:
         listed = ", ".join(f"{op} ×{n}" for op, n in integer_ops.items())

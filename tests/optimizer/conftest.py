@@ -142,7 +142,8 @@ OUTLIER_INPUTS = [{"name": "x", "shape": [1, 16], "dynamicAxes": {0: "batch"}}]
 QUICK_BENCHMARK = {"warmup": 1, "runs": 5, "scalingBatches": []}
 
 ALL_RECIPES = ["onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic", "torch-int8-dynamic",
-               "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16"]
+               "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16", "ort-transformer-fp32",
+               "ort-transformer-int8-dynamic", "ort-int4-weight-only"]
 CONV_LSTM_INPUTS = [{"name": "image", "shape": [1, 1, 8, 16], "dynamicAxes": {0: "batch", 3: "width"}}]
 
 

@@ -16,10 +16,17 @@ def test_every_recipe_is_recorded(conv_lstm_run):
     results, _ = conv_lstm_run
     by_recipe = {v.recipe: v for v in results.variants}
     assert set(by_recipe) == set(ALL_RECIPES) == {"onnx-fp32", "ort-int8-dynamic", "ort-int8-static", "ort-int8-static-dynamic",
-                              "torch-int8-dynamic", "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16"}
-    built = [v for v in results.variants if v.recipe != "onnx-fp16"]
+                              "torch-int8-dynamic", "torch-int8-static", "torch-int8-static-dynamic", "onnx-fp16",
+                              "ort-transformer-fp32", "ort-transformer-int8-dynamic", "ort-int4-weight-only"}
+    skipped = {"onnx-fp16", "ort-transformer-fp32", "ort-transformer-int8-dynamic", "ort-int4-weight-only"}
+    built = [v for v in results.variants if v.recipe not in skipped]
     assert all(v.status in ("ok", "rejected") for v in built), [(v.name, v.error) for v in built]
     assert by_recipe["onnx-fp16"].status == "skipped" and "not applicable on CPU" in by_recipe["onnx-fp16"].error
+    # a convolutional LSTM: no attention to fuse, and its weights are mostly not MatMul weights
+    for recipe in ("ort-transformer-fp32", "ort-transformer-int8-dynamic"):
+        assert by_recipe[recipe].status == "skipped" and "not a transformer" in by_recipe[recipe].error
+    int4 = by_recipe["ort-int4-weight-only"]
+    assert int4.status == "skipped" and "not MatMul-heavy" in int4.error and "LSTM" in int4.error, int4.error
 
 
 def test_measurements_and_lineage(conv_lstm_run):
