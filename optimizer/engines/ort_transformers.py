@@ -210,15 +210,17 @@ def ort_int4_weight_only(ctx: BuildContext, variant: VariantSpec) -> Built:
     from optimizer.engines.ort import _quiet
     from optimizer.engines.runners import op_counts
 
-    # constants folded first: a tied lm_head reads the embeddings through a Transpose, which the quantizer skips
-    source = basic_optimized(ctx, ctx.workdir / f"{variant.name}.basic.onnx")
-    model = onnx.load(str(source))
-    onnx_files.remove(source)
-    share, by_op = weight_shares(model.graph)
+    # the shapes alone decide (no weights read): a big CNN is skipped at once
+    share, by_op = weight_shares(onnx.load(str(ort_source(ctx)), load_external_data=False).graph)
     if share < MATMUL_HEAVY:
         where = ", ".join(f"{op} {n / max(sum(by_op.values()), 1):.0%}" for op, n in by_op.most_common(3))
         raise NotApplicable(f"not MatMul-heavy: MatMul/Gemm/embedding weights are {share:.0%} of this model's weights "
                             f"(by consumer: {where}); 4-bit weight-only pays off where they dominate (transformers, MLPs)")
+    # constants folded first: a tied lm_head reads the embeddings through a Transpose, which the quantizer skips
+    source = basic_optimized(ctx, ctx.workdir / f"{variant.name}.basic.onnx")
+    model = onnx.load(str(source))
+    onnx_files.remove(source)
+    share, _ = weight_shares(model.graph)  # with the folded constants
     rewritten = gemm_as_matmul(model.graph)
     ops = tuple(variant.opTypes or INT4_OP_TYPES)
     config = DefaultWeightOnlyQuantConfig(
