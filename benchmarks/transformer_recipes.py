@@ -83,13 +83,13 @@ def table(title: str, results: dict) -> str:
     for v in [results["baseline"], *results["variants"]]:
         latency = v.get("latencyMs") or {}
         mean, std = latency.get("mean"), latency.get("std")
-        speed = f"{fp32['latencyMs']['mean'] / mean:.2f}×" if fp32 and mean and fp32.get("latencyMs") else "—"
+        speed = f"{fp32['latencyMs']['mean'] / mean:.2f}×" if mean and fp32 and fp32.get("latencyMs") else "—"
         agreement = (v.get("fidelity") or {}).get("argmaxAgreement")
-        status = v["status"] if v["status"] != "skipped" and v["status"] != "failed" else f"{v['status']}: {v.get('error', '')[:80]}"
-        rows.append(f"| {v['name']} | {v['sizeBytes'] / 1e6:.1f} MB | "
-                    + (f"{mean:.2f} ± {std:.2f}" if mean else "—")
-                    + f" | {speed} | {agreement * 100:.2f}% | {status} |" if agreement is not None
-                    else f" | {speed} | — | {status} |")
+        status = v["status"] if v["status"] not in ("skipped", "failed") else f"{v['status']}: {(v.get('error') or '')[:90]}"
+        timed = f"{mean:.2f} ± {std:.2f}" if mean else "—"
+        agree = f"{agreement * 100:.2f}%" if agreement is not None else "—"
+        size = f"{v['sizeBytes'] / 1e6:.1f} MB" if v.get("sizeBytes") else "—"
+        rows.append(f"| {v['name']} | {size} | {timed} | {speed} | {agree} | {status} |")
     return "\n".join(rows)
 
 

@@ -44,8 +44,8 @@ def _engine(ctx: BuildContext, needs_nncf: bool = False):
     return ov
 
 
-def _save(ov, model, target: Path) -> Path:
-    ov.save_model(model, str(target), compress_to_fp16=False)  # weights stay FP32 (or INT8) as built
+def _save(ov, model, target: Path, compress_to_fp16: bool = False) -> Path:
+    ov.save_model(model, str(target), compress_to_fp16=compress_to_fp16)  # by default weights stay FP32 (or INT8)
     return target
 
 
@@ -56,10 +56,18 @@ def _built(ctx: BuildContext, path: Path, precision: str | None, parent: str, op
 
 
 def _converted(ctx: BuildContext, variant: VariantSpec, precision: str | None) -> Built:
-    """The verified FP32 export as IR, compiled at `precision` (None: OpenVINO's default)."""
+    """The verified FP32 export as IR, compiled at `precision` (None: OpenVINO's default, saved as
+    `ov.save_model` saves by default: FP16 weights, half the file, widened again when compiled)."""
     ov = _engine(ctx)
-    path = _save(ov, ov.convert_model(str(ctx.require_onnx())), ctx.workdir / f"{variant.name}.xml")
-    return _built(ctx, path, precision, "onnx-fp32", {"precision": precision or "OpenVINO's default"})
+    default = precision is None
+    path = _save(ov, ov.convert_model(str(ctx.require_onnx())), ctx.workdir / f"{variant.name}.xml",
+                 compress_to_fp16=default)
+    built = _built(ctx, path, precision, "onnx-fp32", {"precision": precision or "OpenVINO's default",
+                                                       "weights": "fp16" if default else "fp32"})
+    if default:
+        built.notes.append("weights stored as FP16 (ov.save_model's default): half the FP32 IR; the CPU plugin "
+                           "widens them when it compiles the model")
+    return built
 
 
 def openvino_fp32(ctx: BuildContext, variant: VariantSpec) -> Built:

@@ -41,6 +41,10 @@ def test_every_openvino_recipe_builds_ir_that_is_measured_and_checked(tmp_path):
         assert variant.latencyMs.mean > 0 and variant.fidelity is not None
     assert results.variant("openvino-fp32").fidelity.maxAbsDiff < 1e-4  # FP32 pinned: the same numbers
     assert results.variant("openvino-fp32").provider == "CPU (f32)"
+    # OpenVINO's default precision is saved as ov.save_model saves by default: FP16 weights, half the weights file
+    fp32_bin, default_bin = (out / results.variant(n).artifactFiles[0] for n in ("openvino-fp32", "openvino-default"))
+    assert default_bin.stat().st_size < 0.6 * fp32_bin.stat().st_size
+    assert results.variant("openvino-default").lineage.options["weights"] == "fp16"
     assert results.variant("openvino-int8").lineage.options["quantizer"].startswith("nncf.quantize")
     assert "## Quantization with OpenVINO" in (out / "report.md").read_text()
 
