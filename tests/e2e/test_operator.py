@@ -1185,6 +1185,11 @@ TARGETS = [
     {"name": "nowhere", "pricePerHour": 0.05, "nodeSelector": {"mlopt.io/pool": "no-such-pool"}},  # no node has it
 ]
 QUICK_SWEEP = {"latencySLOMs": 1000, "variants": 1, "maxConcurrency": 2, "secondsPerPoint": 0.5}
+# Each target's best must be onnx-fp32 over PyTorch on zoo:digits (~10 µs against tens of µs a call). The
+# two target pods time at once on the test node's 2 cores, beside the other's serving sweep: over 5 runs
+# one preemption (milliseconds) in onnx-fp32's runs was enough to leave a target with no best (seen once
+# in CI). 400 runs in 5 interleaved rounds take milliseconds and need many more to turn the order.
+TARGET_RUNS = 400
 
 
 def test_two_targets_get_a_job_each_rows_and_a_recommendation_while_an_unschedulable_third_fails_alone(
@@ -1202,7 +1207,7 @@ def test_two_targets_get_a_job_each_rows_and_a_recommendation_while_an_unschedul
         name = "pools"
         output, storage = _s3_output(control_plane, namespace, s3_server, name)
         apply(control_plane, namespace, digits(name, targets=TARGETS, demand=20, output=output, storage=storage,
-                                               benchmark={"warmup": 1, "runs": DIGITS_RUNS, "serving": QUICK_SWEEP}))
+                                               benchmark={"warmup": 10, "runs": TARGET_RUNS, "serving": QUICK_SWEEP}))
         started = time.monotonic()
         wait_for("a Job per target", lambda: len(jobs(control_plane, namespace, name)) == 3, 60, operator.tail)
         made = {j["metadata"]["labels"]["mlopt.io/target"]: j for j in jobs(control_plane, namespace, name)}
@@ -1224,7 +1229,7 @@ def test_two_targets_get_a_job_each_rows_and_a_recommendation_while_an_unschedul
         for target in ("large", "small"):
             row = rows[target]
             assert row["phase"] == "Succeeded" and row["node"] == control_plane.node_name, row
-            assert row["jobName"] == f"{name}-g1-{target}" and row["best"]
+            assert row["jobName"] == f"{name}-g1-{target}" and row.get("best"), row
             assert row["serving"]["requestsPerSecond"] > 0 and row["serving"]["p99Ms"] <= 1000, row
             assert row["costPerMillion"] > 0 and row["replicas"] >= 1 and row["costPerHour"] > 0, row
             assert row["output"] == f"{output}targets/{target}/", row
