@@ -62,7 +62,19 @@ def fused(ctx: BuildContext) -> tuple[object, dict, list[str]]:
     """The export fused by the transformer optimizer (an onnxruntime OnnxModel), fused once per run:
     (model, options, notes)."""
     if "transformer_fused" in ctx.cache:
-        return ctx.cache["transformer_fused"]
+        cached = ctx.cache["transformer_fused"]
+        if isinstance(cached, Exception):  # both recipes share one verdict: the fusion is not tried twice
+            raise cached
+        return cached
+    try:
+        ctx.cache["transformer_fused"] = _fuse(ctx)
+    except Exception as error:
+        ctx.cache["transformer_fused"] = error
+        raise
+    return ctx.cache["transformer_fused"]
+
+
+def _fuse(ctx: BuildContext) -> tuple[object, dict, list[str]]:
     from onnxruntime.transformers.optimizer import optimize_model
 
     from optimizer.engines.ort import _quiet
@@ -91,8 +103,7 @@ def fused(ctx: BuildContext) -> tuple[object, dict, list[str]]:
                      "optimizer did not recognise this export's attention subgraph; its patterns follow the "
                      "TorchScript exporter's graphs (on a BERT here, `export.exporter: legacy` fused 4 of 4, the "
                      "dynamo export 0)")
-    ctx.cache["transformer_fused"] = (model, options, notes)
-    return ctx.cache["transformer_fused"]
+    return model, options, notes
 
 
 def _optimizer_failure(error: Exception, model_type: str) -> Exception:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from optimizer.api.errors import DataLoadError
 from optimizer.api.results import VariantResult, VariantStatus, baseline_label
-from optimizer.api.spec import BOX_LABEL_METRICS, DETECTION_METRICS, LABELLED_METRICS, SEQUENCE_METRICS
+from optimizer.api.spec import BOX_LABEL_METRICS, DETECTION_METRICS, LABELLED_METRICS, SEQUENCE_METRICS, Recipe
 from optimizer.api.units import format_size
 from optimizer.measure.hardware import VNNI_FLAGS
 from optimizer.steps.run import Run
@@ -27,7 +27,7 @@ def explain_slowness(variant: VariantResult, counterpart: VariantResult, cpu_fla
         return (f"{head}: 4-bit weight-only MatMulNBits unpacks its weight blocks on every call; a forward over a "
                 "whole sequence is compute-bound, so the smaller weights save less than the unpacking costs. It "
                 "pays off where weights dominate the memory traffic: generation one token at a time, large models")
-    if variant.recipe == "ort-transformer-fp32":
+    if variant.recipe == Recipe.ort_transformer_fp32.value:
         return (f"{head}: the fused transformer ops (Attention, SkipLayerNormalization, Gelu) ran slower here than "
                 "the separate kernels ONNX Runtime's own load-time optimizations give at this shape and thread count")
     integer_ops = {op: n for op, n in variant.opCounts.items() if op in _INTEGER_OPS}
